@@ -1,0 +1,91 @@
+"""Model benchmark: parameter counts, forward+backward time and peak memory of the video U-Net.
+
+    python bench/model.py                      # tiny config on CPU
+    python bench/model.py --size sd --device cuda --frames 16 --resolution 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model import count_parameters, inflate, load_editor, set_trainable  # noqa: E402
+
+
+def sd15_unet():
+    """A Stable Diffusion 1.5-size InstructPix2Pix U-Net (random weights), inflated."""
+    from diffusers import UNet2DConditionModel
+
+    return inflate(UNet2DConditionModel(in_channels=8, out_channels=4, cross_attention_dim=768))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=["tiny", "sd"], default="tiny")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    ap.add_argument("--frames", type=int, default=16)
+    ap.add_argument("--resolution", type=int, default=None, help="frame size in pixels (default: the model's)")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--trainable", default="motion")
+    ap.add_argument("--checkpointing", action="store_true")
+    ap.add_argument("--iters", type=int, default=5)
+    args = ap.parse_args()
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if args.size == "tiny":
+        editor = load_editor("tiny")
+        unet, latent, factor, text_dim = editor.unet, editor.latent_channels, editor.vae_scale_factor, 32
+        resolution = args.resolution or editor.resolution
+    else:
+        unet, latent, factor, text_dim = sd15_unet(), 4, 8, 768
+        resolution = args.resolution or 256
+    counts = set_trainable(unet, args.trainable)
+    unet.to(device=device).train()
+    if dtype != unet.dtype:
+        unet.to(dtype=dtype)
+    if args.checkpointing:
+        unet.enable_gradient_checkpointing()
+    side = resolution // factor
+    x = torch.randn(args.batch, 2 * latent, args.frames, side, side, device=device, dtype=dtype)
+    text = torch.randn(args.batch * args.frames, 77, text_dim, device=device, dtype=dtype)
+    t = torch.randint(0, 1000, (args.batch,), device=device)
+
+    def step() -> None:
+        out = unet(x, t, encoder_hidden_states=text).sample
+        out.float().square().mean().backward()
+        unet.zero_grad(set_to_none=True)
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    step()  # warm-up
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.iters):
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    if device.type == "cuda":
+        peak = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (CUDA allocated)"
+    else:
+        peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process max RSS)"
+    total = count_parameters(unet).total
+    print(f"config            {args.size}  ({args.batch}x{args.frames} frames at {resolution}px, latent {side}x{side})")
+    print(f"device / dtype    {device} / {args.dtype}  checkpointing={args.checkpointing}")
+    print(f"parameters        total {total / 1e6:.2f}M  trainable ({args.trainable}) {counts.trainable / 1e6:.2f}M")
+    print(f"fwd+bwd           median {statistics.median(times) * 1e3:.1f} ms  (min {min(times) * 1e3:.1f}, {args.iters} iters)")
+    print(f"peak memory       {peak}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""The video editor's networks: inflation, freezing, tiny configs, load and save."""
+
+from .config import build_editor, load_editor, shipped_config, tiny_config
+from .editor import Editor, EditorLoadError, scheduler_class
+from .inflate import inflate, motion_modules, widened_conv_in, zero_motion_outputs
+from .tokenizer import tiny_clip_tokenizer
+from .trainable import ParameterCount, count_parameters, set_trainable
+
+__all__ = [
+    "Editor",
+    "EditorLoadError",
+    "ParameterCount",
+    "build_editor",
+    "count_parameters",
+    "inflate",
+    "load_editor",
+    "motion_modules",
+    "scheduler_class",
+    "set_trainable",
+    "shipped_config",
+    "tiny_clip_tokenizer",
+    "tiny_config",
+    "widened_conv_in",
+    "zero_motion_outputs",
+]

@@ -1,0 +1,109 @@
+"""Editor specs: a YAML/dict that says how to build or load an editor, and the tiny defaults."""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping, Union
+
+import torch
+import yaml
+from diffusers import AutoencoderKL, UNet2DConditionModel
+
+from .editor import Editor, EditorLoadError, build_text_encoder, scheduler_class
+from .inflate import MIN_TEMPORAL_POSITIONS, inflate
+from .tokenizer import tiny_clip_tokenizer
+
+EditorSpec = Union[str, os.PathLike, Mapping[str, Any], None]
+
+TINY = "model/tiny.yaml"
+TINY_PIXEL = "model/tiny-pixel.yaml"
+
+
+def shipped_config(name: str) -> dict[str, Any]:
+    """A YAML file from the installed ``configs`` package, e.g. ``"model/tiny.yaml"``."""
+    return yaml.safe_load(resources.files("configs").joinpath(name).read_text())
+
+
+def tiny_config(pixel_space: bool = False) -> dict[str, Any]:
+    return shipped_config(TINY_PIXEL if pixel_space else TINY)
+
+
+def build_editor(config: Mapping[str, Any]) -> Editor:
+    """A randomly initialised editor from component configs (the layout of ``configs/model/*.yaml``).
+
+    The U-Net is built 2D and inflated exactly as a pretrained one would be, so the tiny editor
+    starts as its 2D U-Net applied per frame.
+    """
+    config = dict(config)
+    unknown = set(config) - {"seed", "tokenizer", "text_encoder", "vae", "unet", "scheduler", "min_temporal_positions"}
+    if unknown:
+        raise ValueError(f"unknown editor config keys: {sorted(unknown)}")
+    for key in ("tokenizer", "text_encoder", "unet", "scheduler"):
+        if key not in config:
+            raise ValueError(f"editor config is missing '{key}'")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(config.get("seed", 0)))
+        tokenizer = tiny_clip_tokenizer(**config["tokenizer"])
+        text_encoder = build_text_encoder(tokenizer, config["text_encoder"])
+        vae = AutoencoderKL(**config["vae"]) if config.get("vae") else None
+        unet_cfg = dict(config["unet"])
+        latent = vae.config.latent_channels if vae is not None else 3
+        if unet_cfg.get("out_channels", latent) != latent:
+            raise ValueError(f"unet.out_channels must be {latent} (the latent channels)")
+        unet2d = UNet2DConditionModel(**unet_cfg)
+        unet = inflate(unet2d, min_temporal_positions=int(config.get("min_temporal_positions", MIN_TEMPORAL_POSITIONS)))
+    sched_cfg = dict(config["scheduler"])
+    scheduler = scheduler_class(sched_cfg.pop("class", "DDPMScheduler"))(**sched_cfg)
+    text_encoder.eval()
+    if vae is not None:
+        vae.eval()
+    return Editor(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, scheduler=scheduler)
+
+
+def load_editor(spec: EditorSpec = None, torch_dtype: torch.dtype | None = None) -> Editor:
+    """Build or load an editor from a spec.
+
+    * ``None`` or ``"tiny"`` / ``"tiny-pixel"``: the embedded tiny configuration;
+    * a folder with ``model_index.json``: :meth:`Editor.from_pretrained`;
+    * a YAML file or a mapping: ``{pretrained: DIR}``, ``{base_model: DIR, motion_adapter: DIR|null,
+      scheduler: NAME}`` (Stable Diffusion / InstructPix2Pix + AnimateDiff) or component configs
+      (random initialisation, as ``configs/model/tiny.yaml``).
+    """
+    if spec is None or spec == "tiny":
+        return build_editor(tiny_config())
+    if spec == "tiny-pixel":
+        return build_editor(tiny_config(pixel_space=True))
+    if isinstance(spec, (str, os.PathLike)):
+        path = Path(spec)
+        if path.is_dir():
+            return Editor.from_pretrained(path, torch_dtype=torch_dtype)
+        if path.suffix in (".yaml", ".yml") and path.is_file():
+            spec = yaml.safe_load(path.read_text())
+            if not isinstance(spec, Mapping):
+                raise EditorLoadError(f"{path} does not hold a mapping")
+        else:
+            raise EditorLoadError(f"no editor at {path}: expected a folder or a .yaml file")
+    spec = dict(spec)
+    if "pretrained" in spec:
+        return Editor.from_pretrained(_path_value(spec, "pretrained"), torch_dtype=torch_dtype)
+    if "base_model" in spec:
+        return Editor.from_stable_diffusion(
+            _path_value(spec, "base_model"),
+            motion_adapter=_path_value(spec, "motion_adapter") if spec.get("motion_adapter") else None,
+            scheduler=spec.get("scheduler", "DDPMScheduler"),
+            torch_dtype=torch_dtype,
+            min_temporal_positions=int(spec.get("min_temporal_positions", MIN_TEMPORAL_POSITIONS)),
+        )
+    return build_editor(spec)
+
+
+PLACEHOLDER_PREFIX = "FILL_ME"
+
+
+def _path_value(spec: Mapping[str, Any], key: str) -> Path:
+    value = spec.get(key)
+    if not value or str(value).startswith(PLACEHOLDER_PREFIX):
+        raise EditorLoadError(f"set '{key}' to a local folder (it is {value!r})")
+    return Path(os.path.expanduser(str(value)))

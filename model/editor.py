@@ -1,0 +1,324 @@
+"""The editor checkpoint: tokenizer, text encoder, VAE (or pixel space), video U-Net, scheduler."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import diffusers
+import torch
+from diffusers import AutoencoderKL, MotionAdapter, UNet2DConditionModel, UNetMotionModel
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from .inflate import MIN_TEMPORAL_POSITIONS, inflate
+
+COMPONENTS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
+INDEX_FILE = "model_index.json"
+# The weights file each saved component folder must hold (safetensors only, never pickles).
+WEIGHT_FILES = {
+    "text_encoder": "model.safetensors",
+    "vae": "diffusion_pytorch_model.safetensors",
+    "unet": "diffusion_pytorch_model.safetensors",
+}
+CONFIG_FILES = {
+    "tokenizer": "tokenizer_config.json",
+    "text_encoder": "config.json",
+    "vae": "config.json",
+    "unet": "config.json",
+    "scheduler": "scheduler_config.json",
+}
+
+
+class EditorLoadError(ValueError):
+    """An editor (or base model) folder is missing a part or holds one that cannot be read."""
+
+
+@dataclass
+class Editor:
+    """The five components of an instruction video editor.
+
+    ``vae is None`` means pixel space: latents are the frames themselves in [-1, 1] (3 channels,
+    scaling 1), which lets a tiny model learn without a pretrained autoencoder.
+    """
+
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    vae: AutoencoderKL | None
+    unet: UNetMotionModel
+    scheduler: SchedulerMixin
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def latent_channels(self) -> int:
+        return self.unet.config.out_channels
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell along each side (1 in pixel space)."""
+        if self.vae is None:
+            return 1
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def scaling_factor(self) -> float:
+        return 1.0 if self.vae is None else float(self.vae.config.scaling_factor)
+
+    @property
+    def resolution(self) -> int:
+        """The frame size (short side, pixels) the U-Net was configured for."""
+        size = self.unet.config.sample_size
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        return int(size) * self.vae_scale_factor
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        mods = {"text_encoder": self.text_encoder, "unet": self.unet}
+        if self.vae is not None:
+            mods["vae"] = self.vae
+        return mods
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Editor":
+        for module in self.modules().values():
+            module.to(device=device)
+            if dtype is not None and module.dtype != dtype:  # diffusers warns on no-op casts
+                module.to(dtype=dtype)
+        return self
+
+    # ---------------------------------------------------------------- computation
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """CLIP text states ``(B, seq, dim)`` for a list of prompts, padded to the model length."""
+        ids = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.text_encoder.device)
+        return self.text_encoder(ids).last_hidden_state.to(self.dtype)
+
+    def encode_video(
+        self,
+        video: torch.Tensor,
+        sample: bool = False,
+        generator: torch.Generator | None = None,
+        chunk: int = 16,
+    ) -> torch.Tensor:
+        """Latents ``(B, c, F, h, w)`` of frames ``(B, 3, F, H, W)`` in [-1, 1], **unscaled**.
+
+        ``sample=True`` draws from the VAE posterior (the training target, to be multiplied by
+        :attr:`scaling_factor`); ``False`` takes its mode (the source condition, InstructPix2Pix
+        convention). Frames are encoded ``chunk`` at a time to bound memory.
+        """
+        if self.vae is None:
+            return video.to(self.dtype)
+        b, _, f, h, w = video.shape
+        frames = video.permute(0, 2, 1, 3, 4).reshape(b * f, 3, h, w).to(self.vae.device, self.vae.dtype)
+        parts = []
+        for part in frames.split(chunk):
+            dist = self.vae.encode(part).latent_dist
+            parts.append(dist.sample(generator) if sample else dist.mode())
+        latents = torch.cat(parts)
+        return latents.reshape(b, f, *latents.shape[1:]).permute(0, 2, 1, 3, 4).to(self.dtype)
+
+    def decode_latents(self, latents: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+        """Frames ``(B, 3, F, H, W)`` in [-1, 1] from **scaled** latents ``(B, c, F, h, w)``."""
+        if self.vae is None:
+            return latents.clamp(-1, 1)
+        b, c, f, h, w = latents.shape
+        flat = latents.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w) / self.scaling_factor
+        flat = flat.to(self.vae.device, self.vae.dtype)
+        frames = torch.cat([self.vae.decode(part).sample for part in flat.split(chunk)])
+        frames = frames.reshape(b, f, *frames.shape[1:]).permute(0, 2, 1, 3, 4)
+        return frames.clamp(-1, 1)
+
+    def predict(
+        self,
+        noisy: torch.Tensor,
+        condition: torch.Tensor,
+        text_states: torch.Tensor,
+        timestep: torch.Tensor | int,
+    ) -> torch.Tensor:
+        """U-Net output for ``cat([z_t, c], channels)``; video tensors are ``(B, C, F, h, w)``.
+
+        ``text_states`` ``(B, seq, dim)`` are repeated per frame to ``(B*F, seq, dim)``, as the
+        video U-Net attends to text frame by frame. ``timestep`` is one value per clip.
+        """
+        frames = noisy.shape[2]
+        states = text_states.repeat_interleave(frames, dim=0)
+        return self.unet(torch.cat([noisy, condition], dim=1), timestep, encoder_hidden_states=states).sample
+
+    # ---------------------------------------------------------------- persistence
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write a diffusers-style folder: ``model_index.json`` and one sub-folder a component."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        index: dict[str, Any] = {"_class_name": "InsV2VEditor", "_diffusers_version": diffusers.__version__}
+        for name in COMPONENTS:
+            component = getattr(self, name)
+            if component is None:
+                index[name] = [None, None]
+                continue
+            library = "transformers" if name in ("tokenizer", "text_encoder") else "diffusers"
+            index[name] = [library, type(component).__name__]
+            if name in ("tokenizer", "scheduler"):
+                component.save_pretrained(directory / name)
+            else:
+                component.save_pretrained(directory / name, safe_serialization=True)
+        (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, torch_dtype: torch.dtype | None = None) -> "Editor":
+        """Load a folder written by :meth:`save_pretrained`; a missing or unreadable part is named."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise EditorLoadError(f"editor folder not found: {directory}")
+        index_path = directory / INDEX_FILE
+        if not index_path.is_file():
+            raise EditorLoadError(f"{directory} is not an editor folder: missing {INDEX_FILE}")
+        try:
+            index = json.loads(index_path.read_text())
+        except json.JSONDecodeError as err:
+            raise EditorLoadError(f"{index_path} is not valid JSON: {err}") from None
+        missing = [name for name in COMPONENTS if name not in index]
+        if missing:
+            raise EditorLoadError(f"{index_path} lists no {', '.join(missing)}")
+        pixel_space = index["vae"] == [None, None]
+        for name in COMPONENTS:
+            if name == "vae" and pixel_space:
+                continue
+            _require(directory / name, CONFIG_FILES[name], WEIGHT_FILES.get(name))
+        unet_class = index["unet"][1]
+        if unet_class != "UNetMotionModel":
+            raise EditorLoadError(f"{index_path}: unet is {unet_class}, expected UNetMotionModel")
+        return cls(
+            tokenizer=_load("tokenizer", lambda: CLIPTokenizer.from_pretrained(directory / "tokenizer")),
+            text_encoder=_load(
+                "text_encoder",
+                lambda: CLIPTextModel.from_pretrained(directory / "text_encoder", use_safetensors=True, dtype=torch_dtype),
+            ),
+            vae=None
+            if pixel_space
+            else _load(
+                "vae",
+                lambda: AutoencoderKL.from_pretrained(directory / "vae", use_safetensors=True, torch_dtype=torch_dtype),
+            ),
+            unet=_load(
+                "unet",
+                lambda: UNetMotionModel.from_pretrained(directory / "unet", use_safetensors=True, torch_dtype=torch_dtype),
+            ),
+            scheduler=_load("scheduler", lambda: scheduler_class(index["scheduler"][1]).from_pretrained(directory / "scheduler")),
+        )
+
+    @classmethod
+    def from_stable_diffusion(
+        cls,
+        base_model: str | os.PathLike,
+        motion_adapter: str | os.PathLike | None = None,
+        scheduler: str = "DDPMScheduler",
+        torch_dtype: torch.dtype | None = None,
+        min_temporal_positions: int = MIN_TEMPORAL_POSITIONS,
+    ) -> "Editor":
+        """The paper's initialisation: a Stable Diffusion 1.5 or InstructPix2Pix folder, inflated.
+
+        ``base_model`` is a diffusers pipeline folder (``tokenizer/``, ``text_encoder/``, ``vae/``,
+        ``unet/``, ``scheduler/``); ``motion_adapter`` an optional AnimateDiff ``MotionAdapter``
+        folder. The base's noise schedule is kept, under the ``scheduler`` class named.
+        """
+        base = Path(base_model)
+        if not base.is_dir():
+            raise EditorLoadError(f"base model folder not found: {base}")
+        for name in COMPONENTS:
+            _require(base / name, CONFIG_FILES[name], WEIGHT_FILES.get(name))
+        adapter = None
+        if motion_adapter is not None:
+            adapter_dir = Path(motion_adapter)
+            _require(adapter_dir, "config.json", "diffusion_pytorch_model.safetensors", what="motion adapter")
+            adapter = _load(
+                "motion adapter",
+                lambda: MotionAdapter.from_pretrained(adapter_dir, use_safetensors=True, torch_dtype=torch_dtype),
+            )
+        unet2d = _load(
+            "unet",
+            lambda: UNet2DConditionModel.from_pretrained(base / "unet", use_safetensors=True, torch_dtype=torch_dtype),
+        )
+        schedule = _load("scheduler", lambda: scheduler_class(scheduler).from_pretrained(base / "scheduler"))
+        return cls(
+            tokenizer=_load("tokenizer", lambda: CLIPTokenizer.from_pretrained(base / "tokenizer")),
+            text_encoder=_load(
+                "text_encoder",
+                lambda: CLIPTextModel.from_pretrained(base / "text_encoder", use_safetensors=True, dtype=torch_dtype),
+            ),
+            vae=_load(
+                "vae", lambda: AutoencoderKL.from_pretrained(base / "vae", use_safetensors=True, torch_dtype=torch_dtype)
+            ),
+            unet=inflate(unet2d, adapter, min_temporal_positions=min_temporal_positions),
+            scheduler=schedule,
+        )
+
+
+def scheduler_class(name: str) -> type[SchedulerMixin]:
+    """A diffusers scheduler class by name (``"DDPMScheduler"``, ``"DDIMScheduler"``, ...)."""
+    cls = getattr(diffusers, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        known = sorted(n for n in dir(diffusers) if n.endswith("Scheduler"))
+        raise ValueError(f"unknown scheduler {name!r}; choose one of: {', '.join(known)}")
+    return cls
+
+
+def _require(folder: Path, config: str, weights: str | None, what: str | None = None) -> None:
+    what = what or folder.name
+    if not folder.is_dir():
+        raise EditorLoadError(f"missing {what} folder: {folder}")
+    for file in (config, weights):
+        if file is not None and not (folder / file).is_file():
+            raise EditorLoadError(f"{what} folder {folder} is missing {file}")
+
+
+def _load(what: str, load):
+    try:
+        loaded = load()
+    except EditorLoadError:
+        raise
+    except Exception as err:  # corrupt weights or configs surface as many library error types
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise EditorLoadError(f"cannot load {what}: {first}") from err
+    if isinstance(loaded, torch.nn.Module):
+        _own_memory(loaded)
+    return loaded
+
+
+@torch.no_grad()
+def _own_memory(module: torch.nn.Module) -> None:
+    """Copy every tensor out of the memory-mapped weights file into fresh allocations.
+
+    Mapped tensors are not SIMD-aligned, which changes CPU kernels' summation order (outputs then
+    differ from the saved model's in the last bit), and they pin the file, which must stay
+    rewritable (saving over the folder a model came from).
+    """
+    for tensor in (*module.parameters(), *module.buffers()):
+        tensor.data = tensor.data.clone()
+
+
+def build_text_encoder(tokenizer: CLIPTokenizer, config: Mapping[str, Any]) -> CLIPTextModel:
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            max_position_embeddings=tokenizer.model_max_length,
+            **config,
+        )
+    )

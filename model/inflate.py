@@ -1,0 +1,125 @@
+"""Turning a 2D (InstructPix2Pix or Stable Diffusion) U-Net into the video editor's U-Net."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
+from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.utils import logging as diffusers_logging
+
+MIN_TEMPORAL_POSITIONS = 32
+
+
+def widened_conv_in(conv_in: torch.nn.Conv2d, in_channels: int) -> torch.nn.Conv2d:
+    """A copy of ``conv_in`` taking ``in_channels`` inputs.
+
+    ``W'[:, :c] = W``, ``W'[:, c:] = 0`` and ``b' = b``: with a zero extra input the layer computes
+    exactly what it did before (InstructPix2Pix's initialisation; the bias is kept, not reset).
+    """
+    old = conv_in.in_channels
+    if in_channels < old:
+        raise ValueError(f"cannot narrow conv_in from {old} to {in_channels} channels")
+    new = torch.nn.Conv2d(
+        in_channels,
+        conv_in.out_channels,
+        kernel_size=conv_in.kernel_size,
+        stride=conv_in.stride,
+        padding=conv_in.padding,
+        bias=conv_in.bias is not None,
+        device=conv_in.weight.device,
+        dtype=conv_in.weight.dtype,
+    )
+    with torch.no_grad():
+        new.weight.zero_()
+        new.weight[:, :old].copy_(conv_in.weight)
+        if conv_in.bias is not None:
+            new.bias.copy_(conv_in.bias)
+    return new
+
+
+def motion_modules(unet: UNetMotionModel) -> list[torch.nn.Module]:
+    """Every temporal transformer (AnimateDiff motion module) of ``unet``, in block order."""
+    blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+    return [m for block in blocks if hasattr(block, "motion_modules") for m in block.motion_modules]
+
+
+def zero_motion_outputs(unet: UNetMotionModel) -> None:
+    """Zero every motion module's ``proj_out`` so each temporal block is the identity map.
+
+    A motion module computes ``h + proj_out(attn(h))``; with ``proj_out = 0`` it returns ``h`` and
+    the video U-Net equals the 2D U-Net applied to each frame independently.
+    """
+    with torch.no_grad():
+        for module in motion_modules(unet):
+            module.proj_out.weight.zero_()
+            module.proj_out.bias.zero_()
+
+
+def _with_positions(adapter: MotionAdapter, length: int) -> MotionAdapter:
+    """``adapter`` with a temporal position table of at least ``length`` rows.
+
+    The table is sinusoidal (fixed, not learned), so a longer one agrees with the shorter on the
+    rows they share; every learned weight is copied unchanged.
+    """
+    if adapter.config.motion_max_seq_length >= length:
+        return adapter
+    longer = MotionAdapter.from_config({**adapter.config, "motion_max_seq_length": length})
+    missing, unexpected = longer.load_state_dict(
+        {k: v for k, v in adapter.state_dict().items() if not k.endswith("pos_embed.pe")}, strict=False
+    )
+    if unexpected or any(not k.endswith("pos_embed.pe") for k in missing):
+        raise ValueError(f"motion adapter does not match its own config: {missing[:3]} {unexpected[:3]}")
+    return longer.to(device=adapter.device, dtype=adapter.dtype)
+
+
+@contextlib.contextmanager
+def _quiet_diffusers():
+    """Silence diffusers' warning about dtype casting inside ``from_unet2d`` (it casts to the
+    2D U-Net's own dtype, which is harmless)."""
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
+def inflate(
+    unet2d: UNet2DConditionModel,
+    motion_adapter: MotionAdapter | None = None,
+    *,
+    min_temporal_positions: int = MIN_TEMPORAL_POSITIONS,
+) -> UNetMotionModel:
+    """Inflate a 2D U-Net into a video U-Net that also sees the source video.
+
+    * ``conv_in``: a U-Net whose input has as many channels as its output (an SD U-Net, 4) is
+      widened to twice that (noisy latent + source latent), see :func:`widened_conv_in`; one that
+      already takes twice its output (InstructPix2Pix, 8) is kept.
+    * Without ``motion_adapter`` every motion module's output projection is zero, so the result
+      equals ``unet2d`` applied frame by frame; with one, its weights are loaded.
+    * The temporal position table has at least ``min_temporal_positions`` rows.
+
+    ``unet2d`` itself is left untouched. Attention runs through PyTorch SDPA.
+    """
+    latent = unet2d.config.out_channels
+    in_channels = unet2d.config.in_channels
+    if in_channels not in (latent, 2 * latent):
+        raise ValueError(
+            f"conv_in takes {in_channels} channels; expected {latent} (text-to-image U-Net) "
+            f"or {2 * latent} (instruction U-Net) for {latent} output channels"
+        )
+    if motion_adapter is not None:
+        motion_adapter = _with_positions(motion_adapter, min_temporal_positions)
+    with _quiet_diffusers():
+        video = UNetMotionModel.from_unet2d(unet2d, motion_adapter)
+    if motion_adapter is None:
+        if video.config.motion_max_seq_length < min_temporal_positions:
+            raise ValueError(f"UNetMotionModel default position table is shorter than {min_temporal_positions}")
+        zero_motion_outputs(video)
+    if in_channels == latent:
+        video.conv_in = widened_conv_in(video.conv_in, 2 * latent)
+        video.register_to_config(in_channels=2 * latent)
+    video.set_attn_processor(AttnProcessor2_0())
+    return video

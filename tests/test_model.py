@@ -1,0 +1,287 @@
+"""The editor checkpoint: inflation, widening, freezing, save/load, building from SD folders."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from conftest import tiny_unet2d
+
+from model import (
+    Editor,
+    EditorLoadError,
+    build_editor,
+    count_parameters,
+    inflate,
+    load_editor,
+    motion_modules,
+    set_trainable,
+    tiny_config,
+)
+
+
+def per_frame_2d(unet2d, sample, text):
+    """The 2D U-Net applied to each frame of ``sample`` (B, C, F, H, W) independently."""
+    b, c, f, h, w = sample.shape
+    flat = sample.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
+    out = unet2d(flat, 10, encoder_hidden_states=text.repeat_interleave(f, dim=0)).sample
+    return out.reshape(b, f, *out.shape[1:]).permute(0, 2, 1, 3, 4)
+
+
+@pytest.mark.parametrize("frames", [1, 2, 5, 16])
+@torch.no_grad()
+def test_inflated_unet_equals_2d_unet_per_frame(unet2d, frames):
+    video = inflate(unet2d)
+    torch.manual_seed(1)
+    sample = torch.randn(2, 8, frames, 16, 16)
+    text = torch.randn(2, 7, 32)
+    expected = per_frame_2d(unet2d, sample, text)
+    got = video(sample, 10, encoder_hidden_states=text.repeat_interleave(frames, dim=0)).sample
+    assert expected.abs().mean() > 1e-2  # a real signal, not two zeros
+    assert (got - expected).abs().max() < 1e-5
+
+
+@torch.no_grad()
+def test_trained_motion_modules_mix_frames(unet2d):
+    video = inflate(unet2d)
+    for module in motion_modules(video):
+        torch.nn.init.normal_(module.proj_out.weight, std=0.1)
+    sample = torch.randn(1, 8, 4, 16, 16)
+    text = torch.randn(4, 7, 32)
+    out = video(sample, 10, encoder_hidden_states=text).sample
+    changed = sample.clone()
+    changed[:, :, 0] += 1.0
+    out2 = video(changed, 10, encoder_hidden_states=text).sample
+    assert (out2[:, :, 3] - out[:, :, 3]).abs().max() > 1e-4  # frame 3 sees frame 0
+
+
+@torch.no_grad()
+def test_widening_keeps_the_4_channel_unet_with_zero_condition():
+    unet4 = tiny_unet2d(in_channels=4)
+    video = inflate(unet4)
+    assert video.config.in_channels == 8 and video.conv_in.in_channels == 8
+    assert torch.equal(video.conv_in.bias, unet4.conv_in.bias)
+    assert unet4.conv_in.bias.abs().sum() > 0
+    assert torch.equal(video.conv_in.weight[:, :4], unet4.conv_in.weight)
+    assert torch.count_nonzero(video.conv_in.weight[:, 4:]) == 0
+    assert unet4.conv_in.in_channels == 4  # the input U-Net is left as it was
+    z = torch.randn(1, 4, 3, 16, 16)
+    text = torch.randn(1, 7, 32)
+    got = video(torch.cat([z, torch.zeros_like(z)], 1), 10, encoder_hidden_states=text.repeat_interleave(3, 0)).sample
+    assert (got - per_frame_2d(unet4, z, text)).abs().max() < 1e-5
+
+
+def test_eight_channel_conv_in_is_kept(unet2d):
+    video = inflate(unet2d)
+    assert torch.equal(video.conv_in.weight, unet2d.conv_in.weight)
+    assert torch.equal(video.conv_in.bias, unet2d.conv_in.bias)
+
+
+def test_inflate_rejects_odd_input_channels():
+    with pytest.raises(ValueError, match="conv_in takes 5 channels"):
+        inflate(tiny_unet2d(in_channels=5))
+
+
+def test_position_table_at_least_32(unet2d):
+    video = inflate(unet2d)
+    assert video.config.motion_max_seq_length >= 32
+    tables = [b for n, b in video.named_buffers() if n.endswith("pos_embed.pe")]
+    assert tables and all(t.shape[1] >= 32 for t in tables)
+
+
+def test_motion_policy_gradients_only_on_motion_modules(editor):
+    unet = editor.unet
+    counts = set_trainable(unet, "motion")
+    motion = {n for n, _ in unet.named_parameters() if "motion_modules." in n}
+    assert counts.total == sum(p.numel() for p in unet.parameters())
+    assert counts.trainable == sum(p.numel() for n, p in unet.named_parameters() if n in motion)
+    assert 0 < counts.trainable < counts.total
+    z = torch.randn(1, 4, 3, 16, 16)
+    text = editor.encode_text(["make it red"])
+    editor.predict(z, torch.randn_like(z), text, torch.tensor([5])).square().mean().backward()
+    with_grad = {n for n, p in unet.named_parameters() if p.grad is not None}
+    assert with_grad == motion
+    assert any(unet.get_parameter(n).grad.abs().sum() > 0 for n in motion)
+
+
+def test_all_and_pattern_policies(editor):
+    unet = editor.unet
+    assert set_trainable(unet, "all").trainable == count_parameters(unet).total
+    counts = set_trainable(unet, ["conv_in.*", "*motion_modules.*"])
+    expected = sum(p.numel() for n, p in unet.named_parameters() if n.startswith("conv_in.") or "motion_modules." in n)
+    assert counts.trainable == expected
+    with pytest.raises(ValueError, match="matched no parameter"):
+        set_trainable(unet, ["no_such_layer.*"])
+    with pytest.raises(ValueError, match="'motion', 'all'"):
+        set_trainable(unet, "temporal")
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(editor):
+    unet = editor.unet
+    set_trainable(unet, "all")
+    unet.train()
+    z = torch.randn(1, 4, 2, 16, 16)
+    text = editor.encode_text(["a dog"])
+
+    def grads():
+        unet.zero_grad()
+        editor.predict(z, z, text, torch.tensor([3])).square().mean().backward()
+        return [p.grad.clone() for p in unet.parameters()]
+
+    plain = grads()
+    unet.enable_gradient_checkpointing()
+    checkpointed = grads()
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, checkpointed))
+
+
+@pytest.mark.parametrize("spec", ["tiny", "tiny-pixel"])
+def test_tiny_builds_fast_and_offline(spec):
+    start = time.perf_counter()
+    editor = load_editor(spec)
+    assert time.perf_counter() - start < 2.0
+    assert editor.unet.config.in_channels == 2 * editor.latent_channels
+    assert (editor.vae is None) == (spec == "tiny-pixel")
+
+
+@torch.no_grad()
+def test_pixel_space_latents_are_the_frames():
+    editor = load_editor("tiny-pixel")
+    video = torch.rand(1, 3, 2, 32, 32) * 2 - 1
+    assert torch.equal(editor.encode_video(video), video)
+    assert torch.equal(editor.decode_latents(video), video)
+    assert editor.scaling_factor == 1.0 and editor.vae_scale_factor == 1
+
+
+@torch.no_grad()
+def outputs(editor: Editor):
+    torch.manual_seed(3)
+    video = torch.rand(1, 3, 3, 32, 32) * 2 - 1
+    cond = editor.encode_video(video)
+    text = editor.encode_text(["turn the car red"])
+    return editor.predict(torch.randn_like(cond), cond, text, torch.tensor([7]))
+
+
+@pytest.mark.parametrize("spec", ["tiny", "tiny-pixel"])
+def test_save_load_round_trip_is_bit_identical(tmp_path, spec):
+    editor = load_editor(spec)
+    for module in motion_modules(editor.unet):  # non-trivial motion weights must survive too
+        torch.nn.init.normal_(module.proj_out.weight, std=0.1)
+    editor.save_pretrained(tmp_path / "ed")
+    assert not list((tmp_path / "ed").rglob("*.bin")) and not list((tmp_path / "ed").rglob("*.pt"))
+    loaded = Editor.from_pretrained(tmp_path / "ed")
+    assert torch.equal(outputs(editor), outputs(loaded))
+    assert type(loaded.scheduler) is type(editor.scheduler)
+    assert loaded.tokenizer("a zebra galloping").input_ids == editor.tokenizer("a zebra galloping").input_ids
+
+
+def test_missing_and_corrupt_folders_name_what_is_wrong(tmp_path):
+    with pytest.raises(EditorLoadError, match="editor folder not found"):
+        Editor.from_pretrained(tmp_path / "nope")
+    with pytest.raises(EditorLoadError, match="missing model_index.json"):
+        Editor.from_pretrained(tmp_path)
+    load_editor("tiny").save_pretrained(tmp_path / "ed")
+    weights = tmp_path / "ed" / "unet" / "diffusion_pytorch_model.safetensors"
+    data = weights.read_bytes()
+    weights.unlink()
+    with pytest.raises(EditorLoadError, match="unet folder .* is missing diffusion_pytorch_model.safetensors"):
+        Editor.from_pretrained(tmp_path / "ed")
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(EditorLoadError, match="cannot load unet"):
+        Editor.from_pretrained(tmp_path / "ed")
+    weights.write_bytes(data)
+    (tmp_path / "ed" / "text_encoder" / "config.json").write_text("{not json")
+    with pytest.raises(EditorLoadError, match="cannot load text_encoder"):
+        Editor.from_pretrained(tmp_path / "ed")
+    import shutil
+
+    shutil.rmtree(tmp_path / "ed" / "vae")
+    with pytest.raises(EditorLoadError, match="missing vae folder"):
+        Editor.from_pretrained(tmp_path / "ed")
+
+
+def write_sd_folder(root, in_channels=4):
+    """A tiny Stable Diffusion 1.5-layout pipeline folder, as a real download would look."""
+    from diffusers import PNDMScheduler
+
+    from model.editor import build_text_encoder
+    from model.tokenizer import tiny_clip_tokenizer
+
+    cfg = tiny_config()
+    tokenizer = tiny_clip_tokenizer()
+    tokenizer.save_pretrained(root / "tokenizer")
+    build_text_encoder(tokenizer, cfg["text_encoder"]).save_pretrained(root / "text_encoder")
+    from diffusers import AutoencoderKL
+
+    AutoencoderKL(**cfg["vae"]).save_pretrained(root / "vae")
+    unet = tiny_unet2d(in_channels=in_channels)
+    unet.save_pretrained(root / "unet")
+    PNDMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, skip_prk_steps=True).save_pretrained(
+        root / "scheduler"
+    )
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    return unet
+
+
+def write_adapter(root, max_seq_length=24):
+    from diffusers import MotionAdapter
+
+    torch.manual_seed(5)
+    adapter = MotionAdapter(
+        block_out_channels=(32, 64),
+        motion_layers_per_block=1,
+        motion_num_attention_heads=2,
+        motion_norm_num_groups=8,
+        motion_max_seq_length=max_seq_length,
+        use_motion_mid_block=True,
+    )
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    adapter.save_pretrained(root)
+    return adapter
+
+
+@pytest.mark.parametrize("in_channels", [4, 8])
+def test_from_stable_diffusion_folder_and_adapter(tmp_path, in_channels):
+    unet2d = write_sd_folder(tmp_path / "sd", in_channels=in_channels)
+    adapter = write_adapter(tmp_path / "adapter", max_seq_length=24)
+    editor = load_editor({"base_model": str(tmp_path / "sd"), "motion_adapter": str(tmp_path / "adapter")})
+    assert editor.unet.config.in_channels == 8
+    assert torch.equal(editor.unet.conv_in.weight[:, :in_channels], unet2d.conv_in.weight)
+    assert torch.equal(editor.unet.conv_in.bias, unet2d.conv_in.bias)
+    assert type(editor.scheduler).__name__ == "DDPMScheduler"
+    assert editor.scheduler.config.beta_schedule == "scaled_linear"
+    video_state = editor.unet.state_dict()
+    adapter_state = adapter.state_dict()
+    learned = [k for k in adapter_state if not k.endswith("pos_embed.pe")]
+    assert learned and all(torch.equal(video_state[k], adapter_state[k]) for k in learned)
+    # a 24-long table grows to 32; the shared rows agree
+    pe_key = next(k for k in adapter_state if k.endswith("pos_embed.pe"))
+    assert video_state[pe_key].shape[1] == 32
+    assert torch.allclose(video_state[pe_key][:, :24], adapter_state[pe_key])
+    for name, p in unet2d.named_parameters():
+        if name.startswith("down_blocks.0.attentions"):
+            assert torch.equal(video_state[name], p)
+    assert outputs(editor).isfinite().all()
+
+
+def test_from_stable_diffusion_errors(tmp_path):
+    with pytest.raises(EditorLoadError, match="base model folder not found"):
+        load_editor({"base_model": str(tmp_path / "missing")})
+    with pytest.raises(EditorLoadError, match="set 'base_model' to a local folder"):
+        load_editor({"base_model": "FILL_ME: path to InstructPix2Pix"})
+    write_sd_folder(tmp_path / "sd")
+    (tmp_path / "adapter").mkdir()
+    with pytest.raises(EditorLoadError, match="motion adapter folder .* is missing config.json"):
+        load_editor({"base_model": str(tmp_path / "sd"), "motion_adapter": str(tmp_path / "adapter")})
+
+
+def test_build_editor_rejects_bad_configs():
+    cfg = tiny_config()
+    cfg["unet"]["out_channels"] = 3
+    with pytest.raises(ValueError, match="out_channels must be 4"):
+        build_editor(cfg)
+    with pytest.raises(ValueError, match="unknown editor config keys"):
+        build_editor({**tiny_config(), "vea": None})
