@@ -1,0 +1,203 @@
+"""Sampling math as small pure functions: guidance, parametrisations, clip plan, LVSC, warping."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def guided_noise(
+    e_uu: torch.Tensor, e_vu: torch.Tensor, e_vt: torch.Tensor, text_guidance: float, video_guidance: float
+) -> torch.Tensor:
+    """Two-scale classifier-free guidance (InstructPix2Pix)::
+
+        eps = e_uu + s_V * (e_vu - e_uu) + s_T * (e_vt - e_vu)
+
+    ``e_uu`` = eps(z, no video, no text), ``e_vu`` = eps(z, video, no text),
+    ``e_vt`` = eps(z, video, text); ``s_T`` = ``text_guidance``, ``s_V`` = ``video_guidance``.
+    With ``s_T = s_V = 1`` it returns ``e_vt``.
+    """
+    return e_uu + video_guidance * (e_vu - e_uu) + text_guidance * (e_vt - e_vu)
+
+
+def to_epsilon(output: torch.Tensor, z_t: torch.Tensor, alpha_bar_t: torch.Tensor | float, prediction_type: str):
+    """The noise implied by a model output, for ``z_t = sqrt(a) z0 + sqrt(1 - a) eps``::
+
+        epsilon:       eps = output
+        v_prediction:  eps = sqrt(a) v + sqrt(1 - a) z_t
+        sample:        eps = (z_t - sqrt(a) x0) / sqrt(1 - a)
+    """
+    a = torch.as_tensor(alpha_bar_t, dtype=z_t.dtype, device=z_t.device)
+    if prediction_type == "epsilon":
+        return output
+    if prediction_type == "v_prediction":
+        return a.sqrt() * output + (1 - a).sqrt() * z_t
+    if prediction_type == "sample":
+        return (z_t - a.sqrt() * output) / (1 - a).sqrt()
+    raise ValueError(f"unknown prediction_type {prediction_type!r}")
+
+
+def from_epsilon(eps: torch.Tensor, z_t: torch.Tensor, alpha_bar_t: torch.Tensor | float, prediction_type: str):
+    """Inverse of :func:`to_epsilon`: express ``eps`` in the scheduler's parametrisation::
+
+        epsilon:       eps
+        v_prediction:  v  = (eps - sqrt(1 - a) z_t) / sqrt(a)
+        sample:        x0 = (z_t - sqrt(1 - a) eps) / sqrt(a)
+    """
+    a = torch.as_tensor(alpha_bar_t, dtype=z_t.dtype, device=z_t.device)
+    if prediction_type == "epsilon":
+        return eps
+    if prediction_type == "v_prediction":
+        return (eps - (1 - a).sqrt() * z_t) / a.sqrt()
+    if prediction_type == "sample":
+        return (z_t - (1 - a).sqrt() * eps) / a.sqrt()
+    raise ValueError(f"unknown prediction_type {prediction_type!r}")
+
+
+def predicted_sample(eps: torch.Tensor, z_t: torch.Tensor, alpha_bar_t: torch.Tensor | float) -> torch.Tensor:
+    """``x0 = (z_t - sqrt(1 - a) eps) / sqrt(a)``: the clean latent a noise prediction implies."""
+    return from_epsilon(eps, z_t, alpha_bar_t, "sample")
+
+
+def reference_noise(z_t: torch.Tensor, z_ref: torch.Tensor, alpha_bar_t: torch.Tensor | float) -> torch.Tensor:
+    """``eps_ref = (z_t[:N] - sqrt(a) z_ref) / sqrt(1 - a)`` over the frame axis (dim 2).
+
+    The noise whose x0-prediction for the first ``N = z_ref.shape[2]`` frames is exactly ``z_ref``.
+    """
+    return to_epsilon(z_ref, z_t[:, :, : z_ref.shape[2]], alpha_bar_t, "sample")
+
+
+def lvsc_correct(
+    eps: torch.Tensor, z_t: torch.Tensor, z_ref: torch.Tensor, alpha_bar_t: torch.Tensor | float
+) -> torch.Tensor:
+    """Long Video Sampling Correction on ``(B, C, F, h, w)`` tensors; references lead the clip::
+
+        eps_ref  = (z_t[:N] - sqrt(a) z_ref) / sqrt(1 - a)
+        delta_n  = eps_ref_n - eps_n                       n < N
+        eps'[:N] = eps_ref                                 (x0-prediction of a reference == z_ref)
+        eps'[N:] = eps[N:] + mean_n delta_n                (one shared correction for new frames)
+    """
+    n = z_ref.shape[2]
+    eps_ref = reference_noise(z_t, z_ref, alpha_bar_t)
+    delta = eps_ref - eps[:, :, :n]
+    return torch.cat([eps_ref, eps[:, :, n:] + delta.mean(dim=2, keepdim=True)], dim=2)
+
+
+def warp(values: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+    """Bilinear backward warp: ``out(x) = values(x + flow(x))``, zero outside the grid.
+
+    ``values`` ``(B, C, h, w)``; ``flow`` ``(B, 2, h, w)`` in grid cells, channel 0 = x, 1 = y.
+    Warping a tensor of ones gives the validity (coverage) of each output cell.
+    """
+    _, _, h, w = values.shape
+    ys, xs = torch.meshgrid(
+        torch.arange(h, device=flow.device, dtype=flow.dtype),
+        torch.arange(w, device=flow.device, dtype=flow.dtype),
+        indexing="ij",
+    )
+    x = (xs + flow[:, 0]) * (2.0 / max(w - 1, 1)) - 1.0
+    y = (ys + flow[:, 1]) * (2.0 / max(h - 1, 1)) - 1.0
+    grid = torch.stack([x, y], dim=-1).to(values.dtype)
+    return F.grid_sample(values, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+
+
+def lvsc_correct_warped(
+    eps: torch.Tensor,
+    z_t: torch.Tensor,
+    z_ref: torch.Tensor,
+    alpha_bar_t: torch.Tensor | float,
+    flows: torch.Tensor,
+    min_coverage: float = 0.5,
+) -> torch.Tensor:
+    """LVSC with motion compensation: each new frame gets the reference deltas moved along flow::
+
+        eps'[:N]  = eps_ref
+        eps'[N+j] = eps[N+j] + sum_n warp(delta_n, f_jn) / sum_n warp(1, f_jn)   where the sum > 0.5
+        eps'[N+j] = eps[N+j] + mean_n delta_n                                  elsewhere
+
+    ``flows`` ``(B, F-N, N, 2, h, w)``: flow from new frame ``j`` to reference frame ``n`` on the
+    latent grid (estimated on the source video), so ``frame_j(x) ~ frame_n(x + f_jn(x))``.
+    """
+    b, c, frames, h, w = eps.shape
+    n = z_ref.shape[2]
+    new = frames - n
+    if flows.shape[:3] != (b, new, n) or flows.shape[-2:] != (h, w):
+        raise ValueError(f"flows must be {(b, new, n, 2, h, w)}, got {tuple(flows.shape)}")
+    eps_ref = reference_noise(z_t, z_ref, alpha_bar_t)
+    delta = eps_ref - eps[:, :, :n]  # (B, C, N, h, w)
+    # every (new frame, reference) pair as one batch of warps
+    values = delta.permute(0, 2, 1, 3, 4).unsqueeze(1).expand(b, new, n, c, h, w)
+    values = torch.cat([values, torch.ones_like(values[:, :, :, :1])], dim=3).reshape(b * new * n, c + 1, h, w)
+    warped = warp(values, flows.reshape(b * new * n, 2, h, w).to(values.dtype)).reshape(b, new, n, c + 1, h, w)
+    summed = warped.sum(dim=2)  # (B, new, C+1, h, w)
+    coverage = summed[:, :, c:]
+    moved = summed[:, :, :c] / coverage.clamp_min(1e-6)
+    mean = delta.mean(dim=2).unsqueeze(1)  # (B, 1, C, h, w)
+    correction = torch.where(coverage > min_coverage, moved, mean).permute(0, 2, 1, 3, 4)
+    return torch.cat([eps_ref, eps[:, :, n:] + correction], dim=2)
+
+
+@dataclass(frozen=True)
+class Clip:
+    """Frames ``start .. stop-1`` of the video; the first ``num_reference`` repeat the previous clip."""
+
+    start: int
+    stop: int
+    num_reference: int
+
+    @property
+    def new_start(self) -> int:
+        return self.start + self.num_reference
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+def clip_plan(num_frames: int, clip_frames: int = 16, reference_frames: int = 4) -> list[Clip]:
+    """Cut ``num_frames`` into clips of ``clip_frames`` that overlap by reference frames.
+
+    The first clip is frames ``0..F-1``; each later one starts with the last ``N`` frames of the
+    previous clip, then up to ``F - N`` new frames; the last clip takes ``F - remaining`` references
+    so it too has ``F`` frames. Every frame is *new* in exactly one clip.
+    """
+    if clip_frames < 1 or reference_frames < 0:
+        raise ValueError("clip_frames must be >= 1 and reference_frames >= 0")
+    if num_frames > clip_frames and reference_frames >= clip_frames:
+        raise ValueError(f"reference_frames ({reference_frames}) must be smaller than clip_frames ({clip_frames})")
+    if num_frames <= 0:
+        return []
+    first = min(clip_frames, num_frames)
+    plan, done = [Clip(0, first, 0)], first
+    while done < num_frames:
+        new = min(clip_frames - reference_frames, num_frames - done)
+        refs = clip_frames - new
+        plan.append(Clip(done - refs, done + new, refs))
+        done += new
+    return plan
+
+
+def stream_clips(frames, clip_frames: int = 16, reference_frames: int = 4):
+    """Walk a frame iterator of unknown length clip by clip, yielding ``(Clip, frames)``.
+
+    ``frames`` of each clip is the list of its source frames, references first; the result is
+    :func:`clip_plan` of the total length, found without knowing that length in advance: the final
+    clip is recognised when the iterator runs dry. At most one clip of frames is held at a time.
+    """
+    it = iter(frames)
+    window = [f for _, f in zip(range(clip_frames), it)]
+    if not window:
+        return
+    if len(window) == clip_frames and reference_frames >= clip_frames:
+        raise ValueError(f"reference_frames ({reference_frames}) must be smaller than clip_frames ({clip_frames})")
+    yield Clip(0, len(window), 0), window
+    done = len(window)
+    while True:
+        new = [f for _, f in zip(range(clip_frames - reference_frames), it)]
+        if not new:
+            return
+        refs = clip_frames - len(new)
+        window = window[len(window) - refs :] + new
+        yield Clip(done - refs, done + len(new), refs), window
+        done += len(new)
