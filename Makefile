@@ -18,8 +18,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
+# The main job on the embedded default: edit a real clip with the tiny editor, several clips
+# stitched by LVSC with motion compensation.
+DEMO_VIDEO ?= ../shared/fixtures/videos/car-turn.mp4
 demo: setup
-	$(VENV)/bin/python -m model.demo --out outputs/demo
+	mkdir -p outputs/demo
+	$(VENV)/bin/infer edit $(DEMO_VIDEO) --prompt "make it snowy" -o outputs/demo/edited.mp4 \
+		--steps 8 --resolution 64 --motion-compensation
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -17,14 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model import count_parameters, inflate, load_editor, set_trainable  # noqa: E402
-
-
-def sd15_unet():
-    """A Stable Diffusion 1.5-size InstructPix2Pix U-Net (random weights), inflated."""
-    from diffusers import UNet2DConditionModel
-
-    return inflate(UNet2DConditionModel(in_channels=8, out_channels=4, cross_attention_dim=768))
+from model import build_editor, count_parameters, load_editor, set_trainable, shipped_config  # noqa: E402
 
 
 def main() -> None:
@@ -41,13 +34,10 @@ def main() -> None:
     args = ap.parse_args()
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    if args.size == "tiny":
-        editor = load_editor("tiny")
-        unet, latent, factor, text_dim = editor.unet, editor.latent_channels, editor.vae_scale_factor, 32
-        resolution = args.resolution or editor.resolution
-    else:
-        unet, latent, factor, text_dim = sd15_unet(), 4, 8, 768
-        resolution = args.resolution or 256
+    editor = load_editor("tiny") if args.size == "tiny" else build_editor(shipped_config("model/sd15-random.yaml"))
+    unet, latent, factor = editor.unet, editor.latent_channels, editor.vae_scale_factor
+    text_dim = editor.text_encoder.config.hidden_size
+    resolution = args.resolution or (editor.resolution if args.size == "tiny" else 256)
     counts = set_trainable(unet, args.trainable)
     unet.to(device=device).train()
     if dtype != unet.dtype:

@@ -15,7 +15,17 @@ from .sampling import (
     to_epsilon,
     warp,
 )
-from .video import VideoError, VideoInfo, VideoWriter, iter_frames, probe_video, read_video, write_video
+from .video import (
+    VideoError,
+    VideoInfo,
+    VideoWriter,
+    decode_video,
+    encode_video,
+    iter_frames,
+    probe_video,
+    read_video,
+    write_video,
+)
 
 __all__ = [
     "Clip",
@@ -26,6 +36,8 @@ __all__ = [
     "VideoInfo",
     "VideoWriter",
     "clip_flows",
+    "decode_video",
+    "encode_video",
     "clip_plan",
     "from_epsilon",
     "guided_noise",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from dataclasses import dataclass
@@ -199,3 +200,33 @@ def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: Frac
     with VideoWriter(path, fps, audio_from=audio_from) as writer:
         writer.write_all(frames)
     return Path(path)
+
+
+def decode_video(data: bytes) -> np.ndarray:
+    """Every frame of an in-memory video file as uint8 ``(F, H, W, 3)``."""
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            if not container.streams.video:
+                raise VideoError("no video stream")
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(container.streams.video[0])]
+    except av.FFmpegError as err:
+        raise VideoError(f"corrupt video: {err}") from None
+    if not frames:
+        raise VideoError("no frames could be decoded")
+    return np.stack(frames)
+
+
+def encode_video(frames: np.ndarray, fps: Fraction | float, crf: int = 18) -> bytes:
+    """uint8 ``(F, H, W, 3)`` frames as the bytes of an H.264 mp4 (for shards)."""
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001 * 1000))
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(crf)}
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()

@@ -1,0 +1,256 @@
+"""Training: objective math, data pipeline, trainable-only updates, checkpoints, resume, CLI, DDP."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from shards import write_shards
+
+from infer import InsV2VPipeline
+from model import Editor
+from train import EditorModule, ShardDataModule, apply_windows, crop_windows, dropout_masks, regression_target
+from train.callbacks import EditSamples
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("shards")
+    write_shards(folder, 6, per_shard=3)
+    return folder
+
+
+def trainer(tmp_path, max_steps, **kw):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    return L.Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1)]
+        + kw.pop("callbacks", []),
+        **kw,
+    )
+
+
+def test_dropout_rates_match_the_configuration():
+    u = torch.rand(400_000, generator=torch.Generator().manual_seed(0))
+    for p_t, p_b, p_v in [(0.05, 0.05, 0.05), (0.1, 0.0, 0.2)]:
+        text, video = dropout_masks(u, p_t, p_b, p_v)
+        rates = [
+            (text & ~video).float().mean(),
+            (text & video).float().mean(),
+            (~text & video).float().mean(),
+        ]
+        for got, want in zip(rates, (p_t, p_b, p_v)):
+            assert abs(got.item() - want) < 0.003
+
+
+def test_v_prediction_target_matches_the_scheduler():
+    from diffusers import DDPMScheduler
+
+    sch = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    clean, noise = torch.randn(2, 3, 4, 2, 5, 5)
+    t = torch.tensor([10, 900, 400])
+    want = sch.get_velocity(clean, noise, t)
+    assert torch.allclose(regression_target("v_prediction", clean, noise, sch.alphas_cumprod[t]), want, atol=1e-6)
+    assert torch.equal(regression_target("epsilon", clean, noise, sch.alphas_cumprod[t]), noise)
+    assert torch.equal(regression_target("sample", clean, noise, sch.alphas_cumprod[t]), clean)
+
+
+def test_crop_windows_move_linearly_inside_the_frame():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        boxes = crop_windows(8, 48, 64, rng)
+        assert boxes[:, :2].min() >= -1e-6 and boxes[:, 2].max() <= 64 + 1e-6 and boxes[:, 3].max() <= 48 + 1e-6
+        centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+        assert np.allclose(np.diff(centres, 2, axis=0), 0, atol=1e-6)  # linear motion
+    moved = [np.abs(crop_windows(8, 48, 64, np.random.default_rng(s))[-1] - crop_windows(8, 48, 64, np.random.default_rng(s))[0]).max() > 1 for s in range(50)]
+    assert 0.4 < np.mean(moved) < 1.0
+    frames = np.random.default_rng(1).integers(0, 255, (8, 48, 64, 3), dtype=np.uint8)
+    boxes = crop_windows(8, 48, 64, np.random.default_rng(3), translate_prob=1.0)
+    assert apply_windows(frames, boxes, 32).shape == (8, 32, 32, 3)
+    # identity box: output is the (resized) frame itself
+    same = apply_windows(frames[:, :32, :32], np.tile([0, 0, 32, 32], (8, 1)).astype(float), 32)
+    assert np.abs(same.astype(int) - frames[:, :32, :32]).max() <= 1
+
+
+@pytest.mark.parametrize("video_format", ["mp4", "npy"])
+def test_datamodule_decodes_schema_shards(tmp_path, video_format):
+    write_shards(tmp_path, 3, video_format=video_format)
+    dm = ShardDataModule(shards=str(tmp_path / "*.tar"), num_frames=6, frame_stride=1, resolution=16, batch_size=2,
+                         batches_per_epoch=3)
+    dm.setup("fit")
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 3
+    batch = batches[0]
+    assert batch["source"].shape == (2, 3, 6, 16, 16) and batch["target"].shape == (2, 3, 6, 16, 16)
+    assert batch["source"].min() >= -1 and batch["source"].max() <= 1
+    assert batch["instruction"] == ["make the square red"] * 2
+    # same crop on source and target: the background (unchanged by the edit) agrees
+    diff = (batch["source"] - batch["target"]).abs().amax(dim=1)
+    assert (diff < 0.1).float().mean() > 0.5
+
+
+def test_corrupt_member_is_skipped_and_counted(tmp_path):
+    write_shards(tmp_path, 4, corrupt_keys=(1,))
+    (tmp_path / "pairs-000-000009.tar").write_bytes(b"not a tar at all")
+    dm = ShardDataModule(shards=str(tmp_path), num_frames=4, resolution=16, batch_size=2, batches_per_epoch=6)
+    dm.setup("fit")
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 6
+    assert dm.skipped >= 1
+    assert all("r000-000000001-s0" not in b["key"] for b in batches)
+
+
+def test_missing_shards_are_a_clear_error(tmp_path):
+    dm = ShardDataModule(shards=str(tmp_path / "nothing-*.tar"))
+    with pytest.raises(ValueError, match="no shards match"):
+        dm.setup("fit")
+
+
+def _state(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_a_step_changes_only_trainable_weights(shards):
+    module = EditorModule(editor="tiny", trainable="motion", lr=1e-2)
+    dm = ShardDataModule(shards=str(shards), num_frames=4, resolution=32, batch_size=2)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    before = _state(module)
+    optimizer = torch.optim.AdamW(module.trainable_parameters().values(), lr=1e-2)
+    module.loss(batch, torch.Generator().manual_seed(0)).backward()
+    optimizer.step()
+    after = _state(module)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    motion = {k for k in before if "motion_modules." in k and k.startswith("unet.")}
+    assert changed and changed <= motion
+    assert not any(p.grad is not None for n, p in module.named_parameters() if "motion_modules." not in n)
+
+
+def _fit(tmp_path, shards, steps, ckpt_path=None, **module_kw):
+    L.seed_everything(0)
+    module = EditorModule(editor="tiny", trainable="all", lr=1e-3, warmup_steps=2, seed=3, export_dir=str(tmp_path / "export"), **module_kw)
+    dm = ShardDataModule(shards=str(shards), num_frames=8, resolution=32, batch_size=2, augment=False, batches_per_epoch=100)
+    trainer(tmp_path, steps).fit(module, dm, ckpt_path=ckpt_path)
+    return module
+
+
+@pytest.fixture(scope="module")
+def one_sample(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("one")
+    write_shards(folder, 1)
+    return folder
+
+
+def test_resume_gives_the_same_weights(tmp_path, one_sample):
+    straight = _fit(tmp_path / "a", one_sample, 4, ema_decay=0.9)
+    _fit(tmp_path / "b", one_sample, 2, ema_decay=0.9)
+    resumed = _fit(tmp_path / "b", one_sample, 4, ckpt_path=str(tmp_path / "b" / "ckpt" / "last.ckpt"), ema_decay=0.9)
+    a, b = straight.unet.state_dict(), resumed.unet.state_dict()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    assert max((straight.ema[k] - resumed.ema[k]).abs().max().item() for k in straight.ema) < 1e-6
+    fresh = EditorModule(editor="tiny").unet.state_dict()
+    assert max((a[k] - fresh[k]).abs().max().item() for k in a) > 1e-4  # it did train
+
+
+def test_checkpoint_is_small_loads_and_edits(tmp_path, one_sample):
+    L.seed_everything(0)
+    module = EditorModule(editor="tiny", trainable="motion", lr=1e-3, export_dir=str(tmp_path / "export"))
+    dm = ShardDataModule(shards=str(one_sample), num_frames=8, resolution=32, batch_size=2, augment=False)
+    trainer(tmp_path, 2).fit(module, dm)
+    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert set(ckpt["state_dict"]) == {f"unet.{k}" for k, p in module.unet.named_parameters() if p.requires_grad}
+    pipe = InsV2VPipeline.from_checkpoint(tmp_path / "ckpt" / "last.ckpt")
+    trained = module.unet.state_dict()
+    assert all(torch.equal(v, trained[k]) for k, v in pipe.editor.unet.state_dict().items())
+    frames = np.zeros((8, 32, 32, 3), np.uint8)
+    assert pipe(frames, "make the square red", num_inference_steps=2, progress=False).frames.shape == frames.shape
+    exported = Editor.from_pretrained(tmp_path / "export")
+    assert all(torch.equal(v, trained[k]) for k, v in exported.unet.state_dict().items())
+
+
+def test_ema_is_exported(tmp_path, one_sample):
+    module = _fit(tmp_path, one_sample, 3, ema_decay=0.5)
+    exported = Editor.from_pretrained(tmp_path / "export").unet.state_dict()
+    assert all(torch.allclose(exported[k], v.to(exported[k].dtype)) for k, v in module.ema.items())
+    live = module.unet.state_dict()
+    assert any(not torch.equal(exported[k], live[k]) for k in module.ema)  # the live weights stay
+
+
+def test_edit_samples_are_written(tmp_path, one_sample):
+    from lightning.pytorch.loggers import CSVLogger
+
+    module = EditorModule(editor="tiny", trainable="motion")
+    dm = ShardDataModule(shards=str(one_sample), num_frames=4, resolution=32, batch_size=1)
+    t = trainer(tmp_path, 2, callbacks=[EditSamples(every_n_steps=1, num_inference_steps=2)])
+    t.loggers = [CSVLogger(tmp_path, name="logs")]
+    t.fit(module, dm)
+    samples = sorted((tmp_path / "logs").rglob("samples/*.mp4"))
+    from infer import read_video
+
+    assert samples and read_video(samples[0]).shape == (4, 32, 96, 3)  # source | edited | target
+
+
+def run(args, timeout=300, **env):
+    return subprocess.run(
+        [sys.executable, "-m", "train", *args], capture_output=True, text=True, timeout=timeout, cwd=env.pop("cwd"),
+        env={**os.environ, "WANDB_MODE": "offline", **env},
+    )
+
+
+def test_cli_fit_print_config_and_rerun(tmp_path, shards):
+    config = str(ROOT / "configs" / "tiny.yaml")
+    printed = run(["fit", "--config", config, "--print_config"], cwd=tmp_path)
+    assert printed.returncode == 0 and "editor: tiny" in printed.stdout
+    args = ["fit", "--config", config, "--data.shards", f"{shards}/*.tar", "--trainer.max_steps", "2",
+            "--trainer.enable_progress_bar", "false", "--data.num_frames", "4"]
+    proc = run(args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "outputs/train-tiny/checkpoints/last.ckpt").is_file()
+    # a second run into the same folder, resuming from the last checkpoint
+    resumed = run(args + ["--trainer.max_steps", "3", "--ckpt_path", "last"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert torch.load(tmp_path / "outputs/train-tiny/checkpoints/last.ckpt", weights_only=True)["global_step"] == 3
+    assert (tmp_path / "outputs/train-tiny/logs/version_1/editor/model_index.json").is_file()
+
+
+def test_cli_placeholder_weights_fail_clearly(tmp_path):
+    proc = run(["fit", "--config", str(ROOT / "configs" / "insv2v.yaml"), "--data.shards", "x.tar"], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "model.editor: set 'base_model' to a local folder" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_wandb_offline_logging(tmp_path, shards):
+    args = ["fit", "--config", str(ROOT / "configs" / "tiny.yaml"), "--data.shards", str(shards),
+            "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false", "--data.num_frames", "4",
+            "--trainer.logger", "lightning.pytorch.loggers.WandbLogger", "--trainer.logger.save_dir", str(tmp_path),
+            "--trainer.logger.project", "test", "--trainer.callbacks+=train.EditSamples",
+            "--trainer.callbacks.every_n_steps", "1", "--trainer.callbacks.num_inference_steps", "1"]
+    proc = run(args, cwd=tmp_path, WANDB_API_KEY="")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert runs and list(runs[0].rglob("*.wandb"))
+    assert list(runs[0].rglob("media/videos/samples/*.mp4"))
+
+
+def test_ddp_two_cpu_processes(tmp_path, shards):
+    args = ["fit", "--config", str(ROOT / "configs" / "tiny.yaml"), "--data.shards", f"{shards}/*.tar",
+            "--trainer.max_steps", "2", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+            "--trainer.strategy", "ddp", "--trainer.enable_progress_bar", "false", "--data.num_frames", "4"]
+    proc = run(args, cwd=tmp_path, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "outputs/train-tiny/checkpoints/last.ckpt").is_file()

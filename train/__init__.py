@@ -1,0 +1,19 @@
+"""Training the video editor: LightningModule, WebDataset DataModule, callbacks, the `lightning` command."""
+
+from .augment import apply_windows, crop_windows
+from .callbacks import EditSamples, Throughput
+from .data import ShardDataModule, expand_shards
+from .module import EditorModule
+from .objective import dropout_masks, regression_target
+
+__all__ = [
+    "EditSamples",
+    "EditorModule",
+    "ShardDataModule",
+    "Throughput",
+    "apply_windows",
+    "crop_windows",
+    "dropout_masks",
+    "expand_shards",
+    "regression_target",
+]

@@ -1,0 +1,209 @@
+"""EditorModule: the LightningModule that trains the video editor (SPEC §5)."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Union
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from infer.pipeline import CHECKPOINT_KEY
+from model import EditorLoadError, load_editor, set_trainable
+
+from .objective import dropout_masks, regression_target
+
+EditorSpec = Union[str, dict]
+
+
+class EditorModule(L.LightningModule):
+    """Trains an editor's video U-Net on (source, target, instruction) clips.
+
+    Args:
+        editor: what to build: ``tiny``, ``tiny-pixel``, an editor folder, a YAML file, or a
+            mapping (``{base_model: DIR, motion_adapter: DIR}`` or component configs); see
+            :func:`model.load_editor`.
+        trainable: ``motion``, ``all`` or a list of U-Net parameter name patterns.
+        lr, betas, weight_decay: AdamW (weight decay 0 is Adam).
+        warmup_steps: linear warm-up; lr_schedule: ``constant`` or ``cosine`` (to 0 at max_steps).
+        drop_text, drop_both, drop_video: per-sample conditioning dropout fractions.
+        gradient_checkpointing: recompute U-Net activations in backward.
+        ema_decay: keep an exponential moving average of the trainable weights (exported).
+        seed: base of the per-step random streams (noise, timesteps, dropout): a resumed run
+            draws exactly what an uninterrupted one would.
+        export_dir: where the final editor folder goes (default ``<log dir>/editor``).
+    """
+
+    def __init__(
+        self,
+        editor: EditorSpec = "tiny",
+        trainable: Union[str, list[str]] = "motion",
+        lr: float = 5e-5,
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        lr_schedule: str = "constant",
+        drop_text: float = 0.05,
+        drop_both: float = 0.05,
+        drop_video: float = 0.05,
+        gradient_checkpointing: bool = False,
+        ema_decay: float | None = None,
+        seed: int = 0,
+        export_dir: str | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        if lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
+        try:
+            self.editor = load_editor(editor)
+        except EditorLoadError as err:
+            raise EditorLoadError(f"model.editor: {err}") from None
+        # registered here so Lightning moves, casts and checkpoints them
+        self.unet = self.editor.unet
+        self.text_encoder = self.editor.text_encoder.requires_grad_(False).eval()
+        self.vae = self.editor.vae.requires_grad_(False).eval() if self.editor.vae is not None else None
+        self.counts = set_trainable(self.unet, trainable)
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        self.strict_loading = False  # checkpoints hold only the trainable weights
+        self.ema: dict[str, torch.Tensor] | None = None
+        self._empty_text: torch.Tensor | None = None
+
+    # ---------------------------------------------------------------- helpers
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.text_encoder.eval()  # frozen parts always run in inference mode
+        if self.vae is not None:
+            self.vae.eval()
+        return self
+
+    def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
+        return {name: p for name, p in self.unet.named_parameters() if p.requires_grad}
+
+    def _step_generator(self, batch_idx: int) -> torch.Generator:
+        seed = (self.hparams.seed * 1_000_003 + self.global_step * 1009 + batch_idx * 7 + self.global_rank * 7919) % 2**63
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    # ---------------------------------------------------------------- objective
+    def loss(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+        """MSE of the U-Net's prediction on one batch (SPEC §5), read top to bottom."""
+        editor, scheduler = self.editor, self.editor.scheduler
+        source, target = batch["source"], batch["target"]
+        b = source.shape[0]
+        with torch.no_grad():
+            clean = editor.encode_video(target, sample=True, generator=generator) * editor.scaling_factor
+            condition = editor.encode_video(source)  # unscaled mode: InstructPix2Pix convention
+            text = editor.encode_text(batch["instruction"])
+            if self._empty_text is None or self._empty_text.device != text.device:
+                self._empty_text = editor.encode_text([""])
+        u = torch.rand(b, device=self.device, generator=generator)
+        drop_text, drop_video = dropout_masks(u, self.hparams.drop_text, self.hparams.drop_both, self.hparams.drop_video)
+        text = torch.where(drop_text[:, None, None], self._empty_text.to(text.dtype), text)
+        condition = torch.where(drop_video[:, None, None, None, None], torch.zeros_like(condition), condition)
+
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), device=self.device, generator=generator)
+        noise = torch.randn(clean.shape, device=self.device, generator=generator, dtype=clean.dtype)
+        noisy = scheduler.add_noise(clean, noise, t)
+        alpha_bar = scheduler.alphas_cumprod.to(self.device)[t]
+        goal = regression_target(scheduler.config.prediction_type, clean, noise, alpha_bar)
+        prediction = editor.predict(noisy, condition, text, t)
+        return F.mse_loss(prediction.float(), goal.float())
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self.loss(batch, self._step_generator(batch_idx))
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["source"].shape[0])
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch["source"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        generator = torch.Generator(device=self.device).manual_seed(self.hparams.seed + batch_idx)
+        loss = self.loss(batch, generator)
+        self.log("val/loss", loss, prog_bar=True, batch_size=batch["source"].shape[0], sync_dist=True)
+        return loss
+
+    # ---------------------------------------------------------------- optimisation
+    def configure_optimizers(self):
+        params = list(self.trainable_parameters().values())
+        optimizer = torch.optim.AdamW(
+            params, lr=self.hparams.lr, betas=tuple(self.hparams.betas), weight_decay=self.hparams.weight_decay
+        )
+        warmup, schedule = self.hparams.warmup_steps, self.hparams.lr_schedule
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
+
+        def factor(step: int) -> float:
+            if warmup and step < warmup:
+                return (step + 1) / warmup
+            if schedule == "cosine":
+                progress = min(1.0, (step - warmup) / max(1, total - warmup))
+                return 0.5 * (1 + math.cos(math.pi * progress))
+            return 1.0
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        if self.hparams.ema_decay:
+            self._update_ema()
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        """``ema = d * ema + (1 - d) * w`` for every trainable weight ``w``."""
+        decay = self.hparams.ema_decay
+        params = self.trainable_parameters()
+        if self.ema is None:
+            self.ema = {k: p.detach().float().clone() for k, p in params.items()}
+            return
+        for k, p in params.items():
+            self.ema[k] = self.ema[k].to(p.device)
+            self.ema[k].lerp_(p.detach().float(), 1 - decay)
+
+    # ---------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep only trainable weights; record how to rebuild the rest."""
+        keep = {f"unet.{k}" for k in self.trainable_parameters()}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint[CHECKPOINT_KEY] = {
+            "format": 1,
+            "editor": self.hparams.editor,
+            "trainable": self.hparams.trainable,
+            "unet_prefix": "unet.",
+            "ema": {k: v.cpu() for k, v in self.ema.items()} if self.ema else None,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.get(CHECKPOINT_KEY) or {}
+        self.ema = {k: v.clone() for k, v in meta["ema"].items()} if meta.get("ema") else None
+
+    # ---------------------------------------------------------------- export
+    def on_fit_end(self) -> None:
+        path = self.export_path()  # on every rank: trainer.log_dir is a collective under DDP
+        if self.trainer.is_global_zero:
+            self.export(path)
+
+    def export_path(self) -> Path:
+        if self.hparams.export_dir:
+            return Path(self.hparams.export_dir)
+        root = self.trainer.log_dir or self.trainer.default_root_dir
+        return Path(root) / "editor"
+
+    @torch.no_grad()
+    def export(self, directory: str | os.PathLike) -> Path:
+        """Write the editor as a pipeline folder (EMA weights when EMA is on)."""
+        params = self.trainable_parameters()
+        saved = None
+        if self.ema:
+            saved = {k: p.detach().clone() for k, p in params.items()}
+            for k, p in params.items():
+                p.copy_(self.ema[k].to(p.device, p.dtype))
+        try:
+            self.editor.save_pretrained(directory)
+        finally:
+            if saved:
+                for k, p in params.items():
+                    p.copy_(saved[k])
+        return Path(directory)
