@@ -1,0 +1,110 @@
+"""CLIP embeddings of frames and captions, and the similarity scores built from them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+from model.tokenizer import tiny_clip_tokenizer
+
+TINY_CLIP = dict(
+    text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+    vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       image_size=32, patch_size=8),
+    projection_dim=32,
+)
+
+
+def _features(output) -> torch.Tensor:
+    """transformers 4 returns the projected features, 5 an output whose pooler holds them."""
+    return output if torch.is_tensor(output) else output.pooler_output
+
+
+class ClipScorer:
+    """A transformers CLIP model (ViT-L/14, PickScore, or the tiny offline one) that embeds frames
+    and texts as unit vectors."""
+
+    def __init__(self, model: CLIPModel, tokenizer: CLIPTokenizer, name: str = "clip"):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        vision = model.config.vision_config
+        self.image_size = vision.image_size
+        # CLIP's preprocessing constants (OpenAI's; PickScore and ViT-L/14 share them)
+        self.mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+        self.std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> "ClipScorer":
+        """A local folder holding a transformers CLIPModel and its tokenizer."""
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"no CLIP model at {path} (missing config.json)")
+        model = CLIPModel.from_pretrained(path, use_safetensors=True)
+        return cls(model, CLIPTokenizer.from_pretrained(path), name=str(path))
+
+    @classmethod
+    def tiny(cls, seed: int = 0) -> "ClipScorer":
+        """Random-weight offline CLIP: scores are well defined but carry no meaning."""
+        tokenizer = tiny_clip_tokenizer()
+        ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        config = CLIPConfig(**{**TINY_CLIP, "text_config": {**TINY_CLIP["text_config"], **ids}})
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = CLIPModel(config)
+        return cls(model, tokenizer, name="tiny-clip (random weights)")
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def image_embeds(self, frames: np.ndarray, batch: int = 32) -> torch.Tensor:
+        """Unit embeddings ``(N, d)`` of uint8 frames ``(N, H, W, 3)``."""
+        out = []
+        for start in range(0, len(frames), batch):
+            x = torch.from_numpy(np.ascontiguousarray(frames[start : start + batch])).permute(0, 3, 1, 2).float() / 255
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False)
+            x = ((x.clamp(0, 1) - self.mean) / self.std).to(self.device)
+            out.append(F.normalize(_features(self.model.get_image_features(pixel_values=x)).float(), dim=-1))
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def text_embeds(self, texts: list[str]) -> torch.Tensor:
+        """Unit embeddings ``(T, d)`` of texts."""
+        tokens = self.tokenizer(list(texts), padding=True, truncation=True, max_length=77, return_tensors="pt")
+        features = self.model.get_text_features(
+            input_ids=tokens.input_ids.to(self.device), attention_mask=tokens.attention_mask.to(self.device)
+        )
+        return F.normalize(_features(features).float(), dim=-1)
+
+
+def pair_scores(
+    source: torch.Tensor, edited: torch.Tensor, input_text: torch.Tensor, output_text: torch.Tensor
+) -> dict[str, float]:
+    """The four CLIP scores of a (source, edited) clip pair, each averaged over frames ``f``::
+
+        sim_src_text  = mean_f cos(S_f, T_in)
+        sim_tgt_text  = mean_f cos(E_f, T_out)
+        sim_direction = mean_f cos(E_f - S_f, T_out - T_in)
+        sim_frames    = mean_f cos(S_f, E_f)
+
+    ``source``/``edited``: frame embeddings ``(F, d)``; ``input_text``/``output_text``: ``(d,)``.
+    """
+    cos = lambda a, b: F.cosine_similarity(a, b.expand_as(a), dim=-1).mean().item()  # noqa: E731
+    return {
+        "sim_src_text": cos(source, input_text),
+        "sim_tgt_text": cos(edited, output_text),
+        "sim_direction": cos(edited - source, output_text - input_text),
+        "sim_frames": cos(source, edited),
+    }
