@@ -69,7 +69,6 @@ def iter_frames(path: str | os.PathLike, max_frames: int | None = None, stride: 
         if not container.streams.video:
             raise VideoError(f"no video stream in {path}")
         stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
         try:
             for index, frame in enumerate(container.decode(stream)):
                 if max_frames is not None and yielded >= max_frames:

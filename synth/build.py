@@ -1,0 +1,225 @@
+"""`synth build`: triplets -> P2P pairs -> CLIP filter -> shards, one rank's slice, resumable."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from infer.clip import ClipScorer
+from infer.video import encode_video
+
+from .filter import ClipFilter, Thresholds
+from .render import PairParams, VideoRenderer
+from .triplets import JsonlSource, OpenAISource, TemplateSource, Triplet, validate
+from .writer import ShardWriter
+
+
+def load_config(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no config at {path}")
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    missing = [k for k in ("prompts", "generator", "filter", "output") if not isinstance((config or {}).get(k), dict)]
+    if missing:
+        raise ValueError(f"{path} lacks the section(s): {', '.join(missing)}")
+    return config
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """What must not change across a resume: everything that shapes the samples."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def rank_and_world(shard_index: int | None, num_shards: int | None) -> tuple[int, int]:
+    """This process's slice: explicit flags, else torchrun's RANK/WORLD_SIZE, else SLURM's."""
+    if shard_index is not None or num_shards is not None:
+        rank, world = shard_index or 0, num_shards or 1
+    else:
+        rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+        world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
+    if not 0 <= rank < world:
+        raise ValueError(f"shard index {rank} is outside 0..{world - 1}")
+    return rank, world
+
+
+def make_source(prompts: dict[str, Any], seed: int, rank: int = 0):
+    """The configured triplet source; template and jsonl are indexed globally (each rank takes its
+    slice), an LLM is sampled per rank (different few-shot orders)."""
+    kind = prompts.get("source", "template")
+    if kind == "template":
+        return TemplateSource(seed=seed)
+    if kind == "jsonl":
+        if not prompts.get("path"):
+            raise ValueError("prompts.path must name the triplet file for source: jsonl")
+        return JsonlSource(prompts["path"])
+    if kind == "openai":
+        return OpenAISource(
+            model=prompts.get("model", "gpt-4o-mini"), base_url=prompts.get("base_url"),
+            api_key_env=prompts.get("api_key_env", "OPENAI_API_KEY"), per_request=int(prompts.get("per_request", 8)),
+            max_retries=int(prompts.get("max_retries", 5)), backoff=float(prompts.get("backoff", 1.0)),
+            max_requests=int(prompts.get("max_requests", 1000)), seed=seed + rank,
+        )
+    raise ValueError(f"prompts.source must be template, jsonl or openai, got {kind!r}")
+
+
+def source_label(prompts: dict[str, Any]) -> str:
+    kind = prompts.get("source", "template")
+    return f"openai:{prompts.get('model')}" if kind == "openai" else kind
+
+
+def rank_triplets(source, rank: int, world: int, cache: Path | None) -> Iterator[tuple[int, Triplet]]:
+    """``(global index, triplet)`` of this rank's slice: every ``world``-th triplet.
+
+    LLM triplets are not reproducible, so each one is appended to ``cache`` before use and a
+    resumed build reads the cache first.
+    """
+    if isinstance(source, OpenAISource):
+        cached = []
+        if cache is not None and cache.is_file():
+            cached = [validate(json.loads(line)) for line in cache.read_text().splitlines() if line.strip()]
+        fresh = (t for t in source)
+
+        def stream():
+            yield from cached
+            for triplet in fresh:
+                if cache is not None:
+                    with open(cache, "a") as f:
+                        f.write(json.dumps(triplet.to_json()) + "\n")
+                        f.flush()
+                        os.fsync(f.fileno())
+                yield triplet
+
+        for local, triplet in enumerate(stream()):
+            yield rank + local * world, triplet
+        return
+    for index, triplet in enumerate(source):
+        if index % world == rank:
+            yield index, triplet
+
+
+def draw_params(generator: dict[str, Any], rng: np.random.Generator) -> PairParams:
+    """Per-sample random P2P settings (SPEC §7): integer guidance and edit weight, uniform ends."""
+    g, s, c, w = (generator[k] for k in ("guidance", "self_attn_end", "cross_attn_end", "edit_weight"))
+    return PairParams(
+        guidance=float(rng.integers(int(g[0]), int(g[1]) + 1)),
+        self_attn_end=float(rng.uniform(*s)),
+        cross_attn_end=float(rng.uniform(*c)),
+        edit_weight=float(rng.integers(int(w[0]), int(w[1]) + 1)),
+        steps=int(generator["steps"]),
+    )
+
+
+def make_renderer(generator: dict[str, Any]) -> VideoRenderer:
+    backbone = generator.get("backbone", "modelscope")
+    if generator.get("pretrained"):
+        return VideoRenderer.from_pretrained(backbone, generator["pretrained"], generator.get("motion_adapter"))
+    return VideoRenderer.tiny(backbone, generator["tiny"])
+
+
+def make_filter(filter_cfg: dict[str, Any]) -> ClipFilter | None:
+    if not filter_cfg.get("enabled", True):
+        return None
+    scorer = ClipScorer.from_pretrained(filter_cfg["clip_model"]) if filter_cfg.get("clip_model") else ClipScorer.tiny()
+    names = ("sim_src_text", "sim_tgt_text", "sim_direction", "sim_frames")
+    return ClipFilter(scorer, Thresholds(**{k: float(filter_cfg[k]) for k in names if k in filter_cfg}))
+
+
+def _frames_bytes(frames: np.ndarray, video_format: str, fps: float) -> tuple[str, bytes]:
+    if video_format == "npy":
+        import io
+
+        buffer = io.BytesIO()
+        np.save(buffer, frames)
+        return "npy", buffer.getvalue()
+    return "mp4", encode_video(frames, fps)
+
+
+class SourceExhausted(ValueError):
+    """The triplet source ended before enough pairs were kept (what was made is committed)."""
+
+
+@dataclass
+class BuildResult:
+    kept: int
+    attempts: int
+    shards: list[Path]
+
+
+def build(config: dict[str, Any], out: Path, num_samples: int, samples_per_shard: int | None = None,
+          resume: bool = False, rank: int = 0, world: int = 1, progress: bool = True, device: str | None = None) -> BuildResult:
+    """Write ``num_samples`` kept pairs for this rank (SPEC §3 shards), continuing a previous run
+    with ``resume``. Samples are a pure function of (config, triplet, seed slot), so a resumed
+    build writes exactly what an uninterrupted one would."""
+    gen, out_cfg = config["generator"], config["output"]
+    per_shard = int(samples_per_shard or out_cfg.get("samples_per_shard", 16))
+    video_format = out_cfg.get("video_format", "mp4")
+    seed = int(config.get("seed", 0))
+    writer = ShardWriter(out, rank, out_cfg.get("prefix", "pairs"), config_hash(config), resume)
+    if writer.samples >= num_samples:
+        return BuildResult(writer.samples, 0, [])
+    source = make_source(config["prompts"], seed, rank)
+    renderer = make_renderer(gen).to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    clip_filter = make_filter(config["filter"])
+    frames, height, width, fps = int(gen["num_frames"]), int(gen["height"]), int(gen["width"]), float(gen.get("fps", 8))
+    slots = int(gen.get("seeds_per_triplet", 1))
+    start_triplet, start_slot = writer.state["next"]
+    label = source_label(config["prompts"])
+
+    pending, attempts, shards = [], [], []
+    kept_total = writer.samples
+    bar = tqdm(total=num_samples, initial=kept_total, unit="pair", desc=f"rank {rank}", disable=not progress)
+    triplets = rank_triplets(source, rank, world, out / f"triplets-r{rank:03d}.jsonl")
+    local = start_triplet - 1
+    for local, (index, triplet) in enumerate(triplets):
+        if local < start_triplet:
+            continue
+        for slot in range(start_slot if local == start_triplet else 0, slots):
+            rng = np.random.default_rng([seed, index, slot])
+            params = draw_params(gen, rng)
+            noise_seed = int(rng.integers(0, 2**63 - 1))
+            noise = torch.randn(renderer.latent_shape(frames, height, width), generator=torch.Generator().manual_seed(noise_seed))
+            source_frames, edited = renderer.render_pair(triplet.input, triplet.output, noise, params)
+            scores, reason = clip_filter(source_frames, edited, triplet) if clip_filter else (None, None)
+            key = f"r{rank:03d}-{index:09d}-s{slot}"
+            attempts.append({"key": key, "triplet": index, "slot": slot, "kept": reason is None, "reason": reason,
+                             "scores": scores, "params": vars(params), **triplet.to_json()})
+            if reason is None:
+                ext, src_bytes = _frames_bytes(source_frames, video_format, fps)
+                _, tgt_bytes = _frames_bytes(edited, video_format, fps)
+                meta = {
+                    "input_caption": triplet.input, "instruction": triplet.edit, "output_caption": triplet.output,
+                    "num_frames": frames, "height": height, "width": width, "fps": fps, "seed": noise_seed,
+                    "source": label,
+                    "generator": {"backbone": renderer.backbone, **vars(params)},
+                    "clip": scores,
+                }
+                pending.append({"__key__": key, f"src.{ext}": src_bytes, f"tgt.{ext}": tgt_bytes,
+                                "json": json.dumps(meta).encode()})
+                kept_total += 1
+                bar.update(1)
+            done = kept_total >= num_samples
+            if len(pending) == per_shard or done:
+                nxt = (local, slot + 1) if slot + 1 < slots else (local + 1, 0)
+                path = writer.commit(pending, attempts, nxt)
+                if path is not None:
+                    shards.append(path)
+                pending, attempts = [], []
+            if done:
+                bar.close()
+                return BuildResult(kept_total, writer.state["attempts"], shards)
+    bar.close()
+    writer.commit(pending, attempts, (max(local + 1, start_triplet), 0))
+    raise SourceExhausted(f"the triplet source ran out after {kept_total} kept pairs (asked for {num_samples})")

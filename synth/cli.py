@@ -1,0 +1,131 @@
+"""The `synth` command: `synth build`, `synth prompts`, `synth report`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+USAGE_ERROR = 2
+DEFAULT_CONFIG = "configs/synth/tiny.yaml"
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        raise UsageError(message)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _load(args) -> dict:
+    from .build import load_config
+
+    if args.config is None:
+        from importlib import resources
+
+        import yaml
+
+        config = yaml.safe_load(resources.files("configs").joinpath("synth/tiny.yaml").read_text())
+    else:
+        config = load_config(args.config)
+    if getattr(args, "llm_base_url", None):
+        config["prompts"].update(source="openai", base_url=args.llm_base_url)
+    if getattr(args, "llm_model", None):
+        config["prompts"].update(source="openai", model=args.llm_model)
+    return config
+
+
+def cmd_build(args) -> None:
+    from .build import build, rank_and_world
+
+    config = _load(args)
+    rank, world = rank_and_world(args.shard_index, args.num_shards)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file")
+    result = build(config, out, args.num_samples, args.samples_per_shard, args.resume, rank, world,
+                   progress=not args.quiet, device=args.device)
+    if not args.quiet:
+        print(f"rank {rank}/{world}: {result.kept} kept pairs in {out} ({len(result.shards)} new shards)", file=sys.stderr)
+
+
+def cmd_prompts(args) -> None:
+    import itertools
+
+    from .build import make_source
+    from .writer import atomic_write
+
+    config = _load(args)
+    source = make_source(config["prompts"], int(config.get("seed", 0)))
+    triplets = list(itertools.islice(iter(source), args.num))
+    if len(triplets) < args.num:
+        raise UsageError(f"the source gave only {len(triplets)} of {args.num} triplets; nothing written")
+    atomic_write(Path(args.out), "".join(json.dumps(t.to_json()) + "\n" for t in triplets).encode())
+    stats = getattr(source, "stats", None)
+    extra = f" (requests {stats.requests}, retries {stats.retries}, malformed {stats.malformed}, duplicates {stats.duplicates})" if stats else ""
+    print(f"wrote {len(triplets)} triplets to {args.out}{extra}", file=sys.stderr)
+
+
+def cmd_report(args) -> None:
+    from .report import report
+
+    print(report(Path(args.dir)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="synth", description="Manufacture paired editing videos.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    b = sub.add_parser("build", help="render, filter and shard pairs")
+    b.add_argument("--config", default=None, help=f"synth YAML (default: the embedded {DEFAULT_CONFIG})")
+    b.add_argument("--out", required=True, help="output folder of shards")
+    b.add_argument("--num-samples", type=_positive, default=32, help="kept pairs this rank writes (default 32)")
+    b.add_argument("--samples-per-shard", type=_positive, default=None)
+    b.add_argument("--resume", action="store_true", help="continue a build in --out")
+    b.add_argument("--shard-index", type=int, default=None, help="this rank (default: $RANK or $SLURM_PROCID)")
+    b.add_argument("--num-shards", type=_positive, default=None, help="ranks in all (default: $WORLD_SIZE)")
+    b.add_argument("--llm-base-url", default=None, help="OpenAI-compatible server (sets prompts.source: openai)")
+    b.add_argument("--llm-model", default=None)
+    b.add_argument("--device", default=None)
+    b.add_argument("--quiet", action="store_true")
+    p = sub.add_parser("prompts", help="only write triplets")
+    p.add_argument("--config", default=None)
+    p.add_argument("--out", required=True, help="triplets.jsonl to write")
+    p.add_argument("--num", type=_positive, default=100)
+    p.add_argument("--llm-base-url", default=None)
+    p.add_argument("--llm-model", default=None)
+    r = sub.add_parser("report", help="summarise a build folder")
+    r.add_argument("dir")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from openai import OpenAIError
+
+    try:
+        args = build_parser().parse_args(argv)
+        {"build": cmd_build, "prompts": cmd_prompts, "report": cmd_report}[args.command](args)
+        return 0
+    except UsageError as err:
+        print(f"synth: error: {err}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, ConnectionError, OpenAIError) as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"synth: error: {message}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("synth: interrupted (finished shards are kept; --resume continues)", file=sys.stderr)
+        return 130
+    return USAGE_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
