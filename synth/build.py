@@ -61,6 +61,10 @@ def make_source(prompts: dict[str, Any], seed: int, rank: int = 0):
     kind = prompts.get("source", "template")
     if kind == "template":
         return TemplateSource(seed=seed)
+    if kind == "shapes":
+        from .shapes import ShapesSource
+
+        return ShapesSource(shapes_world(prompts, seed))
     if kind == "jsonl":
         if not prompts.get("path"):
             raise ValueError("prompts.path must name the triplet file for source: jsonl")
@@ -73,6 +77,13 @@ def make_source(prompts: dict[str, Any], seed: int, rank: int = 0):
             max_requests=int(prompts.get("max_requests", 1000)), seed=seed + rank,
         )
     raise ValueError(f"prompts.source must be template, jsonl or openai, got {kind!r}")
+
+
+def shapes_world(prompts: dict[str, Any], seed: int):
+    from .shapes import EDITS, ShapesWorld
+
+    return ShapesWorld(seed=seed, num_frames=int(prompts.get("num_frames", 8)), size=int(prompts.get("size", 16)),
+                       edits=tuple(prompts.get("edits", EDITS)))
 
 
 def source_label(prompts: dict[str, Any]) -> str:
@@ -171,10 +182,16 @@ def build(config: dict[str, Any], out: Path, num_samples: int, samples_per_shard
     if writer.samples >= num_samples:
         return BuildResult(writer.samples, 0, [])
     source = make_source(config["prompts"], seed, rank)
-    renderer = make_renderer(gen).to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    clip_filter = make_filter(config["filter"])
-    frames, height, width, fps = int(gen["num_frames"]), int(gen["height"]), int(gen["width"]), float(gen.get("fps", 8))
-    slots = int(gen.get("seeds_per_triplet", 1))
+    shapes = config["prompts"].get("source") == "shapes"
+    if shapes:  # exact pairs from the procedural world: no renderer, nothing to filter
+        scenes, renderer, clip_filter, slots = shapes_world(config["prompts"], seed), None, None, 1
+        frames, height, width = scenes.num_frames, scenes.size, scenes.size
+    else:
+        renderer = make_renderer(gen).to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        clip_filter = make_filter(config["filter"])
+        frames, height, width = int(gen["num_frames"]), int(gen["height"]), int(gen["width"])
+        slots = int(gen.get("seeds_per_triplet", 1))
+    fps = float(gen.get("fps", 8))
     start_triplet, start_slot = writer.state["next"]
     label = source_label(config["prompts"])
 
@@ -188,14 +205,19 @@ def build(config: dict[str, Any], out: Path, num_samples: int, samples_per_shard
             continue
         for slot in range(start_slot if local == start_triplet else 0, slots):
             rng = np.random.default_rng([seed, index, slot])
-            params = draw_params(gen, rng)
-            noise_seed = int(rng.integers(0, 2**63 - 1))
-            noise = torch.randn(renderer.latent_shape(frames, height, width), generator=torch.Generator().manual_seed(noise_seed))
-            source_frames, edited = renderer.render_pair(triplet.input, triplet.output, noise, params)
+            if shapes:
+                params, noise_seed = None, index
+                _, source_frames, edited = scenes.sample(index)
+            else:
+                params = draw_params(gen, rng)
+                noise_seed = int(rng.integers(0, 2**63 - 1))
+                noise = torch.randn(renderer.latent_shape(frames, height, width), generator=torch.Generator().manual_seed(noise_seed))
+                source_frames, edited = renderer.render_pair(triplet.input, triplet.output, noise, params)
+            generator_info = {"backbone": "shapes"} if shapes else {"backbone": renderer.backbone, **vars(params)}
             scores, reason = clip_filter(source_frames, edited, triplet) if clip_filter else (None, None)
             key = f"r{rank:03d}-{index:09d}-s{slot}"
             attempts.append({"key": key, "triplet": index, "slot": slot, "kept": reason is None, "reason": reason,
-                             "scores": scores, "params": vars(params), **triplet.to_json()})
+                             "scores": scores, "params": generator_info, **triplet.to_json()})
             if reason is None:
                 ext, src_bytes = _frames_bytes(source_frames, video_format, fps)
                 _, tgt_bytes = _frames_bytes(edited, video_format, fps)
@@ -203,7 +225,7 @@ def build(config: dict[str, Any], out: Path, num_samples: int, samples_per_shard
                     "input_caption": triplet.input, "instruction": triplet.edit, "output_caption": triplet.output,
                     "num_frames": frames, "height": height, "width": width, "fps": fps, "seed": noise_seed,
                     "source": label,
-                    "generator": {"backbone": renderer.backbone, **vars(params)},
+                    "generator": generator_info,
                     "clip": scores,
                 }
                 pending.append({"__key__": key, f"src.{ext}": src_bytes, f"tgt.{ext}": tgt_bytes,

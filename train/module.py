@@ -58,6 +58,12 @@ class EditorModule(L.LightningModule):
         self.save_hyperparameters()
         if lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
+        if isinstance(editor, str) and editor.endswith((".yaml", ".yml")) and os.path.isfile(editor):
+            import yaml
+
+            # a checkpoint must rebuild the editor anywhere: record the config, not its path
+            editor = yaml.safe_load(open(editor))
+            self.hparams.editor = editor
         try:
             self.editor = load_editor(editor)
         except EditorLoadError as err:

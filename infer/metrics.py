@@ -1,0 +1,76 @@
+"""Edit-quality metrics as pure functions: CLIP-T, CLIP-F, CLIP-D, PickScore, warp and seam error."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .flow import optical_flow
+from .sampling import warp
+
+
+def clip_text_score(frames: torch.Tensor, text: torch.Tensor) -> float:
+    """CLIP-T = mean_f cos(E_f, T): how well edited frames ``(F, d)`` match the text ``(d,)``."""
+    return F.cosine_similarity(frames, text.expand_as(frames), dim=-1).mean().item()
+
+
+def clip_frame_consistency(frames: torch.Tensor) -> float:
+    """CLIP-F = mean_f cos(E_f, E_{f+1}) over consecutive edited frames ``(F, d)`` (1 for one frame)."""
+    if len(frames) < 2:
+        return 1.0
+    return F.cosine_similarity(frames[:-1], frames[1:], dim=-1).mean().item()
+
+
+def clip_directional(source: torch.Tensor, edited: torch.Tensor, source_text: torch.Tensor, edited_text: torch.Tensor) -> float:
+    """CLIP-D = mean_f cos(E_f - S_f, T_out - T_in): the edit moves the frames the way the text moves."""
+    direction = (edited_text - source_text).expand_as(edited)
+    return F.cosine_similarity(edited - source, direction, dim=-1).mean().item()
+
+
+def pick_score(frames: torch.Tensor, text: torch.Tensor, logit_scale: float) -> float:
+    """PickScore = mean_f logit_scale * cos(E_f, T) with a PickScore-trained CLIP's own scale."""
+    return logit_scale * clip_text_score(frames, text)
+
+
+def consistent_flow(source: np.ndarray, target: np.ndarray, threshold: float = 1.0, method: str = "dis"):
+    """Flow ``f`` with ``source(x) ~ target(x + f(x))`` and a mask where it is forward-backward
+    consistent: ``|f(x) + b(x + f(x))| < threshold`` (pixels), ``b`` the flow back."""
+    forward = optical_flow(source, target, method)
+    backward = optical_flow(target, source, method)
+    f = torch.from_numpy(forward).permute(2, 0, 1)[None]
+    b = torch.from_numpy(backward).permute(2, 0, 1)[None]
+    round_trip = f + warp(b, f)
+    mask = (round_trip.norm(dim=1, keepdim=True) < threshold).float() * warp(torch.ones_like(f[:, :1]), f)
+    return f, mask
+
+
+def pair_warp_errors(source: np.ndarray, edited: np.ndarray, threshold: float = 1.0, method: str = "dis") -> np.ndarray:
+    """For each consecutive pair ``(t, t+1)``: masked MSE between edited frame ``t+1`` and edited
+    frame ``t`` warped along the **source** video's flow (pixels in [0, 1])::
+
+        e_t = sum_x m(x) (E_{t+1}(x) - E_t(x + f(x)))^2 / (3 sum_x m(x)),  E_{t+1}(x) ~ E_t(x + f(x))
+
+    with ``f`` the flow from source frame ``t+1`` to ``t`` and ``m`` its forward-backward mask.
+    """
+    errors = np.zeros(max(len(edited) - 1, 0))
+    for t in range(len(edited) - 1):
+        flow, mask = consistent_flow(source[t + 1], source[t], threshold, method)
+        previous = torch.from_numpy(edited[t]).permute(2, 0, 1)[None].float() / 255
+        current = torch.from_numpy(edited[t + 1]).permute(2, 0, 1)[None].float() / 255
+        diff = (current - warp(previous, flow)) ** 2 * mask
+        errors[t] = (diff.sum() / (3 * mask.sum()).clamp_min(1.0)).item()
+    return errors
+
+
+def warp_error(source: np.ndarray, edited: np.ndarray, **kw) -> float:
+    """Motion-aware MSE: the mean of :func:`pair_warp_errors` over all consecutive pairs."""
+    errors = pair_warp_errors(source, edited, **kw)
+    return float(errors.mean()) if len(errors) else 0.0
+
+
+def seam_error(source: np.ndarray, edited: np.ndarray, boundaries: list[int], **kw) -> float:
+    """Warp error restricted to pairs ``(b-1, b)`` that cross into a clip's first new frame ``b``."""
+    errors = pair_warp_errors(source, edited, **kw)
+    picked = [errors[b - 1] for b in boundaries if 0 < b < len(edited)]
+    return float(np.mean(picked)) if picked else 0.0

@@ -1,0 +1,171 @@
+"""Shapes world: procedural clips of moving shapes with an instruction and the exact edited clip."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, replace
+
+import cv2
+import numpy as np
+
+from .triplets import Triplet
+
+COLORS = {
+    "red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40),
+    "purple": (150, 60, 190), "orange": (240, 140, 30), "white": (245, 245, 245), "black": (20, 20, 20),
+}
+BACKGROUNDS = {"gray": (128, 128, 128), "black": (15, 15, 15), "white": (235, 235, 235), "blue": (60, 90, 200),
+               "green": (60, 150, 80), "pink": (230, 150, 180), "brown": (130, 90, 50)}
+SHAPES = ("circle", "square", "triangle")
+MOTION_WORDS = {True: ["bouncing around", "moving", "gliding", "sliding"], False: ["resting", "standing still", "sitting"]}
+
+
+@dataclass(frozen=True)
+class Shape:
+    kind: str
+    color: str
+    x: float  # centre, in [0, 1] of the frame
+    y: float
+    size: float  # radius, fraction of the frame
+    vx: float  # per frame, fraction of the frame
+    vy: float
+
+    @property
+    def moving(self) -> bool:
+        return abs(self.vx) + abs(self.vy) > 0
+
+
+@dataclass(frozen=True)
+class Scene:
+    background: str
+    gradient: bool
+    shapes: tuple[Shape, ...]
+
+
+def positions(shape: Shape, frames: int) -> list[tuple[float, float]]:
+    """Centres over time; a shape bounces off the frame's edges (reflecting its velocity)."""
+    out, x, y, vx, vy = [], shape.x, shape.y, shape.vx, shape.vy
+    for _ in range(frames):
+        out.append((x, y))
+        x, y = x + vx, y + vy
+        if not shape.size <= x <= 1 - shape.size:
+            vx, x = -vx, min(max(x, shape.size), 1 - shape.size)
+        if not shape.size <= y <= 1 - shape.size:
+            vy, y = -vy, min(max(y, shape.size), 1 - shape.size)
+    return out
+
+
+def render(scene: Scene, frames: int, size: int, supersample: int = 4) -> np.ndarray:
+    """uint8 ``(F, size, size, 3)``; drawn ``supersample`` times larger and area-averaged (anti-aliased)."""
+    big = size * supersample
+    base = np.empty((big, big, 3), np.float32)
+    color = np.array(BACKGROUNDS[scene.background], np.float32)
+    if scene.gradient:  # a vertical fade from the colour to a darker shade
+        base[:] = color * np.linspace(1.0, 0.55, big, dtype=np.float32)[:, None, None]
+    else:
+        base[:] = color
+    base = base.astype(np.uint8)
+    tracks = [positions(s, frames) for s in scene.shapes]
+    video = np.empty((frames, size, size, 3), np.uint8)
+    for f in range(frames):
+        canvas = base.copy()
+        for shape, track in zip(scene.shapes, tracks):
+            cx, cy = track[f][0] * big, track[f][1] * big
+            r = shape.size * big
+            rgb = COLORS[shape.color]
+            if shape.kind == "circle":
+                cv2.circle(canvas, (int(round(cx)), int(round(cy))), int(round(r)), rgb, -1)
+            elif shape.kind == "square":
+                cv2.rectangle(canvas, (int(cx - r), int(cy - r)), (int(cx + r), int(cy + r)), rgb, -1)
+            else:
+                pts = np.array([[cx, cy - r], [cx - r, cy + r * 0.8], [cx + r, cy + r * 0.8]], np.int32)
+                cv2.fillPoly(canvas, [pts], rgb)
+        video[f] = cv2.resize(canvas, (size, size), interpolation=cv2.INTER_AREA)
+    return video
+
+
+def caption(scene: Scene, rng: random.Random) -> str:
+    parts = []
+    for s in scene.shapes:
+        parts.append(f"a {s.color} {s.kind} {rng.choice(MOTION_WORDS[s.moving])}")
+    bg = f"a {scene.background} {'gradient ' if scene.gradient else ''}background"
+    return f"{' and '.join(parts)} on {bg}"
+
+
+EDITS = ("recolor", "background", "swap", "recolor_moving")
+
+
+def random_scene(rng: random.Random, need_static: bool = False) -> Scene:
+    count = 2 if need_static else rng.choice([1, 1, 2])
+    kinds = rng.sample(SHAPES, count)
+    background = rng.choice(list(BACKGROUNDS))
+    palette = [c for c in COLORS if c != background]  # a shape never vanishes into its background
+    shapes = []
+    for i, kind in enumerate(kinds):
+        size = rng.uniform(0.12, 0.22)
+        moving = not (need_static and i == 1)
+        speed = rng.uniform(0.03, 0.08) if moving else 0.0
+        angle = rng.uniform(0, 2 * np.pi)
+        shapes.append(Shape(kind, rng.choice(palette), rng.uniform(size, 1 - size), rng.uniform(size, 1 - size),
+                            size, speed * np.cos(angle), speed * np.sin(angle)))
+    return Scene(background, rng.random() < 0.4, tuple(shapes))
+
+
+def edit_scene(scene: Scene, kind: str, rng: random.Random) -> tuple[Scene, str]:
+    """The edited scene (identical motion) and the instruction that asks for it."""
+    if kind == "background":
+        used = {s.color for s in scene.shapes} | {scene.background}
+        new = rng.choice([b for b in BACKGROUNDS if b not in used])
+        verb = rng.choice(["make the background", "change the background to", "turn the background"])
+        return replace(scene, background=new), f"{verb} {new}"
+    index = rng.randrange(len(scene.shapes))
+    if kind == "recolor_moving":
+        index = next(i for i, s in enumerate(scene.shapes) if s.moving)
+    target = scene.shapes[index]
+    shapes = list(scene.shapes)
+    if kind == "swap":
+        others = [k for k in SHAPES if k not in {s.kind for s in scene.shapes}] or [k for k in SHAPES if k != target.kind]
+        new_kind = rng.choice(others)
+        shapes[index] = replace(target, kind=new_kind)
+        text = rng.choice([f"turn the {target.kind} into a {new_kind}", f"replace the {target.kind} with a {new_kind}"])
+    else:
+        new_color = rng.choice([c for c in COLORS if c not in {s.color for s in scene.shapes} | {scene.background}])
+        shapes[index] = replace(target, color=new_color)
+        name = "moving shape" if kind == "recolor_moving" else target.kind
+        text = rng.choice([f"make the {name} {new_color}", f"paint the {name} {new_color}", f"color the {name} {new_color}"])
+    return replace(scene, shapes=tuple(shapes)), text
+
+
+class ShapesWorld:
+    """Triplets and exact (source, edited) clips as a pure function of (seed, index)."""
+
+    def __init__(self, seed: int = 0, num_frames: int = 8, size: int = 16, edits: tuple[str, ...] = EDITS):
+        unknown = set(edits) - set(EDITS)
+        if unknown:
+            raise ValueError(f"unknown shapes edits {sorted(unknown)}; choose from {EDITS}")
+        self.seed, self.num_frames, self.size, self.edits = seed, num_frames, size, tuple(edits)
+
+    def sample(self, index: int) -> tuple[Triplet, np.ndarray, np.ndarray]:
+        rng = random.Random(self.seed * 1_000_003 + index)
+        kind = rng.choice(self.edits)
+        scene = random_scene(rng, need_static=kind == "recolor_moving")
+        edited, instruction = edit_scene(scene, kind, rng)
+        words = random.Random(rng.random())  # same wording for both captions' motion words
+        state = words.getstate()
+        source_caption = caption(scene, words)
+        words.setstate(state)
+        triplet = Triplet(source_caption, instruction, caption(edited, words))
+        return triplet, render(scene, self.num_frames, self.size), render(edited, self.num_frames, self.size)
+
+
+class ShapesSource:
+    """The shapes world as a triplet source for ``synth build`` (``prompts.source: shapes``)."""
+
+    def __init__(self, world: ShapesWorld):
+        self.world = world
+
+    def __iter__(self):
+        index = 0
+        while True:
+            yield self.world.sample(index)[0]
+            index += 1

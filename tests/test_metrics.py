@@ -1,0 +1,70 @@
+"""Metric sanity on constructed videos: CLIP scores, warp error, seam error."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from infer.clip import ClipScorer
+from infer.metrics import clip_directional, clip_frame_consistency, clip_text_score, pair_warp_errors, seam_error, warp_error
+
+
+def textured(size=64, seed=0):
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, (size // 8, size // 8, 3)).astype(np.uint8)
+    import cv2
+
+    return cv2.resize(base, (size, size), interpolation=cv2.INTER_CUBIC)
+
+
+def translated(frames=8, shift=2, size=64):
+    big = textured(size + frames * shift + 8)
+    return np.stack([big[4 : 4 + size, 4 + i * shift : 4 + i * shift + size] for i in range(frames)])
+
+
+def test_identical_frames_are_perfectly_consistent():
+    scorer = ClipScorer.tiny()
+    video = np.repeat(textured()[None], 5, axis=0)
+    assert clip_frame_consistency(scorer.image_embeds(video)) == pytest.approx(1.0, abs=1e-5)
+    assert warp_error(video, video) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_translation_is_explained_by_flow_shuffling_is_not():
+    video = translated()
+    still = warp_error(video, video)
+    shuffled = video[np.random.default_rng(0).permutation(len(video))]
+    assert still < 2e-3
+    assert warp_error(video, shuffled) > 10 * max(still, 1e-4)
+
+
+def test_seam_error_counts_only_boundary_pairs():
+    source = translated(frames=12)
+    edited = source.copy()
+    edited[8:] = 255 - edited[8:]  # a jump between frames 7 and 8 only
+    errors = pair_warp_errors(source, edited)
+    assert errors[7] > 0.05 and np.delete(errors, 7).max() < 2e-3
+    assert seam_error(source, edited, [8]) == pytest.approx(errors[7])
+    assert seam_error(source, edited, [4]) < 2e-3
+    assert warp_error(source, edited) == pytest.approx(errors.mean())
+
+
+def test_clip_scores_equal_a_direct_computation():
+    scorer = ClipScorer.tiny()
+    frames = np.stack([textured(seed=s) for s in range(3)])
+    emb = scorer.image_embeds(frames)
+    text = scorer.text_embeds(["a red car", "a blue car"])
+    with torch.no_grad():
+        x = torch.nn.functional.interpolate(torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255, size=(32, 32),
+                                            mode="bicubic", align_corners=False).clamp(0, 1)
+        f = scorer.model.get_image_features(pixel_values=(x - scorer.mean) / scorer.std)
+        f = f if torch.is_tensor(f) else f.pooler_output
+        f = f / f.norm(dim=-1, keepdim=True)
+        ids = scorer.tokenizer(["a red car", "a blue car"], padding=True, return_tensors="pt")
+        t = scorer.model.get_text_features(**ids)
+        t = t if torch.is_tensor(t) else t.pooler_output
+        t = t / t.norm(dim=-1, keepdim=True)
+    assert clip_text_score(emb, text[0]) == pytest.approx((f @ t[0]).mean().item(), abs=1e-5)
+    assert clip_frame_consistency(emb) == pytest.approx((f[:-1] * f[1:]).sum(-1).mean().item(), abs=1e-5)
+    direct = torch.nn.functional.cosine_similarity(f - f.flip(0), (t[1] - t[0]).expand_as(f)).mean().item()
+    assert clip_directional(emb.flip(0), emb, text[0], text[1]) == pytest.approx(direct, abs=1e-5)
