@@ -71,7 +71,71 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     edit.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
     edit.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    ev = sub.add_parser("eval", help="edit a set of videos under several settings and tabulate metrics",
+                        description="Compare settings on the same videos and seeds: CLIP-T/F/D, PickScore, warp and seam error.")
+    ev.add_argument("--videos", required=True, help="folder of videos named <video>.mp4 (or mov, mkv, webm, gif)")
+    ev.add_argument("--instructions", required=True, help="LOVEU-TGVE JSON {video: {edit: instruction}} or CSV video,instruction")
+    ev.add_argument("--out", required=True, help="folder for per_video.csv, summary.json, summary.md")
+    ev.add_argument("--model", help="editor folder or training checkpoint (default: the tiny editor)")
+    ev.add_argument("--clip-model", help="transformers CLIP folder (ViT-L/14); default: the tiny random CLIP")
+    ev.add_argument("--pickscore-model", help="PickScore_v1 folder (a transformers CLIP model)")
+    ev.add_argument("--setting", action="append", default=[], metavar="NAME:KEY=VAL,...",
+                    help="a named set of edit options, repeatable (default: no-lvsc, lvsc, lvsc+mc)")
+    ev.add_argument("--steps", type=_positive_int, default=20)
+    ev.add_argument("--clip-frames", type=_positive_int, default=16)
+    ev.add_argument("--reference-frames", type=_non_negative_int, default=4)
+    ev.add_argument("--max-frames", type=_positive_int, default=None)
+    ev.add_argument("--resolution", type=_positive_int, default=None)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--quiet", action="store_true")
     return parser
+
+
+def evaluate_command(args: argparse.Namespace) -> None:
+    from model import EditorLoadError
+
+    from .clip import ClipScorer
+    from .evaluate import DEFAULT_SETTINGS, Scorers, evaluate, find_video, parse_setting, read_instructions, summarize, write_reports
+    from .pipeline import InsV2VPipeline
+    from .video import VideoError
+
+    videos = Path(args.videos)
+    if not videos.is_dir():
+        raise UsageError(f"--videos {videos} is not a folder")
+    try:
+        instructions = read_instructions(Path(args.instructions))
+        settings = dict(parse_setting(s) for s in args.setting) or DEFAULT_SETTINGS
+        found = [i for i in instructions if find_video(videos, i[0]) is not None]
+        if not found:
+            raise ValueError(f"none of the {len({i[0] for i in instructions})} videos named in {args.instructions} is in {videos}")
+        notes = []
+        if args.model is None:
+            notes.append("editor: the embedded tiny editor (random weights)")
+            pipe = InsV2VPipeline.from_pretrained("tiny")
+        else:
+            pipe = (InsV2VPipeline.from_checkpoint if args.model.endswith(".ckpt") else InsV2VPipeline.from_pretrained)(args.model)
+            notes.append(f"editor: {args.model}")
+        clip = ClipScorer.from_pretrained(args.clip_model) if args.clip_model else ClipScorer.tiny()
+        if not args.clip_model:
+            notes.append("CLIP metrics use the embedded tiny CLIP (random weights): pass --clip-model for meaningful scores")
+        pick = ClipScorer.from_pretrained(args.pickscore_model) if args.pickscore_model else None
+        if pick is None:
+            notes.append("PickScore: not computed (no --pickscore-model)")
+        skipped = len({i[0] for i in instructions}) - len({i[0] for i in found})
+        notes.append(f"{len(found)} edits on {len({i[0] for i in found})} videos; {skipped} listed videos not found")
+        base = dict(num_inference_steps=args.steps, clip_frames=args.clip_frames, reference_frames=args.reference_frames)
+        for name, options in settings.items():
+            from .pipeline import EditSettings
+
+            EditSettings(prompt="x", **{**base, **options}).validate()
+        rows = evaluate(pipe, videos, found, settings, Scorers(clip, pick, args.clip_model is None), base,
+                        args.max_frames, args.resolution, args.seed, progress=not args.quiet)
+    except (ValueError, FileNotFoundError, EditorLoadError, VideoError) as err:
+        raise UsageError(str(err)) from None
+    write_reports(Path(args.out), rows, summarize(rows), notes)
+    if not args.quiet:
+        print((Path(args.out) / "summary.md").read_text(), file=sys.stderr)
 
 
 def edit(args: argparse.Namespace) -> Path:
@@ -149,12 +213,26 @@ def edit(args: argparse.Namespace) -> Path:
     return output
 
 
+def _quiet_libraries() -> None:
+    """Library loading bars and notices would bury the command's own output."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
         if args.command == "edit":
             edit(args)
+        elif args.command == "eval":
+            evaluate_command(args)
         return 0
     except UsageError as err:
         print(f"infer: error: {err}", file=sys.stderr)

@@ -229,3 +229,10 @@ def encode_video(frames: np.ndarray, fps: Fraction | float, crf: int = 18) -> by
         for packet in stream.encode():
             container.mux(packet)
     return buffer.getvalue()
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    """Write a small text file so that it is either absent, the old one, or complete."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from openai import OpenAIError
 
+    from infer.cli import _quiet_libraries
+
+    _quiet_libraries()
     try:
         args = build_parser().parse_args(argv)
         {"build": cmd_build, "prompts": cmd_prompts, "report": cmd_report}[args.command](args)

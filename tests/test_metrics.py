@@ -68,3 +68,40 @@ def test_clip_scores_equal_a_direct_computation():
     assert clip_frame_consistency(emb) == pytest.approx((f[:-1] * f[1:]).sum(-1).mean().item(), abs=1e-5)
     direct = torch.nn.functional.cosine_similarity(f - f.flip(0), (t[1] - t[0]).expand_as(f)).mean().item()
     assert clip_directional(emb.flip(0), emb, text[0], text[1]) == pytest.approx(direct, abs=1e-5)
+
+
+def test_infer_eval_writes_the_three_reports(tmp_path, capsys):
+    import csv
+    import json
+    import os
+    from pathlib import Path
+
+    from infer.cli import main
+
+    fixtures = Path(os.environ.get("INSV2V_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
+    if not fixtures.is_dir():
+        pytest.skip(f"fixtures not found at {fixtures}")
+    ClipScorer.tiny(seed=1).save_pretrained(tmp_path / "pick")
+    capsys.readouterr()
+    instructions = tmp_path / "edits.csv"
+    instructions.write_text("video,instruction\ngold-fish,make it snowy\nmiami-surf,make it sunset\nnot-here,x y\n")
+    code = main(["eval", "--videos", str(fixtures / "videos"), "--instructions", str(instructions), "--out", str(tmp_path / "ev"),
+                 "--setting", "plain:lvsc=0", "--setting", "mc:lvsc=0.5,motion_compensation=true",
+                 "--pickscore-model", str(tmp_path / "pick"), "--max-frames", "10", "--resolution", "16",
+                 "--steps", "1", "--clip-frames", "6", "--reference-frames", "2", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    rows = list(csv.DictReader(open(tmp_path / "ev" / "per_video.csv")))
+    assert {(r["video"], r["setting"]) for r in rows} == {(v, s) for v in ("gold-fish", "miami-surf") for s in ("plain", "mc")}
+    assert all(r["pickscore"] != "nan" and float(r["seam_error"]) >= 0 for r in rows)
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert set(summary["settings"]) == {"plain", "mc"}
+    assert any("tiny CLIP" in n for n in summary["notes"])
+    table = (tmp_path / "ev" / "summary.md").read_text()
+    assert "| plain | 2 |" in table and "tiny CLIP" in table
+    # LOVEU-TGVE JSON form, and bad input: one line, exit 2, no reports
+    assert main(["eval", "--videos", str(fixtures / "videos"), "--instructions", str(fixtures / "loveu_tgve_instructions.json"),
+                 "--out", str(tmp_path / "bad"), "--setting", "x:warp=1", "--quiet"]) == 2
+    assert main(["eval", "--videos", str(tmp_path), "--instructions", str(instructions), "--out", str(tmp_path / "bad"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "unknown or malformed option" in err[0] and "none of the" in err[1]
+    assert not (tmp_path / "bad").exists()

@@ -1,0 +1,153 @@
+"""`infer eval`: edit a set of videos under several settings and tabulate quality metrics."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .clip import ClipScorer
+from .metrics import clip_directional, clip_frame_consistency, clip_text_score, pick_score, seam_error, warp_error
+from .pipeline import EditSettings, InsV2VPipeline, working_size
+from .sampling import clip_plan
+from .video import VideoError, read_video
+
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".gif")
+DEFAULT_SETTINGS = {"no-lvsc": {"lvsc": 0.0}, "lvsc": {"lvsc": 0.5}, "lvsc+mc": {"lvsc": 0.5, "motion_compensation": True}}
+METRICS = ("clip_t", "clip_f", "clip_d", "pickscore", "warp_error", "seam_error")
+NEUTRAL_TEXT = "a video"  # the caption end point of the instruction's CLIP direction
+
+
+def read_instructions(path: Path) -> list[tuple[str, str, str]]:
+    """``(video, edit name, instruction)`` from LOVEU-TGVE JSON ``{video: {edit: instruction}}`` or
+    a CSV with columns ``video,instruction``."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no instructions file at {path}")
+    text = path.read_text()
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from None
+        if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+            raise ValueError(f"{path} must map each video to {{edit name: instruction}}")
+        return [(video, name, str(instr)) for video, edits in data.items() for name, instr in edits.items()]
+    rows = list(csv.DictReader(io.StringIO(text)))
+    if not rows or not {"video", "instruction"} <= set(rows[0]):
+        raise ValueError(f"{path} must be a CSV with columns video,instruction")
+    return [(r["video"], r.get("edit") or f"edit{i}", r["instruction"]) for i, r in enumerate(rows)]
+
+
+_FIELDS = {f.name: f.type for f in fields(EditSettings)}
+_ALIASES = {"steps": "num_inference_steps", "mc": "motion_compensation"}
+
+
+def parse_setting(text: str) -> tuple[str, dict[str, Any]]:
+    """``NAME:KEY=VAL,KEY=VAL`` -> (name, EditSettings overrides); values are numbers or booleans."""
+    name, _, body = text.partition(":")
+    if not name:
+        raise ValueError(f"setting {text!r} has no name (NAME:KEY=VAL,...)")
+    options: dict[str, Any] = {}
+    for item in filter(None, body.split(",")):
+        key, eq, value = item.partition("=")
+        key = _ALIASES.get(key.strip().replace("-", "_"), key.strip().replace("-", "_"))
+        if not eq or key not in _FIELDS or key in ("prompt", "negative_prompt", "resolution"):
+            raise ValueError(f"setting {name}: unknown or malformed option {item!r}")
+        low = value.strip().lower()
+        options[key] = True if low == "true" else False if low == "false" else (int(low) if low.lstrip("-").isdigit() else float(low))
+    return name, options
+
+
+def find_video(folder: Path, name: str) -> Path | None:
+    for suffix in VIDEO_SUFFIXES:
+        if (folder / f"{name}{suffix}").is_file():
+            return folder / f"{name}{suffix}"
+    return None
+
+
+@dataclass
+class Scorers:
+    clip: ClipScorer
+    pick: ClipScorer | None
+    clip_is_tiny: bool
+
+
+def evaluate(pipe: InsV2VPipeline, videos: Path, instructions: list[tuple[str, str, str]], settings: dict[str, dict],
+             scorers: Scorers, base: dict[str, Any], max_frames: int | None, resolution: int | None, seed: int,
+             progress: bool = True) -> list[dict[str, Any]]:
+    """One row per (video, edit, setting), every setting on the same frames and seed."""
+    rows = []
+    jobs = [(v, e, i) for v, e, i in instructions if find_video(videos, v) is not None]
+    bar = tqdm(total=len(jobs) * len(settings), desc="evaluating", disable=not progress)
+    cache: dict[str, tuple[np.ndarray, torch.Tensor]] = {}
+    for video, edit, instruction in jobs:
+        if video not in cache:
+            frames = read_video(find_video(videos, video), max_frames=max_frames)
+            h, w = working_size(*frames.shape[1:3], resolution or pipe.editor.resolution)
+            frames = np.stack([cv2.resize(f, (w, h), interpolation=cv2.INTER_AREA) for f in frames])
+            cache = {video: (frames, scorers.clip.image_embeds(frames))}
+        source, source_emb = cache[video]
+        texts = scorers.clip.text_embeds([instruction, NEUTRAL_TEXT])
+        for name, options in settings.items():
+            setting = EditSettings(prompt=instruction, **{**base, **options})
+            edited = pipe(source, instruction, generator=torch.Generator().manual_seed(seed), progress=False,
+                          **{k: v for k, v in vars(setting).items() if k != "prompt"}).frames
+            emb = scorers.clip.image_embeds(edited)
+            plan = clip_plan(len(source), setting.clip_frames, setting.reference_frames)
+            row = {
+                "video": video, "edit": edit, "setting": name, "frames": len(source),
+                "clip_t": clip_text_score(emb, texts[0]),
+                "clip_f": clip_frame_consistency(emb),
+                "clip_d": clip_directional(source_emb, emb, texts[1], texts[0]),
+                "pickscore": float("nan"),
+                "warp_error": warp_error(source, edited),
+                "seam_error": seam_error(source, edited, [c.new_start for c in plan[1:]]) if len(plan) > 1 else float("nan"),
+            }
+            if scorers.pick is not None:
+                pick_text = scorers.pick.text_embeds([instruction])[0]
+                scale = float(scorers.pick.model.logit_scale.exp())
+                row["pickscore"] = pick_score(scorers.pick.image_embeds(edited), pick_text, scale)
+            rows.append(row)
+            bar.update(1)
+    bar.close()
+    return rows
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Mean of each metric per setting (NaN entries ignored)."""
+    out: dict[str, dict[str, float]] = {}
+    for name in dict.fromkeys(r["setting"] for r in rows):
+        picked = [r for r in rows if r["setting"] == name]
+        out[name] = {"rows": len(picked)}
+        for metric in METRICS:
+            values = [r[metric] for r in picked if not np.isnan(r[metric])]
+            out[name][metric] = float(np.mean(values)) if values else None
+    return out
+
+
+def write_reports(out: Path, rows: list[dict[str, Any]], summary: dict, notes: list[str]) -> None:
+    from .video import _atomic_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["video", "edit", "setting", "frames", *METRICS])
+    writer.writeheader()
+    writer.writerows(rows)
+    _atomic_text(out / "per_video.csv", buffer.getvalue())
+    _atomic_text(out / "summary.json", json.dumps({"settings": summary, "notes": notes}, indent=2) + "\n")
+    arrows = {"clip_t": "↑", "clip_f": "↑", "clip_d": "↑", "pickscore": "↑", "warp_error": "↓", "seam_error": "↓"}
+    lines = ["| setting | rows | " + " | ".join(f"{m} {arrows[m]}" for m in METRICS) + " |",
+             "|---|---|" + "---|" * len(METRICS)]
+    for name, values in summary.items():
+        cells = ["–" if values[m] is None else (f"{values[m]:.5f}" if "error" in m else f"{values[m]:.4f}") for m in METRICS]
+        lines.append(f"| {name} | {values['rows']} | " + " | ".join(cells) + " |")
+    _atomic_text(out / "summary.md", "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
