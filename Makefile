@@ -18,19 +18,24 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
-# The main job on the embedded default: edit a real clip with the tiny editor, several clips
-# stitched by LVSC with motion compensation.
-DEMO_VIDEO ?= ../shared/fixtures/videos/car-turn.mp4
+# The main job: the shapes world end to end on CPU. synth build makes exact (source, edited) pairs,
+# lightning fit trains a pixel-space editor from scratch, synth.demo edits held-out clips and
+# writes outputs/demo/metrics.json and outputs/demo/samples.png.
+DEMO_SAMPLES ?= 4000
 demo: setup
-	mkdir -p outputs/demo
-	$(VENV)/bin/infer edit $(DEMO_VIDEO) --prompt "make it snowy" -o outputs/demo/edited.mp4 \
-		--steps 8 --resolution 64 --motion-compensation
+	$(VENV)/bin/synth build --config configs/synth/shapes.yaml --out outputs/demo/shards \
+		--num-samples $(DEMO_SAMPLES) --resume
+	$(VENV)/bin/lightning fit --config configs/shapes.yaml
+	$(VENV)/bin/python -m synth.demo --editor outputs/demo/editor --out outputs/demo
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) bench/model.py
+	$(PY) bench/infer.py
+	$(PY) bench/train.py
+	$(PY) bench/synth.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -133,8 +133,17 @@ def draw_params(generator: dict[str, Any], rng: np.random.Generator) -> PairPara
     )
 
 
+def _folder(section: str, key: str, value: Any) -> str:
+    if str(value).startswith("FILL_ME"):
+        raise ValueError(f"set {section}.{key} to a local folder (it is {value!r})")
+    return str(value)
+
+
 def make_renderer(generator: dict[str, Any]) -> VideoRenderer:
     backbone = generator.get("backbone", "modelscope")
+    for key in ("pretrained", "motion_adapter"):
+        if generator.get(key):
+            _folder("generator", key, generator[key])
     if generator.get("pretrained"):
         return VideoRenderer.from_pretrained(backbone, generator["pretrained"], generator.get("motion_adapter"))
     return VideoRenderer.tiny(backbone, generator["tiny"])
@@ -143,7 +152,8 @@ def make_renderer(generator: dict[str, Any]) -> VideoRenderer:
 def make_filter(filter_cfg: dict[str, Any]) -> ClipFilter | None:
     if not filter_cfg.get("enabled", True):
         return None
-    scorer = ClipScorer.from_pretrained(filter_cfg["clip_model"]) if filter_cfg.get("clip_model") else ClipScorer.tiny()
+    clip_model = filter_cfg.get("clip_model")
+    scorer = ClipScorer.from_pretrained(_folder("filter", "clip_model", clip_model)) if clip_model else ClipScorer.tiny()
     names = ("sim_src_text", "sim_tgt_text", "sim_direction", "sim_frames")
     return ClipFilter(scorer, Thresholds(**{k: float(filter_cfg[k]) for k in names if k in filter_cfg}))
 
@@ -178,9 +188,6 @@ def build(config: dict[str, Any], out: Path, num_samples: int, samples_per_shard
     per_shard = int(samples_per_shard or out_cfg.get("samples_per_shard", 16))
     video_format = out_cfg.get("video_format", "mp4")
     seed = int(config.get("seed", 0))
-    writer = ShardWriter(out, rank, out_cfg.get("prefix", "pairs"), config_hash(config), resume)
-    if writer.samples >= num_samples:
-        return BuildResult(writer.samples, 0, [])
     source = make_source(config["prompts"], seed, rank)
     shapes = config["prompts"].get("source") == "shapes"
     if shapes:  # exact pairs from the procedural world: no renderer, nothing to filter
@@ -192,6 +199,10 @@ def build(config: dict[str, Any], out: Path, num_samples: int, samples_per_shard
         frames, height, width = int(gen["num_frames"]), int(gen["height"]), int(gen["width"])
         slots = int(gen.get("seeds_per_triplet", 1))
     fps = float(gen.get("fps", 8))
+    # the folder is touched only once the config has proven loadable
+    writer = ShardWriter(out, rank, out_cfg.get("prefix", "pairs"), config_hash(config), resume)
+    if writer.samples >= num_samples:
+        return BuildResult(writer.samples, 0, [])
     start_triplet, start_slot = writer.state["next"]
     label = source_label(config["prompts"])
 

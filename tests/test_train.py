@@ -194,10 +194,12 @@ def test_edit_samples_are_written(tmp_path, one_sample):
     from lightning.pytorch.loggers import CSVLogger
 
     module = EditorModule(editor="tiny", trainable="motion")
-    dm = ShardDataModule(shards=str(one_sample), num_frames=4, resolution=32, batch_size=1)
+    dm = ShardDataModule(shards=str(one_sample), val_shards=str(one_sample), num_frames=4, resolution=32, batch_size=1,
+                         batches_per_epoch=2, val_batches=1)
     t = trainer(tmp_path, 2, callbacks=[EditSamples(every_n_steps=1, num_inference_steps=2)])
     t.loggers = [CSVLogger(tmp_path, name="logs")]
     t.fit(module, dm)
+    assert "val/loss" in t.callback_metrics  # the validation shards were used
     samples = sorted((tmp_path / "logs").rglob("samples/*.mp4"))
     from infer import read_video
 
