@@ -115,7 +115,8 @@ class InsV2VPipeline:
         """Rebuild the editor a training checkpoint (``lightning fit``) describes and load its weights.
 
         The checkpoint holds the editor spec (base folder or tiny config) and only the trained
-        U-Net weights (EMA ones when present and ``use_ema``); the frozen rest comes from the base.
+        weights (``unet.*``, ``text_encoder.*``; EMA ones when present and ``use_ema``); the frozen
+        rest comes from the base.
         """
         path = Path(path)
         if not path.is_file():
@@ -128,13 +129,14 @@ class InsV2VPipeline:
         if not isinstance(meta, dict) or "editor" not in meta:
             raise ValueError(f"{path} is not an editor training checkpoint (no '{CHECKPOINT_KEY}' entry)")
         editor = load_editor(meta["editor"])
-        weights = meta.get("ema") if use_ema and meta.get("ema") else None
-        if weights is None:
-            prefix = meta.get("unet_prefix", "editor.unet.")
-            weights = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-        missing, unexpected = editor.unet.load_state_dict(weights, strict=False)
-        if unexpected:
-            raise ValueError(f"{path}: weights for unknown U-Net parameters, e.g. {unexpected[:3]}")
+        weights = dict(checkpoint.get("state_dict", {}))
+        if use_ema and meta.get("ema"):
+            weights.update(meta["ema"])
+        for prefix, module in (("unet.", editor.unet), ("text_encoder.", editor.text_encoder)):
+            part = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+            missing, unexpected = module.load_state_dict(part, strict=False)
+            if unexpected:
+                raise ValueError(f"{path}: weights for unknown {prefix[:-1]} parameters, e.g. {unexpected[:3]}")
         return cls(editor, scheduler=scheduler)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:

@@ -96,9 +96,9 @@ class Editor:
         return self
 
     # ---------------------------------------------------------------- computation
-    @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
-        """CLIP text states ``(B, seq, dim)`` for a list of prompts, padded to the model length."""
+        """CLIP text states ``(B, seq, dim)`` for a list of prompts, padded to the model length
+        (differentiable: wrap in ``torch.no_grad()`` when the encoder is frozen)."""
         ids = self.tokenizer(
             list(prompts),
             padding="max_length",

@@ -123,7 +123,7 @@ def test_from_checkpoint_loads_trained_weights(pipe, tmp_path):
     from infer.pipeline import CHECKPOINT_KEY
 
     editor = pipe.editor
-    state = {f"editor.unet.{k}": v for k, v in editor.unet.state_dict().items() if "motion_modules" in k}
+    state = {f"unet.{k}": v for k, v in editor.unet.state_dict().items() if "motion_modules" in k}
     path = tmp_path / "last.ckpt"
     torch.save({"state_dict": state, CHECKPOINT_KEY: {"editor": "tiny"}}, path)
     loaded = InsV2VPipeline.from_checkpoint(path)

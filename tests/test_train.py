@@ -185,9 +185,11 @@ def test_checkpoint_is_small_loads_and_edits(tmp_path, one_sample):
 def test_ema_is_exported(tmp_path, one_sample):
     module = _fit(tmp_path, one_sample, 3, ema_decay=0.5)
     exported = Editor.from_pretrained(tmp_path / "export").unet.state_dict()
-    assert all(torch.allclose(exported[k], v.to(exported[k].dtype)) for k, v in module.ema.items())
+    ema = {k.removeprefix("unet."): v for k, v in module.ema.items()}
+    assert set(ema) == {k for k, _ in module.unet.named_parameters()}
+    assert all(torch.allclose(exported[k], v.to(exported[k].dtype)) for k, v in ema.items())
     live = module.unet.state_dict()
-    assert any(not torch.equal(exported[k], live[k]) for k in module.ema)  # the live weights stay
+    assert any(not torch.equal(exported[k], live[k]) for k in ema)  # the live weights stay
 
 
 def test_edit_samples_are_written(tmp_path, one_sample):
@@ -256,3 +258,28 @@ def test_ddp_two_cpu_processes(tmp_path, shards):
     proc = run(args, cwd=tmp_path, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "outputs/train-tiny/checkpoints/last.ckpt").is_file()
+
+
+def test_timestep_bias_favours_high_noise():
+    from train.objective import sample_timesteps
+
+    u = torch.rand(200_000, generator=torch.Generator().manual_seed(0))
+    uniform = sample_timesteps(u, 1000, 1.0)
+    assert uniform.min() >= 0 and uniform.max() <= 999 and abs(uniform.float().mean().item() - 499.5) < 3
+    high = sample_timesteps(u, 1000, 3.0)
+    assert abs((high >= 900).float().mean().item() - (1 - 0.9**3)) < 0.005
+
+
+def test_text_encoder_training_is_checkpointed(tmp_path, one_sample):
+    L.seed_everything(0)
+    module = EditorModule(editor="tiny", trainable="motion", train_text_encoder=True, lr=1e-2,
+                          export_dir=str(tmp_path / "export"))
+    before = {k: v.clone() for k, v in module.text_encoder.state_dict().items()}
+    dm = ShardDataModule(shards=str(one_sample), num_frames=4, resolution=32, batch_size=2, augment=False)
+    trainer(tmp_path, 2).fit(module, dm)
+    after = module.text_encoder.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert any(k.startswith("text_encoder.") for k in ckpt["state_dict"])
+    pipe = InsV2VPipeline.from_checkpoint(tmp_path / "ckpt" / "last.ckpt")
+    assert all(torch.equal(v, after[k]) for k, v in pipe.editor.text_encoder.state_dict().items())

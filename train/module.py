@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from infer.pipeline import CHECKPOINT_KEY
 from model import EditorLoadError, load_editor, set_trainable
 
-from .objective import dropout_masks, regression_target
+from .objective import dropout_masks, regression_target, sample_timesteps
 
 EditorSpec = Union[str, dict]
 
@@ -30,6 +30,8 @@ class EditorModule(L.LightningModule):
         lr, betas, weight_decay: AdamW (weight decay 0 is Adam).
         warmup_steps: linear warm-up; lr_schedule: ``constant`` or ``cosine`` (to 0 at max_steps).
         drop_text, drop_both, drop_video: per-sample conditioning dropout fractions.
+        timestep_bias: ``1`` samples timesteps uniformly; larger values favour high noise.
+        train_text_encoder: also train the CLIP text encoder (for editors trained from scratch).
         gradient_checkpointing: recompute U-Net activations in backward.
         ema_decay: keep an exponential moving average of the trainable weights (exported).
         seed: base of the per-step random streams (noise, timesteps, dropout): a resumed run
@@ -49,6 +51,8 @@ class EditorModule(L.LightningModule):
         drop_text: float = 0.05,
         drop_both: float = 0.05,
         drop_video: float = 0.05,
+        timestep_bias: float = 1.0,
+        train_text_encoder: bool = False,
         gradient_checkpointing: bool = False,
         ema_decay: float | None = None,
         seed: int = 0,
@@ -70,25 +74,26 @@ class EditorModule(L.LightningModule):
             raise EditorLoadError(f"model.editor: {err}") from None
         # registered here so Lightning moves, casts and checkpoints them
         self.unet = self.editor.unet
-        self.text_encoder = self.editor.text_encoder.requires_grad_(False).eval()
+        self.text_encoder = self.editor.text_encoder.requires_grad_(train_text_encoder)
         self.vae = self.editor.vae.requires_grad_(False).eval() if self.editor.vae is not None else None
         self.counts = set_trainable(self.unet, trainable)
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.strict_loading = False  # checkpoints hold only the trainable weights
         self.ema: dict[str, torch.Tensor] | None = None
-        self._empty_text: torch.Tensor | None = None
 
     # ---------------------------------------------------------------- helpers
     def train(self, mode: bool = True):
         super().train(mode)
-        self.text_encoder.eval()  # frozen parts always run in inference mode
+        if not self.hparams.train_text_encoder:
+            self.text_encoder.eval()  # frozen parts always run in inference mode
         if self.vae is not None:
             self.vae.eval()
         return self
 
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
-        return {name: p for name, p in self.unet.named_parameters() if p.requires_grad}
+        """Every trained weight, named as in the module's state dict (``unet.*``, ``text_encoder.*``)."""
+        return {name: p for name, p in self.named_parameters() if p.requires_grad}
 
     def _step_generator(self, batch_idx: int) -> torch.Generator:
         seed = (self.hparams.seed * 1_000_003 + self.global_step * 1009 + batch_idx * 7 + self.global_rank * 7919) % 2**63
@@ -103,15 +108,16 @@ class EditorModule(L.LightningModule):
         with torch.no_grad():
             clean = editor.encode_video(target, sample=True, generator=generator) * editor.scaling_factor
             condition = editor.encode_video(source)  # unscaled mode: InstructPix2Pix convention
+        with torch.set_grad_enabled(self.hparams.train_text_encoder and torch.is_grad_enabled()):
             text = editor.encode_text(batch["instruction"])
-            if self._empty_text is None or self._empty_text.device != text.device:
-                self._empty_text = editor.encode_text([""])
+            empty = editor.encode_text([""])
         u = torch.rand(b, device=self.device, generator=generator)
         drop_text, drop_video = dropout_masks(u, self.hparams.drop_text, self.hparams.drop_both, self.hparams.drop_video)
-        text = torch.where(drop_text[:, None, None], self._empty_text.to(text.dtype), text)
+        text = torch.where(drop_text[:, None, None], empty.to(text.dtype), text)
         condition = torch.where(drop_video[:, None, None, None, None], torch.zeros_like(condition), condition)
 
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), device=self.device, generator=generator)
+        u_t = torch.rand(b, device=self.device, generator=generator)
+        t = sample_timesteps(u_t, scheduler.config.num_train_timesteps, self.hparams.timestep_bias)
         noise = torch.randn(clean.shape, device=self.device, generator=generator, dtype=clean.dtype)
         noisy = scheduler.add_noise(clean, noise, t)
         alpha_bar = scheduler.alphas_cumprod.to(self.device)[t]
@@ -171,13 +177,12 @@ class EditorModule(L.LightningModule):
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only trainable weights; record how to rebuild the rest."""
-        keep = {f"unet.{k}" for k in self.trainable_parameters()}
+        keep = set(self.trainable_parameters())
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint[CHECKPOINT_KEY] = {
             "format": 1,
             "editor": self.hparams.editor,
             "trainable": self.hparams.trainable,
-            "unet_prefix": "unet.",
             "ema": {k: v.cpu() for k, v in self.ema.items()} if self.ema else None,
         }
 

@@ -38,3 +38,15 @@ def regression_target(
         a = alpha_bar.reshape(-1, *([1] * (clean.ndim - 1))).to(clean.dtype)
         return a.sqrt() * noise - (1 - a).sqrt() * clean
     raise ValueError(f"unknown prediction_type {prediction_type!r}")
+
+
+def sample_timesteps(u: torch.Tensor, num_train_timesteps: int, bias: float = 1.0) -> torch.Tensor:
+    """One timestep per clip from ``u ~ U(0, 1)``::
+
+        t = floor(T * u^(1 / bias))
+
+    ``bias = 1`` is uniform; ``bias > 1`` favours high noise (density grows as ``t^(bias - 1)``),
+    where the edit itself must be decided from the source and the instruction alone.
+    """
+    t = (num_train_timesteps * u.pow(1.0 / bias)).long()
+    return t.clamp(0, num_train_timesteps - 1)
