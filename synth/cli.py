@@ -4,28 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-USAGE_ERROR = 2
+from infer.cli import USAGE_ERROR, UsageError, _Parser, _positive_int as _positive
+
 DEFAULT_CONFIG = "configs/synth/tiny.yaml"
-
-
-class UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        raise UsageError(message)
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def _load(args) -> dict:
@@ -112,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from openai import OpenAIError
 
-    from infer.cli import _quiet_libraries
+    from infer.cli import _quiet_libraries  # noqa: I001
 
     _quiet_libraries()
     try:

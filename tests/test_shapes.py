@@ -54,23 +54,36 @@ def test_all_edit_kinds_and_bouncing():
 
 @pytest.mark.slow
 def test_demo_path_learns_briefly(tmp_path):
-    """synth build (shapes) -> lightning fit -> synth.demo: the loss falls and edits move toward the target."""
+    """synth build (shapes) -> lightning fit -> edit held-out clips: the loss falls and the trained
+    editor's edits are closer to the exact targets than the untrained editor's."""
+    import torch
+
+    from infer import InsV2VPipeline
+    from model import load_editor
+    from synth.demo import HELD_OUT, mse
+
     shards = tmp_path / "shards"
     run = lambda *a: subprocess.run([sys.executable, "-m", *map(str, a)], cwd=ROOT, capture_output=True, text=True, timeout=900)  # noqa: E731
     proc = run("synth", "build", "--config", "configs/synth/shapes.yaml", "--out", shards, "--num-samples", 400, "--quiet")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    proc = run("train", "fit", "--config", "configs/shapes.yaml", "--data.shards", shards, "--trainer.max_steps", 120,
+    proc = run("train", "fit", "--config", "configs/shapes.yaml", "--data.shards", shards, "--trainer.max_steps", 100,
                "--trainer.default_root_dir", tmp_path / "train", "--trainer.logger.init_args.save_dir", tmp_path / "train",
                "--trainer.callbacks.0.init_args.dirpath", tmp_path / "ckpt", "--model.export_dir", tmp_path / "editor",
-               "--trainer.log_every_n_steps", 10, "--trainer.enable_progress_bar", "false", "--data.num_workers", 0)
+               "--trainer.log_every_n_steps", 10, "--trainer.enable_progress_bar", "false")
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = sorted((tmp_path / "train").rglob("metrics.csv"))[-1].read_text().splitlines()
-    header = metrics[0].split(",")
-    losses = [float(r.split(",")[header.index("train/loss")]) for r in metrics[1:] if r.split(",")[header.index("train/loss")]]
-    assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:2])
-    proc = run("synth.demo", "--editor", tmp_path / "editor", "--out", tmp_path / "demo", "--num-clips", 12,
-               "--steps", 10, "--long-clips", 0, "--quiet")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads((tmp_path / "demo" / "metrics.json").read_text())
-    assert result["mse_edit_target"] < result["mse_source_target"]  # the edit moved toward the target
-    assert (tmp_path / "demo" / "samples.png").is_file()
+    column = metrics[0].split(",").index("train/loss")
+    losses = [float(r.split(",")[column]) for r in metrics[1:] if r.split(",")[column]]
+    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:2])
+
+    world = ShapesWorld(seed=0)
+    trained = InsV2VPipeline.from_pretrained(tmp_path / "editor")
+    untrained = InsV2VPipeline(load_editor(str(ROOT / "configs/model/shapes-pixel.yaml")))  # the seeded initial weights
+    errors = {"trained": [], "untrained": []}
+    for i in range(8):
+        triplet, source, target = world.sample(HELD_OUT + i)
+        for name, pipe in (("trained", trained), ("untrained", untrained)):
+            edited = pipe(source, triplet.edit, num_inference_steps=6, text_guidance=4.0, clip_frames=8,
+                          reference_frames=0, progress=False, generator=torch.Generator().manual_seed(i)).frames
+            errors[name].append(mse(edited, target))
+    assert np.mean(errors["trained"]) < 0.8 * np.mean(errors["untrained"])
