@@ -19,7 +19,7 @@ from .clip import ClipScorer
 from .metrics import clip_directional, clip_frame_consistency, clip_text_score, pick_score, seam_error, warp_error
 from .pipeline import EditSettings, InsV2VPipeline, working_size
 from .sampling import clip_plan
-from .video import VideoError, read_video
+from .video import VideoError, atomic_write, read_video
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".gif")
 DEFAULT_SETTINGS = {"no-lvsc": {"lvsc": 0.0}, "lvsc": {"lvsc": 0.5}, "lvsc+mc": {"lvsc": 0.5, "motion_compensation": True}}
@@ -135,19 +135,17 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 
 def write_reports(out: Path, rows: list[dict[str, Any]], summary: dict, notes: list[str]) -> None:
-    from .video import _atomic_text
-
     out.mkdir(parents=True, exist_ok=True)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=["video", "edit", "setting", "frames", *METRICS])
     writer.writeheader()
     writer.writerows(rows)
-    _atomic_text(out / "per_video.csv", buffer.getvalue())
-    _atomic_text(out / "summary.json", json.dumps({"settings": summary, "notes": notes}, indent=2) + "\n")
+    atomic_write(out / "per_video.csv", buffer.getvalue().encode())
+    atomic_write(out / "summary.json", (json.dumps({"settings": summary, "notes": notes}, indent=2) + "\n").encode())
     arrows = {"clip_t": "↑", "clip_f": "↑", "clip_d": "↑", "pickscore": "↑", "warp_error": "↓", "seam_error": "↓"}
     lines = ["| setting | rows | " + " | ".join(f"{m} {arrows[m]}" for m in METRICS) + " |",
              "|---|---|" + "---|" * len(METRICS)]
     for name, values in summary.items():
         cells = ["–" if values[m] is None else (f"{values[m]:.5f}" if "error" in m else f"{values[m]:.4f}") for m in METRICS]
         lines.append(f"| {name} | {values['rows']} | " + " | ".join(cells) + " |")
-    _atomic_text(out / "summary.md", "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
+    atomic_write(out / "summary.md", ("\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n").encode())

@@ -78,8 +78,9 @@ def working_size(height: int, width: int, resolution: int | None, multiple: int 
     )
 
 
-def to_model_frames(frames: list[np.ndarray], height: int, width: int) -> torch.Tensor:
-    """uint8 ``(H, W, 3)`` frames -> float ``(1, 3, F, height, width)`` in [-1, 1]."""
+def to_model_frames(frames, height: int | None = None, width: int | None = None) -> torch.Tensor:
+    """uint8 ``(H, W, 3)`` frames -> float ``(1, 3, F, height, width)`` in [-1, 1] (default: their size)."""
+    height, width = height or frames[0].shape[0], width or frames[0].shape[1]
     resized = [
         f if f.shape[:2] == (height, width) else cv2.resize(f, (width, height), interpolation=cv2.INTER_AREA)
         for f in frames

@@ -231,8 +231,17 @@ def encode_video(frames: np.ndarray, fps: Fraction | float, crf: int = 18) -> by
     return buffer.getvalue()
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    """Write a small text file so that it is either absent, the old one, or complete."""
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself survives a crash
+    finally:
+        os.close(dir_fd)

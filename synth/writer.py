@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from infer.video import atomic_write  # noqa: F401  (re-exported for synth's modules)
+
 MANIFEST = "manifest.json"
 ATTEMPTS = "attempts.jsonl"
 
@@ -25,21 +27,6 @@ def locked(folder: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself survives a crash
-    finally:
-        os.close(dir_fd)
 
 
 def tar_bytes(samples: list[dict[str, Any]]) -> bytes:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from infer.pipeline import to_model_frames
 from infer.video import VideoError, decode_video
 
 from .augment import apply_windows, crop_windows
@@ -88,16 +89,11 @@ class PairDecoder:
             x0, y0 = (w - side) / 2, (h - side) / 2
             boxes = np.tile([x0, y0, x0 + side, y0 + side], (self.num_frames, 1))
         return {
-            "source": _to_tensor(apply_windows(source, boxes, self.resolution)),
-            "target": _to_tensor(apply_windows(target, boxes, self.resolution)),
+            "source": to_model_frames(apply_windows(source, boxes, self.resolution))[0],
+            "target": to_model_frames(apply_windows(target, boxes, self.resolution))[0],
             "instruction": instruction,
             "key": key,
         }
-
-
-def _to_tensor(frames: np.ndarray) -> torch.Tensor:
-    """uint8 ``(F, H, W, 3)`` -> float ``(3, F, H, W)`` in [-1, 1]."""
-    return torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1.0
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
