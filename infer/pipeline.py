@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -141,13 +141,7 @@ class InsV2VPipeline:
         return cls(editor, scheduler=scheduler)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        Editor(
-            tokenizer=self.editor.tokenizer,
-            text_encoder=self.editor.text_encoder,
-            vae=self.editor.vae,
-            unet=self.editor.unet,
-            scheduler=self.scheduler,
-        ).save_pretrained(directory)
+        replace(self.editor, scheduler=self.scheduler).save_pretrained(directory)
 
     def set_scheduler(self, name: str) -> None:
         """Sample with another diffusers scheduler (same noise schedule)."""

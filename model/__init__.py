@@ -1,7 +1,7 @@
 """The video editor's networks: inflation, freezing, tiny configs, load and save."""
 
 from .config import build_editor, load_editor, shipped_config, tiny_config
-from .editor import Editor, EditorLoadError, scheduler_class
+from .editor import Editor, EditorLoadError, scheduler_class, source_prior_estimate
 from .inflate import inflate, motion_modules, widened_conv_in, zero_motion_outputs
 from .tokenizer import tiny_clip_tokenizer
 from .trainable import ParameterCount, count_parameters, set_trainable
@@ -18,6 +18,7 @@ __all__ = [
     "scheduler_class",
     "set_trainable",
     "shipped_config",
+    "source_prior_estimate",
     "tiny_clip_tokenizer",
     "tiny_config",
     "widened_conv_in",

@@ -37,7 +37,8 @@ def build_editor(config: Mapping[str, Any]) -> Editor:
     starts as its 2D U-Net applied per frame.
     """
     config = dict(config)
-    unknown = set(config) - {"seed", "tokenizer", "text_encoder", "vae", "unet", "scheduler", "min_temporal_positions"}
+    unknown = set(config) - {"seed", "tokenizer", "text_encoder", "vae", "unet", "scheduler", "min_temporal_positions",
+                            "source_prior_std"}
     if unknown:
         raise ValueError(f"unknown editor config keys: {sorted(unknown)}")
     for key in ("tokenizer", "text_encoder", "unet", "scheduler"):
@@ -56,10 +57,19 @@ def build_editor(config: Mapping[str, Any]) -> Editor:
         unet = inflate(unet2d, min_temporal_positions=int(config.get("min_temporal_positions", MIN_TEMPORAL_POSITIONS)))
     sched_cfg = dict(config["scheduler"])
     scheduler = scheduler_class(sched_cfg.pop("class", "DDPMScheduler"))(**sched_cfg)
+    prior_std = config.get("source_prior_std")
+    if prior_std is not None:
+        prior_std = float(prior_std)
+        if scheduler.config.prediction_type != "sample" or prior_std <= 0:
+            raise ValueError("source_prior_std (> 0) needs scheduler.prediction_type: sample (x0 prediction)")
+        with torch.no_grad():  # start as the prior's estimate: the source, denoised
+            unet.conv_out.weight.zero_()
+            unet.conv_out.bias.zero_()
     text_encoder.eval()
     if vae is not None:
         vae.eval()
-    return Editor(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, scheduler=scheduler)
+    return Editor(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, scheduler=scheduler,
+                  source_prior_std=prior_std)
 
 
 def load_editor(spec: EditorSpec = None, torch_dtype: torch.dtype | None = None) -> Editor:

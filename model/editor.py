@@ -43,6 +43,11 @@ class Editor:
 
     ``vae is None`` means pixel space: latents are the frames themselves in [-1, 1] (3 channels,
     scaling 1), which lets a tiny model learn without a pretrained autoencoder.
+
+    ``source_prior_std`` (x0 prediction only) makes the U-Net predict a correction to
+    :func:`source_prior_estimate`, the best linear guess of the edited clip from the noisy one and
+    the source. Unchanged pixels and low-noise steps then cost nothing to learn, which is what
+    lets a from-scratch editor learn in minutes.
     """
 
     tokenizer: CLIPTokenizer
@@ -50,6 +55,7 @@ class Editor:
     vae: AutoencoderKL | None
     unet: UNetMotionModel
     scheduler: SchedulerMixin
+    source_prior_std: float | None = None
 
     # ---------------------------------------------------------------- properties
     @property
@@ -153,11 +159,18 @@ class Editor:
         """U-Net output for ``cat([z_t, c], channels)``; video tensors are ``(B, C, F, h, w)``.
 
         ``text_states`` ``(B, seq, dim)`` are repeated per frame to ``(B*F, seq, dim)``, as the
-        video U-Net attends to text frame by frame. ``timestep`` is one value per clip.
+        video U-Net attends to text frame by frame. ``timestep`` is one value per clip. With
+        :attr:`source_prior_std` the output is ``source_prior_estimate(...) + U-Net(...)``.
         """
         frames = noisy.shape[2]
         states = text_states.repeat_interleave(frames, dim=0)
-        return self.unet(torch.cat([noisy, condition], dim=1), timestep, encoder_hidden_states=states).sample
+        out = self.unet(torch.cat([noisy, condition], dim=1), timestep, encoder_hidden_states=states).sample
+        if self.source_prior_std is not None:
+            t = torch.as_tensor(timestep, device=self.scheduler.alphas_cumprod.device).long().reshape(-1)
+            alpha_bar = self.scheduler.alphas_cumprod[t].to(out.device, out.dtype).reshape(-1, 1, 1, 1, 1)
+            prior = source_prior_estimate(noisy, self.scaling_factor * condition, alpha_bar, self.source_prior_std)
+            out = prior + out
+        return out
 
     # ---------------------------------------------------------------- persistence
     def save_pretrained(self, directory: str | os.PathLike) -> None:
@@ -176,6 +189,7 @@ class Editor:
                 component.save_pretrained(directory / name)
             else:
                 component.save_pretrained(directory / name, safe_serialization=True)
+        index["source_prior_std"] = self.source_prior_std
         (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
     @classmethod
@@ -219,6 +233,7 @@ class Editor:
                 lambda: UNetMotionModel.from_pretrained(directory / "unet", use_safetensors=True, torch_dtype=torch_dtype),
             ),
             scheduler=_load("scheduler", lambda: scheduler_class(index["scheduler"][1]).from_pretrained(directory / "scheduler")),
+            source_prior_std=index.get("source_prior_std"),
         )
 
     @classmethod
@@ -266,6 +281,19 @@ class Editor:
             unet=inflate(unet2d, adapter, min_temporal_positions=min_temporal_positions),
             scheduler=schedule,
         )
+
+
+def source_prior_estimate(noisy: torch.Tensor, source: torch.Tensor, alpha_bar: torch.Tensor, std: float) -> torch.Tensor:
+    """The posterior mean of the clean clip under the prior ``x0 ~ N(source, std^2)``, given
+    ``x_t = sqrt(a) x0 + sqrt(1 - a) eps`` (``a = alpha_bar``)::
+
+        E[x0 | x_t] = source + c_skip (x_t - sqrt(a) source),  c_skip = sqrt(a) std^2 / (a std^2 + 1 - a)
+
+    At high noise it is the source (an edit is a small change of it); at low noise it is ``x_t``.
+    ``std = 0`` gives the source at every step.
+    """
+    c_skip = alpha_bar.sqrt() * std**2 / (alpha_bar * std**2 + 1 - alpha_bar)
+    return source + c_skip * (noisy - alpha_bar.sqrt() * source)
 
 
 def scheduler_class(name: str) -> type[SchedulerMixin]:

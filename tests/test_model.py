@@ -18,6 +18,7 @@ from model import (
     load_editor,
     motion_modules,
     set_trainable,
+    source_prior_estimate,
     tiny_config,
 )
 
@@ -286,3 +287,52 @@ def test_build_editor_rejects_bad_configs():
         build_editor(cfg)
     with pytest.raises(ValueError, match="unknown editor config keys"):
         build_editor({**tiny_config(), "vea": None})
+    x0_tiny = tiny_config(pixel_space=True)
+    x0_tiny["source_prior_std"] = 0.5
+    with pytest.raises(ValueError, match="prediction_type: sample"):
+        build_editor(x0_tiny)  # the tiny pixel editor predicts epsilon
+
+
+def test_source_prior_estimate_is_the_posterior_mean():
+    torch.manual_seed(0)
+    source = torch.rand(20000) * 2 - 1
+    for alpha_bar, std in [(0.3, 0.5), (0.9, 0.5), (0.6, 0.2)]:
+        a = torch.tensor(alpha_bar)
+        clean = source + std * torch.randn_like(source)
+        noisy = a.sqrt() * clean + (1 - a).sqrt() * torch.randn_like(source)
+        # the least-squares regression of (x0 - source) on (x_t - sqrt(a) source) has the slope c_skip
+        u, v = noisy - a.sqrt() * source, clean - source
+        slope = (u * v).sum() / (u * u).sum()
+        estimate = source_prior_estimate(noisy, source, a, std)
+        assert torch.allclose(estimate, source + slope * u, atol=0.02)
+        assert (estimate - clean).pow(2).mean() < (source - clean).pow(2).mean()
+    x = torch.randn(5)
+    assert torch.equal(source_prior_estimate(x, source[:5], torch.tensor(0.0), 0.5), source[:5])
+    assert torch.allclose(source_prior_estimate(x, source[:5], torch.tensor(1.0), 0.5), x)
+    assert torch.equal(source_prior_estimate(x, source[:5], torch.tensor(0.5), 0.0), source[:5])
+
+
+def prior_config():
+    cfg = tiny_config(pixel_space=True)
+    cfg["scheduler"]["prediction_type"] = "sample"
+    cfg["source_prior_std"] = 0.5
+    return cfg
+
+
+@torch.no_grad()
+def test_prior_editor_starts_at_the_prior_estimate_and_round_trips(tmp_path):
+    editor = build_editor(prior_config())
+    video = torch.rand(2, 3, 3, 32, 32) * 2 - 1
+    noisy = torch.randn_like(video)
+    text = editor.encode_text(["make the circle red", "make the background blue"])
+    t = torch.tensor([900, 100])
+    a = editor.scheduler.alphas_cumprod[t].reshape(-1, 1, 1, 1, 1)
+    # the U-Net's output layer is zero at the start: the prediction is the prior's estimate
+    assert torch.allclose(editor.predict(noisy, video, text, t), source_prior_estimate(noisy, video, a, 0.5))
+    torch.nn.init.normal_(editor.unet.conv_out.weight, std=0.1)
+    plain = Editor(**{**editor.__dict__, "source_prior_std": None})
+    correction = plain.predict(noisy, video, text, t)
+    assert torch.allclose(editor.predict(noisy, video, text, t), source_prior_estimate(noisy, video, a, 0.5) + correction)
+    editor.save_pretrained(tmp_path / "ed")
+    loaded = Editor.from_pretrained(tmp_path / "ed")
+    assert loaded.source_prior_std == 0.5 and torch.equal(outputs(loaded), outputs(editor))
