@@ -46,8 +46,8 @@ class Editor:
 
     ``source_prior_std`` (x0 prediction only) makes the U-Net predict a correction to
     :func:`source_prior_estimate`, the best linear guess of the edited clip from the noisy one and
-    the source. Unchanged pixels and low-noise steps then cost nothing to learn, which is what
-    lets a from-scratch editor learn in minutes.
+    the source. Unchanged pixels then cost nothing to learn, which is what lets a from-scratch
+    editor learn in minutes.
     """
 
     tokenizer: CLIPTokenizer
