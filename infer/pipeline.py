@@ -125,7 +125,8 @@ class InsV2VPipeline:
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
-            raise ValueError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from None
+            detail = (str(err).strip().splitlines() or [""])[0]
+            raise ValueError(f"cannot read checkpoint {path}: not a PyTorch checkpoint ({type(err).__name__}: {detail})") from None
         meta = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
         if not isinstance(meta, dict) or "editor" not in meta:
             raise ValueError(f"{path} is not an editor training checkpoint (no '{CHECKPOINT_KEY}' entry)")

@@ -242,3 +242,10 @@ def test_console_script_exit_code():
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "infer: error: no such file: missing.mp4"
+
+
+def test_unreadable_checkpoint_is_named(tmp_path):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_text("junk")
+    with pytest.raises(ValueError, match=r"cannot read checkpoint .*bad\.ckpt: not a PyTorch checkpoint \(\w+"):
+        InsV2VPipeline.from_checkpoint(bad)
