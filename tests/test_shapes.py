@@ -61,20 +61,21 @@ def test_demo_path_learns_briefly(tmp_path):
     from infer import InsV2VPipeline
     from model import load_editor
     from synth.demo import HELD_OUT
+    from train.objective import sample_timesteps
 
     shards = tmp_path / "shards"
     # run in tmp_path: the configs' relative output folders land there
     run = lambda *a: subprocess.run([sys.executable, "-m", *map(str, a)], cwd=tmp_path, capture_output=True, text=True, timeout=900)  # noqa: E731
     proc = run("synth", "build", "--config", ROOT / "configs/synth/shapes.yaml", "--out", shards, "--num-samples", 400, "--quiet")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    proc = run("train", "fit", "--config", ROOT / "configs/shapes.yaml", "--data.shards", shards, "--trainer.max_steps", 100,
+    proc = run("train", "fit", "--config", ROOT / "configs/shapes.yaml", "--data.shards", shards, "--trainer.max_steps", 200,
                "--model.editor", ROOT / "configs/model/shapes-pixel.yaml", "--model.export_dir", tmp_path / "editor",
                "--trainer.log_every_n_steps", 10, "--trainer.enable_progress_bar", "false")
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = sorted((tmp_path / "outputs").rglob("metrics.csv"))[-1].read_text().splitlines()
     column = metrics[0].split(",").index("train/loss")
     losses = [float(r.split(",")[column]) for r in metrics[1:] if r.split(",")[column]]
-    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:2])
+    assert len(losses) >= 5 and np.isfinite(losses).all()
 
     # The one-step edit (the x0-prediction from pure noise, given source and instruction) of the
     # untrained editor is the source itself (its correction starts at zero); the trained editor's
@@ -82,6 +83,22 @@ def test_demo_path_learns_briefly(tmp_path):
     world = ShapesWorld(seed=0)
     trained = InsV2VPipeline.from_pretrained(tmp_path / "editor").editor
     untrained = load_editor(str(ROOT / "configs/model/shapes-pixel.yaml"))  # the seeded initial weights
+
+    # The training loss falls: the objective on a fixed batch of training clips (fixed noise and
+    # timesteps, drawn as in training), since logged per-step losses are dominated by the random t.
+    losses = {"trained": 0.0, "untrained": 0.0}
+    with torch.no_grad():
+        for i in range(16):
+            triplet, source, target = world.sample(i)
+            src, tgt = (torch.from_numpy(v).permute(3, 0, 1, 2)[None].float() / 127.5 - 1 for v in (source, target))
+            gen = torch.Generator().manual_seed(i)
+            noise = torch.randn(tgt.shape, generator=gen)
+            t = sample_timesteps(torch.rand(1, generator=gen), 1000, bias=2.0)
+            for name, editor in (("trained", trained), ("untrained", untrained)):
+                noisy = editor.scheduler.add_noise(tgt, noise, t)
+                losses[name] += (editor.predict(noisy, src, editor.encode_text([triplet.edit]), t) - tgt).pow(2).mean().item()
+    assert losses["trained"] < 0.8 * losses["untrained"]
+
     errors = {"trained": [], "untrained": [], "source": []}
     with torch.no_grad():
         for i in range(16):
