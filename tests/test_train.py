@@ -120,6 +120,31 @@ def test_missing_shards_are_a_clear_error(tmp_path):
         dm.setup("fit")
 
 
+def _stream(shards, epochs=1, **kw):
+    dm = ShardDataModule(shards=str(shards), num_frames=4, resolution=16, batch_size=2, batches_per_epoch=5,
+                         shuffle_buffer=8, **kw)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    return [[(b["key"], b["source"]) for b in loader] for _ in range(epochs)]
+
+
+def _same(a, b):
+    return all(ka == kb and torch.equal(xa, xb) for (ka, xa), (kb, xb) in zip(a, b))
+
+
+def test_seeded_stream_replays_per_seed_and_moves_on_per_epoch(shards, monkeypatch):
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+    first, second = _stream(shards, epochs=2, stream_seed=5)
+    assert _same(first, _stream(shards, stream_seed=5)[0])  # crops included: augmentation is on by default
+    assert not _same(first, _stream(shards, stream_seed=6)[0])
+    assert not _same(first, second)  # a later pass draws on, it does not replay
+    with_workers = _stream(shards, epochs=2, stream_seed=5, num_workers=2)
+    assert _same(with_workers[0], _stream(shards, stream_seed=5, num_workers=2)[0])
+    assert not _same(with_workers[0], with_workers[1])  # persistent workers keep their place
+    monkeypatch.setenv("PL_GLOBAL_SEED", "5")  # what seed_everything(5) writes
+    assert _same(first, _stream(shards)[0])
+
+
 def _state(module):
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 

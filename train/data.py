@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import random
 from typing import Any
 
 import lightning as L
@@ -61,11 +62,21 @@ def sample_frames(num_available: int, num_frames: int, stride: int, rng: np.rand
 class PairDecoder:
     """Turn a raw shard sample into training tensors; a broken sample becomes ``None`` (counted)."""
 
-    def __init__(self, num_frames: int, frame_stride: int, resolution: int, augment: dict[str, float] | None):
+    def __init__(self, num_frames: int, frame_stride: int, resolution: int, augment: dict[str, float] | None,
+                 seed: int | None = None):
         self.num_frames, self.frame_stride, self.resolution = num_frames, frame_stride, resolution
         self.augment = augment
+        self.seed = seed
         self.skipped = 0
-        self.rng = np.random.default_rng()
+        self._rng: np.random.Generator | None = None
+
+    @property
+    def rng(self) -> np.random.Generator:
+        """Frame and crop draws; made on first use, inside the worker, so each rank and worker differ."""
+        if self._rng is None:
+            entropy = None if self.seed is None else [self.seed, wds.utils.pytorch_worker_seed()]
+            self._rng = np.random.default_rng(entropy)
+        return self._rng
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any] | None:
         key = sample.get("__key__", "?")
@@ -120,6 +131,9 @@ class ShardDataModule(L.LightningDataModule):
         val_batches: validation batches per validation run.
         augment: identical moving-crop/zoom augmentation of source and target.
         translate_prob, max_translate, zoom_prob, max_zoom: its parameters (SPEC §5).
+        stream_seed: makes the stream replayable (shard draws, shuffle, frames, crops; each rank and
+            worker its own). ``None`` takes Lightning's global seed (``seed_everything``) when one
+            is set, else the stream is fresh on every run. A resumed run starts the stream afresh.
     """
 
     def __init__(
@@ -139,6 +153,7 @@ class ShardDataModule(L.LightningDataModule):
         max_translate: float = 0.2,
         zoom_prob: float = 0.2,
         max_zoom: float = 1.25,
+        stream_seed: int | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -152,25 +167,29 @@ class ShardDataModule(L.LightningDataModule):
             translate_prob=hp.translate_prob, max_translate=hp.max_translate, zoom_prob=hp.zoom_prob, max_zoom=hp.max_zoom
         )
 
+    def _seed(self) -> int | None:
+        if self.hparams.stream_seed is not None:
+            return int(self.hparams.stream_seed)
+        global_seed = os.environ.get("PL_GLOBAL_SEED")  # written by lightning.seed_everything
+        return int(global_seed) if global_seed is not None else None
+
     def _loader(self, pattern: str, augment: dict[str, float] | None, batches: int) -> wds.WebLoader:
         hp = self.hparams
-        decoder = PairDecoder(hp.num_frames, hp.frame_stride, hp.resolution, augment)
+        seed = self._seed()
+        decoder = PairDecoder(hp.num_frames, hp.frame_stride, hp.resolution, augment, seed)
         self.decoders.append(decoder)
-        dataset = (
-            wds.WebDataset(
-                expand_shards(pattern),
-                resampled=True,
-                shardshuffle=False,  # resampling already draws shards at random
-                nodesplitter=wds.split_by_node,
-                handler=wds.warn_and_continue,  # an unreadable tar member is skipped, not fatal
-                empty_check=False,
-            )
-            .shuffle(hp.shuffle_buffer)
-            .map(decoder)
-            .select(lambda sample: sample is not None)
-            .batched(hp.batch_size, collation_fn=collate, partial=False)
+        dataset = wds.DataPipeline(
+            # endless draws of shards; seeded per rank and worker, and per pass over the loader
+            wds.ResampledShards(expand_shards(pattern), seed=seed or 0, deterministic=seed is not None, empty_check=False),
+            wds.tarfile_to_samples(handler=wds.warn_and_continue),  # an unreadable tar member is skipped
+            wds.shuffle(hp.shuffle_buffer, rng=None if seed is None else random.Random(seed)),
+            wds.map(decoder),
+            wds.select(lambda sample: sample is not None),
+            wds.batched(hp.batch_size, collation_fn=collate, partial=False),
         )
-        loader = wds.WebLoader(dataset, batch_size=None, num_workers=hp.num_workers, persistent_workers=False)
+        # persistent workers keep their stream's position: a respawned worker would replay it
+        loader = wds.WebLoader(dataset, batch_size=None, num_workers=hp.num_workers,
+                               persistent_workers=hp.num_workers > 0)
         return loader.with_epoch(batches)
 
     @property
