@@ -1,7 +1,7 @@
 """The video editor's networks: inflation, freezing, tiny configs, load and save."""
 
 from .config import build_editor, load_editor, shipped_config, tiny_config
-from .editor import Editor, EditorLoadError, scheduler_class, source_prior_estimate
+from .editor import Editor, EditorLoadError, pooled_text, scheduler_class, source_prior_estimate
 from .inflate import inflate, motion_modules, widened_conv_in, zero_motion_outputs
 from .tokenizer import tiny_clip_tokenizer
 from .trainable import ParameterCount, count_parameters, set_trainable
@@ -15,6 +15,7 @@ __all__ = [
     "inflate",
     "load_editor",
     "motion_modules",
+    "pooled_text",
     "scheduler_class",
     "set_trainable",
     "shipped_config",

@@ -53,6 +53,10 @@ def build_editor(config: Mapping[str, Any]) -> Editor:
         latent = vae.config.latent_channels if vae is not None else 3
         if unet_cfg.get("out_channels", latent) != latent:
             raise ValueError(f"unet.out_channels must be {latent} (the latent channels)")
+        pooled_dim = unet_cfg.get("time_cond_proj_dim")
+        if pooled_dim is not None and pooled_dim != text_encoder.config.hidden_size:
+            raise ValueError(f"unet.time_cond_proj_dim ({pooled_dim}) must equal the text encoder's hidden_size "
+                             f"({text_encoder.config.hidden_size}): it takes the pooled prompt")
         unet2d = UNet2DConditionModel(**unet_cfg)
         unet = inflate(unet2d, min_temporal_positions=int(config.get("min_temporal_positions", MIN_TEMPORAL_POSITIONS)))
     sched_cfg = dict(config["scheduler"])

@@ -164,7 +164,10 @@ class Editor:
         """
         frames = noisy.shape[2]
         states = text_states.repeat_interleave(frames, dim=0)
-        out = self.unet(torch.cat([noisy, condition], dim=1), timestep, encoder_hidden_states=states).sample
+        # a U-Net built with time_cond_proj_dim also takes the prompt as one vector in its time embedding
+        pooled = pooled_text(text_states) if self.unet.config.get("time_cond_proj_dim") else None
+        out = self.unet(torch.cat([noisy, condition], dim=1), timestep, encoder_hidden_states=states,
+                        timestep_cond=pooled).sample
         if self.source_prior_std is not None:
             t = torch.as_tensor(timestep, device=self.scheduler.alphas_cumprod.device).long().reshape(-1)
             alpha_bar = self.scheduler.alphas_cumprod[t].to(out.device, out.dtype).reshape(-1, 1, 1, 1, 1)
@@ -281,6 +284,16 @@ class Editor:
             unet=inflate(unet2d, adapter, min_temporal_positions=min_temporal_positions),
             scheduler=schedule,
         )
+
+
+def pooled_text(text_states: torch.Tensor) -> torch.Tensor:
+    """One vector per prompt, ``(B, seq, dim) -> (B, dim)``: the state at the last position.
+
+    Prompts are right-padded to the model length and CLIP's text attention is causal, so the last
+    position has attended to every token of the prompt (as in Imagen, the pooled prompt is added
+    to the timestep embedding: a global path that needs no spatial attention to learn).
+    """
+    return text_states[:, -1]
 
 
 def source_prior_estimate(noisy: torch.Tensor, source: torch.Tensor, alpha_bar: torch.Tensor, std: float) -> torch.Tensor:

@@ -17,6 +17,7 @@ circle square triangle shape shapes ball box background foreground object object
 walking running jumping swimming flying driving riding dancing surfing skiing turning moving
 slowly quickly across around along down up left right camera pans zooms
 van gogh watercolor oil sketch pixel art anime lego marble gold glass wooden stone
+color colour paint bouncing gliding sliding resting standing still sitting
 """.split()
 
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")

@@ -17,6 +17,7 @@ from model import (
     inflate,
     load_editor,
     motion_modules,
+    pooled_text,
     set_trainable,
     source_prior_estimate,
     tiny_config,
@@ -291,6 +292,10 @@ def test_build_editor_rejects_bad_configs():
     x0_tiny["source_prior_std"] = 0.5
     with pytest.raises(ValueError, match="prediction_type: sample"):
         build_editor(x0_tiny)  # the tiny pixel editor predicts epsilon
+    pooled = tiny_config(pixel_space=True)
+    pooled["unet"]["time_cond_proj_dim"] = 7
+    with pytest.raises(ValueError, match="time_cond_proj_dim .7. must equal the text encoder's hidden_size"):
+        build_editor(pooled)
 
 
 def test_source_prior_estimate_is_the_posterior_mean():
@@ -336,3 +341,35 @@ def test_prior_editor_starts_at_the_prior_estimate_and_round_trips(tmp_path):
     editor.save_pretrained(tmp_path / "ed")
     loaded = Editor.from_pretrained(tmp_path / "ed")
     assert loaded.source_prior_std == 0.5 and torch.equal(outputs(loaded), outputs(editor))
+
+
+@torch.no_grad()
+def test_pooled_prompt_enters_the_time_embedding_and_round_trips(tmp_path):
+    cfg = tiny_config(pixel_space=True)
+    cfg["unet"]["time_cond_proj_dim"] = cfg["text_encoder"]["hidden_size"]
+    editor = build_editor(cfg)
+    text = editor.encode_text(["make the circle red", "make the circle blue"])
+    # causal attention, right padding: the last position has seen the colour word
+    assert not torch.allclose(pooled_text(text)[0], pooled_text(text)[1], atol=1e-4)
+    video = torch.rand(2, 3, 3, 32, 32) * 2 - 1
+    noisy, t = torch.randn_like(video), torch.tensor([900, 100])
+    out = editor.predict(noisy, video, text, t)
+    want = editor.unet(torch.cat([noisy, video], 1), t, encoder_hidden_states=text.repeat_interleave(3, dim=0),
+                       timestep_cond=text[:, -1]).sample
+    assert torch.equal(out, want)
+    # with cross-attention silenced, the prompt still changes the output (through the time embedding)
+    for name, module in editor.unet.named_modules():
+        if name.endswith("attn2.to_out.0"):
+            module.weight.zero_()
+            module.bias.zero_()
+    def prompt_effect():  # the same clip under the two prompts
+        out = editor.predict(noisy[:1].expand(2, -1, -1, -1, -1), video[:1].expand(2, -1, -1, -1, -1), text, t[:1].expand(2))
+        return (out[0] - out[1]).abs().max().item()
+
+    through_time = prompt_effect()
+    editor.unet.time_embedding.cond_proj.weight.zero_()
+    assert prompt_effect() < 1e-5 < through_time / 100
+    editor.save_pretrained(tmp_path / "ed")
+    loaded = Editor.from_pretrained(tmp_path / "ed")
+    assert loaded.unet.config.time_cond_proj_dim == cfg["text_encoder"]["hidden_size"]
+    assert torch.equal(loaded.predict(noisy, video, text, t), editor.predict(noisy, video, text, t))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from synth.shapes import EDITS, ShapesWorld, positions, Shape
 
@@ -87,13 +88,14 @@ def test_demo_path_learns_briefly(tmp_path):
     # The training loss falls: the objective on a fixed batch of training clips (fixed noise and
     # timesteps, drawn as in training), since logged per-step losses are dominated by the random t.
     losses = {"trained": 0.0, "untrained": 0.0}
+    bias = yaml.safe_load((ROOT / "configs/shapes.yaml").read_text())["model"]["timestep_bias"]
     with torch.no_grad():
         for i in range(16):
             triplet, source, target = world.sample(i)
             src, tgt = (torch.from_numpy(v).permute(3, 0, 1, 2)[None].float() / 127.5 - 1 for v in (source, target))
             gen = torch.Generator().manual_seed(i)
             noise = torch.randn(tgt.shape, generator=gen)
-            t = sample_timesteps(torch.rand(1, generator=gen), 1000, bias=2.0)
+            t = sample_timesteps(torch.rand(1, generator=gen), 1000, bias=bias)
             for name, editor in (("trained", trained), ("untrained", untrained)):
                 noisy = editor.scheduler.add_noise(tgt, noise, t)
                 losses[name] += (editor.predict(noisy, src, editor.encode_text([triplet.edit]), t) - tgt).pow(2).mean().item()
