@@ -48,6 +48,9 @@ class Editor:
     :func:`source_prior_estimate`, the best linear guess of the edited clip from the noisy one and
     the source. Unchanged pixels then cost nothing to learn, which is what lets a from-scratch
     editor learn in minutes.
+
+    A U-Net built with ``time_cond_proj_dim`` also receives the prompt as one vector
+    (:func:`pooled_text`) in its timestep embedding.
     """
 
     tokenizer: CLIPTokenizer
