@@ -136,6 +136,12 @@ class InsV2VPipeline:
             weights.update(meta["ema"])
         for prefix, module in (("unet.", editor.unet), ("text_encoder.", editor.text_encoder)):
             part = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+            shapes = module.state_dict()
+            wrong = [f"{k} {tuple(v.shape)} vs {tuple(shapes[k].shape)}" for k, v in part.items()
+                     if k in shapes and v.shape != shapes[k].shape]
+            if wrong:  # e.g. a tiny vocabulary that has grown since the checkpoint was written
+                raise ValueError(f"{path}: {prefix[:-1]} weights do not fit the editor its spec builds "
+                                 f"(checkpoint vs built: {wrong[0]}); export editors with save_pretrained to keep them")
             missing, unexpected = module.load_state_dict(part, strict=False)
             if unexpected:
                 raise ValueError(f"{path}: weights for unknown {prefix[:-1]} parameters, e.g. {unexpected[:3]}")

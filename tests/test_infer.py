@@ -249,3 +249,15 @@ def test_unreadable_checkpoint_is_named(tmp_path):
     bad.write_text("junk")
     with pytest.raises(ValueError, match=r"cannot read checkpoint .*bad\.ckpt: not a PyTorch checkpoint \(\w+"):
         InsV2VPipeline.from_checkpoint(bad)
+
+
+def test_checkpoint_that_no_longer_fits_its_spec_is_named(tmp_path):
+    from infer.pipeline import CHECKPOINT_KEY
+
+    # a tiny editor trained when its vocabulary had two tokens fewer than the code builds now
+    embedding = load_editor("tiny").text_encoder.embeddings.token_embedding.weight
+    checkpoint = {"state_dict": {"text_encoder.embeddings.token_embedding.weight": embedding[:-2].clone()},
+                  CHECKPOINT_KEY: {"format": 1, "editor": "tiny", "trainable": "all", "ema": None}}
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    with pytest.raises(ValueError, match=r"old\.ckpt: text_encoder weights do not fit .*token_embedding\.weight \(\d+, \d+\) vs"):
+        InsV2VPipeline.from_checkpoint(tmp_path / "old.ckpt")
