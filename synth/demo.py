@@ -94,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     source_errors = [mse(source, target) for _, source, target in held_out]
     per_edit = {k: ([], []) for k in EDITS}
     for (triplet, _, _), e, s in zip(held_out, edit_errors, source_errors):
-        per_edit[_edit_kind(triplet.edit)][0].append(e)
-        per_edit[_edit_kind(triplet.edit)][1].append(s)
+        kind_edit_errors, kind_source_errors = per_edit[_edit_kind(triplet.edit)]
+        kind_edit_errors.append(e)
+        kind_source_errors.append(s)
     rows = [(source, e, target) for e, (_, source, target) in zip(edits[:6], held_out)]
     metrics = {
         "mse_edit_target": float(np.mean(edit_errors)),
