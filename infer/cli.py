@@ -54,10 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--prompt", required=True, help='the instruction, e.g. "make it snowy"')
     edit.add_argument("-o", "--output", help="output mp4 (default: <input stem>.edited.mp4 here)")
     edit.add_argument("--model", help="editor folder or training checkpoint (default: the tiny editor)")
-    edit.add_argument("--steps", type=_positive_int, default=20, help="denoising steps (default 20)")
+    edit.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default: the editor's, else 20)")
     edit.add_argument("--scheduler", default=None, help="diffusers scheduler class (default: the model's, DDPM)")
-    edit.add_argument("--text-guidance", type=_positive_float, default=7.5, help="s_T (default 7.5)")
-    edit.add_argument("--video-guidance", type=_positive_float, default=1.2, help="s_V (default 1.2)")
+    edit.add_argument("--text-guidance", type=_positive_float, default=None, help="s_T (default: the editor's, else 7.5)")
+    edit.add_argument("--video-guidance", type=_positive_float, default=None, help="s_V (default: the editor's, else 1.2)")
     edit.add_argument("--negative-prompt", default=None)
     edit.add_argument("--clip-frames", type=_positive_int, default=16, help="frames per clip (default 16)")
     edit.add_argument("--reference-frames", type=_non_negative_int, default=4, help="overlap (default 4)")
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--pickscore-model", help="PickScore_v1 folder (a transformers CLIP model)")
     ev.add_argument("--setting", action="append", default=[], metavar="NAME:KEY=VAL,...",
                     help="a named set of edit options, repeatable (default: no-lvsc, lvsc, lvsc+mc)")
-    ev.add_argument("--steps", type=_positive_int, default=20)
+    ev.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default: the editor's, else 20)")
     ev.add_argument("--clip-frames", type=_positive_int, default=16)
     ev.add_argument("--reference-frames", type=_non_negative_int, default=4)
     ev.add_argument("--max-frames", type=_positive_int, default=None)
@@ -126,9 +126,7 @@ def evaluate_command(args: argparse.Namespace) -> None:
         notes.append(f"{len(found)} edits on {len({i[0] for i in found})} videos; {skipped} listed videos not found")
         base = dict(num_inference_steps=args.steps, clip_frames=args.clip_frames, reference_frames=args.reference_frames)
         for name, options in settings.items():
-            from .pipeline import EditSettings
-
-            EditSettings(prompt="x", **{**base, **options}).validate()
+            pipe.settings("x", **{**base, **options}).validate()
         rows = evaluate(pipe, videos, found, settings, Scorers(clip, pick, args.clip_model is None), base,
                         args.max_frames, args.resolution, args.seed, progress=not args.quiet)
     except (ValueError, FileNotFoundError, EditorLoadError, VideoError) as err:
@@ -144,7 +142,7 @@ def edit(args: argparse.Namespace) -> Path:
 
     from model import EditorLoadError
 
-    from .pipeline import EditSettings, InsV2VPipeline, working_size
+    from .pipeline import InsV2VPipeline, working_size
     from .video import VideoError, VideoWriter, iter_frames, probe_video
 
     av.logging.set_level(av.logging.PANIC)  # decoder chatter would drown the one-line errors
@@ -179,8 +177,8 @@ def edit(args: argparse.Namespace) -> Path:
     pipe.to(device, getattr(torch, args.dtype) if args.dtype else None)
 
     resolution = args.resolution or pipe.editor.resolution
-    settings = EditSettings(
-        prompt=args.prompt,
+    settings = pipe.settings(
+        args.prompt,
         negative_prompt=args.negative_prompt,
         num_inference_steps=args.steps,
         text_guidance=args.text_guidance,

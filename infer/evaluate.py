@@ -16,7 +16,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .clip import ClipScorer
-from .metrics import clip_directional, clip_frame_consistency, clip_text_score, pick_score, seam_error, warp_error
+from .metrics import (clip_directional, clip_frame_consistency, clip_text_score, pick_score, seam_error,
+                      source_pair_flows, warp_error)
 from .pipeline import EditSettings, InsV2VPipeline, working_size
 from .sampling import clip_plan
 from .video import VideoError, atomic_write, read_video
@@ -88,17 +89,18 @@ def evaluate(pipe: InsV2VPipeline, videos: Path, instructions: list[tuple[str, s
     rows = []
     jobs = [(v, e, i) for v, e, i in instructions if find_video(videos, v) is not None]
     bar = tqdm(total=len(jobs) * len(settings), desc="evaluating", disable=not progress)
-    cache: dict[str, tuple[np.ndarray, torch.Tensor]] = {}
+    cache: dict[str, tuple[np.ndarray, torch.Tensor, list]] = {}
     for video, edit, instruction in jobs:
         if video not in cache:
             frames = read_video(find_video(videos, video), max_frames=max_frames)
             h, w = working_size(*frames.shape[1:3], resolution or pipe.editor.resolution)
             frames = np.stack([cv2.resize(f, (w, h), interpolation=cv2.INTER_AREA) for f in frames])
-            cache = {video: (frames, scorers.clip.image_embeds(frames))}
-        source, source_emb = cache[video]
+            # the source's embeddings and optical flow serve every edit and setting of this video
+            cache = {video: (frames, scorers.clip.image_embeds(frames), source_pair_flows(frames))}
+        source, source_emb, flows = cache[video]
         texts = scorers.clip.text_embeds([instruction, NEUTRAL_TEXT])
         for name, options in settings.items():
-            setting = EditSettings(prompt=instruction, **{**base, **options})
+            setting = pipe.settings(instruction, **{**base, **options})
             edited = pipe(source, instruction, generator=torch.Generator().manual_seed(seed), progress=False,
                           **{k: v for k, v in vars(setting).items() if k != "prompt"}).frames
             emb = scorers.clip.image_embeds(edited)
@@ -109,8 +111,9 @@ def evaluate(pipe: InsV2VPipeline, videos: Path, instructions: list[tuple[str, s
                 "clip_f": clip_frame_consistency(emb),
                 "clip_d": clip_directional(source_emb, emb, texts[1], texts[0]),
                 "pickscore": float("nan"),
-                "warp_error": warp_error(source, edited),
-                "seam_error": seam_error(source, edited, [c.new_start for c in plan[1:]]) if len(plan) > 1 else float("nan"),
+                "warp_error": warp_error(source, edited, flows=flows),
+                "seam_error": seam_error(source, edited, [c.new_start for c in plan[1:]], flows=flows)
+                if len(plan) > 1 else float("nan"),
             }
             if scorers.pick is not None:
                 pick_text = scorers.pick.text_embeds([instruction])[0]

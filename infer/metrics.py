@@ -45,17 +45,28 @@ def consistent_flow(source: np.ndarray, target: np.ndarray, threshold: float = 1
     return f, mask
 
 
-def pair_warp_errors(source: np.ndarray, edited: np.ndarray, threshold: float = 1.0, method: str = "dis") -> np.ndarray:
+def source_pair_flows(source: np.ndarray, threshold: float = 1.0, method: str = "dis") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """For each consecutive pair ``(t, t+1)`` of the **source** video: the flow from frame ``t+1``
+    to frame ``t`` and its forward-backward mask (:func:`consistent_flow`). Computed once per
+    video, it serves every edit, setting and metric of that video."""
+    return [consistent_flow(source[t + 1], source[t], threshold, method) for t in range(len(source) - 1)]
+
+
+def pair_warp_errors(source: np.ndarray, edited: np.ndarray, threshold: float = 1.0, method: str = "dis",
+                     flows: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> np.ndarray:
     """For each consecutive pair ``(t, t+1)``: masked MSE between edited frame ``t+1`` and edited
     frame ``t`` warped along the **source** video's flow (pixels in [0, 1])::
 
         e_t = sum_x m(x) (E_{t+1}(x) - E_t(x + f(x)))^2 / (3 sum_x m(x)),  E_{t+1}(x) ~ E_t(x + f(x))
 
-    with ``f`` the flow from source frame ``t+1`` to ``t`` and ``m`` its forward-backward mask.
+    with ``f`` the flow from source frame ``t+1`` to ``t`` and ``m`` its forward-backward mask
+    (``flows``: :func:`source_pair_flows` of ``source``, computed here when not given).
     """
+    if flows is None:
+        flows = source_pair_flows(source, threshold, method)
     errors = np.zeros(max(len(edited) - 1, 0))
     for t in range(len(edited) - 1):
-        flow, mask = consistent_flow(source[t + 1], source[t], threshold, method)
+        flow, mask = flows[t]
         previous = torch.from_numpy(edited[t]).permute(2, 0, 1)[None].float() / 255
         current = torch.from_numpy(edited[t + 1]).permute(2, 0, 1)[None].float() / 255
         diff = (current - warp(previous, flow)) ** 2 * mask
@@ -69,8 +80,13 @@ def warp_error(source: np.ndarray, edited: np.ndarray, **kw) -> float:
     return float(errors.mean()) if len(errors) else 0.0
 
 
+def seam_pairs(boundaries: list[int], num_frames: int) -> list[int]:
+    """Indices ``t`` of the consecutive pairs ``(t, t+1)`` that cross into a clip's first new frame."""
+    return [b - 1 for b in boundaries if 0 < b < num_frames]
+
+
 def seam_error(source: np.ndarray, edited: np.ndarray, boundaries: list[int], **kw) -> float:
     """Warp error restricted to pairs ``(b-1, b)`` that cross into a clip's first new frame ``b``."""
     errors = pair_warp_errors(source, edited, **kw)
-    picked = [errors[b - 1] for b in boundaries if 0 < b < len(edited)]
+    picked = [errors[t] for t in seam_pairs(boundaries, len(edited))]
     return float(np.mean(picked)) if picked else 0.0

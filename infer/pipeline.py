@@ -165,14 +165,20 @@ class InsV2VPipeline:
         return self
 
     # ---------------------------------------------------------------- editing
+    def settings(self, prompt: str, **options) -> EditSettings:
+        """The settings of one edit: :class:`EditSettings`' defaults, overridden by the editor's own
+        sampling defaults (``editor.sampling``), overridden by every option given that is not ``None``."""
+        given = {k: v for k, v in options.items() if v is not None}
+        return EditSettings(prompt=prompt, **{**(self.editor.sampling or {}), **given})
+
     def __call__(
         self,
         video: np.ndarray | Iterable[np.ndarray],
         prompt: str,
         negative_prompt: str | None = None,
-        num_inference_steps: int = 20,
-        text_guidance: float = 7.5,
-        video_guidance: float = 1.2,
+        num_inference_steps: int | None = None,
+        text_guidance: float | None = None,
+        video_guidance: float | None = None,
         clip_frames: int = 16,
         reference_frames: int = 4,
         lvsc: float = 0.5,
@@ -182,9 +188,12 @@ class InsV2VPipeline:
         resolution: int | None = None,
         **options,
     ) -> EditOutput:
-        """Edit ``video`` (uint8 ``(F, H, W, 3)`` or an iterable of frames) by ``prompt``."""
-        settings = EditSettings(
-            prompt=prompt,
+        """Edit ``video`` (uint8 ``(F, H, W, 3)`` or an iterable of frames) by ``prompt``.
+
+        Steps and guidance scales left ``None`` take the editor's defaults (:meth:`settings`).
+        """
+        settings = self.settings(
+            prompt,
             negative_prompt=negative_prompt,
             num_inference_steps=num_inference_steps,
             text_guidance=text_guidance,

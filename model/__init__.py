@@ -1,7 +1,15 @@
 """The video editor's networks: inflation, freezing, tiny configs, load and save."""
 
 from .config import build_editor, load_editor, shipped_config, tiny_config
-from .editor import Editor, EditorLoadError, pooled_text, scheduler_class, source_prior_estimate
+from .editor import (
+    SAMPLING_KEYS,
+    Editor,
+    EditorLoadError,
+    pooled_text,
+    scheduler_class,
+    source_prior_estimate,
+    source_prior_posterior_std,
+)
 from .inflate import inflate, motion_modules, widened_conv_in, zero_motion_outputs
 from .tokenizer import tiny_clip_tokenizer
 from .trainable import ParameterCount, count_parameters, set_trainable
@@ -20,6 +28,8 @@ __all__ = [
     "set_trainable",
     "shipped_config",
     "source_prior_estimate",
+    "source_prior_posterior_std",
+    "SAMPLING_KEYS",
     "tiny_clip_tokenizer",
     "tiny_config",
     "widened_conv_in",

@@ -11,7 +11,7 @@ import torch
 import yaml
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
-from .editor import Editor, EditorLoadError, build_text_encoder, scheduler_class
+from .editor import Editor, EditorLoadError, build_text_encoder, check_sampling, scheduler_class
 from .inflate import MIN_TEMPORAL_POSITIONS, inflate
 from .tokenizer import tiny_clip_tokenizer
 
@@ -38,7 +38,7 @@ def build_editor(config: Mapping[str, Any]) -> Editor:
     """
     config = dict(config)
     unknown = set(config) - {"seed", "tokenizer", "text_encoder", "vae", "unet", "scheduler", "min_temporal_positions",
-                            "source_prior_std"}
+                            "source_prior_std", "preconditioned", "sampling"}
     if unknown:
         raise ValueError(f"unknown editor config keys: {sorted(unknown)}")
     for key in ("tokenizer", "text_encoder", "unet", "scheduler"):
@@ -69,11 +69,15 @@ def build_editor(config: Mapping[str, Any]) -> Editor:
         with torch.no_grad():  # start as the prior's estimate: the source, denoised
             unet.conv_out.weight.zero_()
             unet.conv_out.bias.zero_()
+    preconditioned = bool(config.get("preconditioned", False))
+    if preconditioned and prior_std is None:
+        raise ValueError("preconditioned: true scales the correction to the source prior: set source_prior_std")
     text_encoder.eval()
     if vae is not None:
         vae.eval()
     return Editor(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, scheduler=scheduler,
-                  source_prior_std=prior_std)
+                  source_prior_std=prior_std, preconditioned=preconditioned,
+                  sampling=check_sampling(config.get("sampling"), "editor config"))
 
 
 def load_editor(spec: EditorSpec = None, torch_dtype: torch.dtype | None = None) -> Editor:

@@ -49,8 +49,18 @@ class Editor:
     the source. Unchanged pixels then cost nothing to learn, which is what lets a from-scratch
     editor learn in minutes.
 
+    ``preconditioned`` (with ``source_prior_std``) scales that correction by the prior's posterior
+    standard deviation (:func:`source_prior_posterior_std`, EDM's ``c_out``): the U-Net's own output
+    then has unit scale at every noise level, and at low noise it can no longer add more than the
+    noise that is left. Trained with ``loss_weighting: preconditioned`` it regresses a unit-variance
+    target at every timestep, which is what a many-step sampler needs.
+
     A U-Net built with ``time_cond_proj_dim`` also receives the prompt as one vector
     (:func:`pooled_text`) in its timestep embedding.
+
+    ``sampling`` holds the editor's own defaults for editing (any of :data:`SAMPLING_KEYS`, e.g.
+    the guidance scales it was tuned with); ``infer edit`` and the pipeline use them unless told
+    otherwise.
     """
 
     tokenizer: CLIPTokenizer
@@ -59,6 +69,8 @@ class Editor:
     unet: UNetMotionModel
     scheduler: SchedulerMixin
     source_prior_std: float | None = None
+    preconditioned: bool = False
+    sampling: dict[str, Any] | None = None
 
     # ---------------------------------------------------------------- properties
     @property
@@ -172,11 +184,22 @@ class Editor:
         out = self.unet(torch.cat([noisy, condition], dim=1), timestep, encoder_hidden_states=states,
                         timestep_cond=pooled).sample
         if self.source_prior_std is not None:
-            t = torch.as_tensor(timestep, device=self.scheduler.alphas_cumprod.device).long().reshape(-1)
-            alpha_bar = self.scheduler.alphas_cumprod[t].to(out.device, out.dtype).reshape(-1, 1, 1, 1, 1)
+            alpha_bar = self.alpha_bar(timestep, out)
             prior = source_prior_estimate(noisy, self.scaling_factor * condition, alpha_bar, self.source_prior_std)
-            out = prior + out
+            out = prior + self.output_scale(timestep, out) * out
         return out
+
+    def alpha_bar(self, timestep: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
+        """``alpha_bar_t`` per clip, shaped ``(B, 1, 1, 1, 1)`` to broadcast over ``like``."""
+        t = torch.as_tensor(timestep, device=self.scheduler.alphas_cumprod.device).long().reshape(-1)
+        return self.scheduler.alphas_cumprod[t].to(like.device, like.dtype).reshape(-1, 1, 1, 1, 1)
+
+    def output_scale(self, timestep: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
+        """What the U-Net's raw output is multiplied by in :meth:`predict`: ``c_out`` when
+        :attr:`preconditioned`, else 1 (per clip, broadcastable over ``like``)."""
+        if not self.preconditioned or self.source_prior_std is None:
+            return torch.ones((), device=like.device, dtype=like.dtype)
+        return source_prior_posterior_std(self.alpha_bar(timestep, like), self.source_prior_std)
 
     # ---------------------------------------------------------------- persistence
     def save_pretrained(self, directory: str | os.PathLike) -> None:
@@ -196,6 +219,8 @@ class Editor:
             else:
                 component.save_pretrained(directory / name, safe_serialization=True)
         index["source_prior_std"] = self.source_prior_std
+        index["preconditioned"] = self.preconditioned
+        index["sampling"] = self.sampling
         (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
     @classmethod
@@ -240,6 +265,8 @@ class Editor:
             ),
             scheduler=_load("scheduler", lambda: scheduler_class(index["scheduler"][1]).from_pretrained(directory / "scheduler")),
             source_prior_std=index.get("source_prior_std"),
+            preconditioned=bool(index.get("preconditioned", False)),
+            sampling=check_sampling(index.get("sampling"), str(index_path)),
         )
 
     @classmethod
@@ -310,6 +337,35 @@ def source_prior_estimate(noisy: torch.Tensor, source: torch.Tensor, alpha_bar: 
     """
     c_skip = alpha_bar.sqrt() * std**2 / (alpha_bar * std**2 + 1 - alpha_bar)
     return source + c_skip * (noisy - alpha_bar.sqrt() * source)
+
+
+SAMPLING_KEYS = ("num_inference_steps", "text_guidance", "video_guidance")
+
+
+def check_sampling(sampling: Mapping[str, Any] | None, where: str) -> dict[str, Any] | None:
+    """An editor's sampling defaults, checked: only :data:`SAMPLING_KEYS`, positive numbers."""
+    if sampling is None:
+        return None
+    if not isinstance(sampling, Mapping):
+        raise EditorLoadError(f"{where}: sampling must be a mapping of {', '.join(SAMPLING_KEYS)}")
+    unknown = set(sampling) - set(SAMPLING_KEYS)
+    if unknown:
+        raise EditorLoadError(f"{where}: unknown sampling keys {sorted(unknown)}; known: {', '.join(SAMPLING_KEYS)}")
+    for key, value in sampling.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise EditorLoadError(f"{where}: sampling.{key} must be a positive number, got {value!r}")
+    return {k: (int(v) if k == "num_inference_steps" else float(v)) for k, v in sampling.items()}
+
+
+def source_prior_posterior_std(alpha_bar: torch.Tensor, std: float) -> torch.Tensor:
+    """The posterior standard deviation of the clean clip under the prior ``x0 ~ N(source, std^2)``
+    given ``x_t`` (EDM's ``c_out`` for a Gaussian of scale ``std``)::
+
+        sqrt(Var[x0 | x_t]) = std sqrt(1 - a) / sqrt(a std^2 + 1 - a)
+
+    ``std`` at pure noise (``a = 0``), 0 at no noise (``a = 1``).
+    """
+    return std * (1 - alpha_bar).sqrt() / (alpha_bar * std**2 + 1 - alpha_bar).sqrt()
 
 
 def scheduler_class(name: str) -> type[SchedulerMixin]:

@@ -1,5 +1,7 @@
-"""The shapes demo's evaluation: edit held-out clips with a trained editor and measure against the
-exact targets; seam error of long clips with and without LVSC; a side-by-side picture.
+"""The shapes demo's evaluation: edit held-out clips with a trained editor exactly as ``infer edit``
+would (the editor's scheduler, steps and guidance) and measure against the exact targets, per edit
+kind; seam and non-seam warp error of long clips without LVSC, with LVSC and with motion
+compensation; a side-by-side picture.
 
     python -m synth.demo --editor outputs/demo/editor --out outputs/demo
 """
@@ -18,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from infer import InsV2VPipeline, clip_plan
-from infer.metrics import seam_error, warp_error
+from infer.metrics import pair_warp_errors, seam_pairs, source_pair_flows
 
 from .shapes import EDITS, ShapesWorld
 from .writer import atomic_write
@@ -46,41 +48,65 @@ def picture(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]], scale: int = 
     return cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
 
 
+def ratios(edit_errors: list[float], source_errors: list[float], kinds: list[str]) -> dict:
+    """The headline ratio of means and the same ratio per edit kind (a mean of per-clip ratios would
+    be ruled by the clips whose edit changes only a few pixels)."""
+    out = {"mse_edit_target": float(np.mean(edit_errors)), "mse_source_target": float(np.mean(source_errors))}
+    out["ratio"] = out["mse_edit_target"] / out["mse_source_target"]
+    out["by_edit"] = {}
+    for kind in EDITS:
+        e = [x for x, k in zip(edit_errors, kinds) if k == kind]
+        s = [x for x, k in zip(source_errors, kinds) if k == kind]
+        if e:
+            out["by_edit"][kind] = {"clips": len(e), "mse_edit_target": float(np.mean(e)),
+                                    "mse_source_target": float(np.mean(s)), "ratio": float(np.mean(e) / max(np.mean(s), 1e-12))}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m synth.demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--editor", required=True, help="editor folder exported by lightning fit, or a training checkpoint (.ckpt)")
     ap.add_argument("--out", default="outputs/demo")
-    ap.add_argument("--num-clips", type=int, default=32)
+    ap.add_argument("--report", default="metrics.json", help="file name of the report in --out")
+    ap.add_argument("--num-clips", type=int, default=64)
     ap.add_argument("--num-frames", type=int, default=8)
     ap.add_argument("--size", type=int, default=16)
-    # One DDIM step from pure noise returns the x0-prediction, the posterior mean: the estimate
-    # with the least expected squared error. A many-step sample is a draw from the posterior,
-    # whose expected error is up to twice as large wherever the editor is unsure.
-    ap.add_argument("--steps", type=int, default=1)
-    ap.add_argument("--text-guidance", type=float, default=1.5)
-    ap.add_argument("--video-guidance", type=float, default=1.0)
-    ap.add_argument("--sampled-steps", type=int, default=10, help="also report a many-step sample's error (0: skip)")
+    # What a user gets: infer edit's code path and the editor's own defaults (scheduler, steps,
+    # guidance) unless overridden here.
+    ap.add_argument("--steps", type=int, default=None, help="denoising steps (default: the editor's)")
+    ap.add_argument("--scheduler", default=None, help="diffusers scheduler class (default: the editor's)")
+    ap.add_argument("--text-guidance", type=float, default=None)
+    ap.add_argument("--video-guidance", type=float, default=None)
+    ap.add_argument("--one-step", action=argparse.BooleanOptionalAction, default=True,
+                    help="also report the one-step x0-prediction, labelled as such")
     ap.add_argument("--long-clips", type=int, default=2, help="64-frame clips for the LVSC seam test (0: skip)")
     ap.add_argument("--long-frames", type=int, default=64)
     ap.add_argument("--clip-frames", type=int, default=16)
     ap.add_argument("--reference-frames", type=int, default=4)
+    ap.add_argument("--picture", default="samples.png", help="file name of the side-by-side picture in --out ('' : none)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     try:
         load = InsV2VPipeline.from_checkpoint if args.editor.endswith(".ckpt") else InsV2VPipeline.from_pretrained
-        pipe = load(args.editor)
+        pipe = load(args.editor, scheduler=args.scheduler)
+        defaults = pipe.settings("x", num_inference_steps=args.steps, text_guidance=args.text_guidance,
+                                 video_guidance=args.video_guidance)
+        defaults.validate()
     except (ValueError, FileNotFoundError) as err:
         print(f"synth.demo: error: {err}", file=sys.stderr)
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     world = ShapesWorld(seed=args.seed, num_frames=args.num_frames, size=args.size)
-    guidance = dict(num_inference_steps=args.steps, text_guidance=args.text_guidance, video_guidance=args.video_guidance)
+    guidance = dict(num_inference_steps=defaults.num_inference_steps, text_guidance=defaults.text_guidance,
+                    video_guidance=defaults.video_guidance)
 
     start = time.perf_counter()
     held_out = [world.sample(HELD_OUT + i) for i in range(args.num_clips)]
+    kinds = [_edit_kind(triplet.edit) for triplet, _, _ in held_out]
+    source_errors = [mse(source, target) for _, source, target in held_out]
 
     def edit_all(settings: dict, desc: str) -> list[np.ndarray]:
         return [
@@ -89,60 +115,59 @@ def main(argv: list[str] | None = None) -> int:
             for i, (triplet, source, _) in enumerate(tqdm(held_out, desc=desc, disable=args.quiet))
         ]
 
-    edits = edit_all(guidance, "held-out clips")
-    edit_errors = [mse(e, target) for e, (_, _, target) in zip(edits, held_out)]
-    source_errors = [mse(source, target) for _, source, target in held_out]
-    per_edit = {k: ([], []) for k in EDITS}
-    for (triplet, _, _), e, s in zip(held_out, edit_errors, source_errors):
-        kind_edit_errors, kind_source_errors = per_edit[_edit_kind(triplet.edit)]
-        kind_edit_errors.append(e)
-        kind_source_errors.append(s)
-    rows = [(source, e, target) for e, (_, source, target) in zip(edits[:6], held_out)]
+    edits = edit_all(guidance, f"held-out clips ({guidance['num_inference_steps']} steps)")
     metrics = {
-        "mse_edit_target": float(np.mean(edit_errors)),
-        "mse_source_target": float(np.mean(source_errors)),
+        "editor": str(args.editor),
         "num_clips": args.num_clips,
-        "settings": guidance,
+        "steps": guidance["num_inference_steps"],
+        "scheduler": type(pipe.scheduler).__name__,
+        "text_guidance": guidance["text_guidance"],
+        "video_guidance": guidance["video_guidance"],
+        **ratios([mse(e, target) for e, (_, _, target) in zip(edits, held_out)], source_errors, kinds),
     }
-    metrics["ratio"] = metrics["mse_edit_target"] / metrics["mse_source_target"]
-    # per kind, the same ratio of means as the headline (a mean of per-clip ratios would be ruled
-    # by the clips whose edit changes only a few pixels)
-    metrics["by_edit"] = {
-        k: {"clips": len(e), "mse_edit_target": float(np.mean(e)), "mse_source_target": float(np.mean(s)),
-            "ratio": float(np.mean(e) / max(np.mean(s), 1e-12))}
-        for k, (e, s) in per_edit.items() if e
-    }
-    if args.sampled_steps:
-        sampled = edit_all({**guidance, "num_inference_steps": args.sampled_steps}, f"{args.sampled_steps}-step samples")
-        error = float(np.mean([mse(e, target) for e, (_, _, target) in zip(sampled, held_out)]))
-        metrics["sampled"] = {"num_inference_steps": args.sampled_steps, "mse_edit_target": error,
-                              "ratio": error / metrics["mse_source_target"]}
-
-    if args.long_clips:
-        long_world = ShapesWorld(seed=args.seed, num_frames=args.long_frames, size=args.size)
-        plan = clip_plan(args.long_frames, args.clip_frames, args.reference_frames)
-        boundaries = [c.new_start for c in plan[1:]]
-        seams = {"no-lvsc": [], "lvsc": [], "lvsc+mc": []}
-        warps = {k: [] for k in seams}
-        options = {"no-lvsc": dict(lvsc=0.0), "lvsc": dict(lvsc=0.5), "lvsc+mc": dict(lvsc=0.5, motion_compensation=True)}
-        for i in tqdm(range(args.long_clips), desc="long clips", disable=args.quiet):
-            triplet, source, _ = long_world.sample(HELD_OUT + 5000 + i)
-            for name, extra in options.items():
-                edited = pipe(source, triplet.edit, clip_frames=args.clip_frames, reference_frames=args.reference_frames,
-                              progress=False, generator=torch.Generator().manual_seed(args.seed + i), **guidance, **extra).frames
-                seams[name].append(seam_error(source, edited, boundaries))
-                warps[name].append(warp_error(source, edited))
-        metrics["long_clips"] = {
-            "frames": args.long_frames, "clip_frames": args.clip_frames, "reference_frames": args.reference_frames,
-            "seam_error": {k: float(np.mean(v)) for k, v in seams.items()},
-            "warp_error": {k: float(np.mean(v)) for k, v in warps.items()},
+    if args.one_step:
+        single = edit_all({**guidance, "num_inference_steps": 1}, "one-step x0-predictions")
+        metrics["one_step"] = {
+            "what": "the x0-prediction from pure noise in one step (a posterior-mean estimate), not what infer edit gives",
+            **ratios([mse(e, target) for e, (_, _, target) in zip(single, held_out)], source_errors, kinds),
         }
+    if args.long_clips:
+        metrics["seam_error"] = seam_study(pipe, guidance, args)
     metrics["seconds"] = round(time.perf_counter() - start, 1)
-    atomic_write(out / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
-    ok, png = cv2.imencode(".png", cv2.cvtColor(picture(rows), cv2.COLOR_RGB2BGR))
-    atomic_write(out / "samples.png", png.tobytes())
-    print(json.dumps({k: metrics[k] for k in ("mse_edit_target", "mse_source_target", "ratio")}))
+    atomic_write(out / args.report, (json.dumps(metrics, indent=2) + "\n").encode())
+    if args.picture:
+        rows = [(source, e, target) for e, (_, source, target) in zip(edits[:6], held_out)]
+        ok, png = cv2.imencode(".png", cv2.cvtColor(picture(rows), cv2.COLOR_RGB2BGR))
+        atomic_write(out / args.picture, png.tobytes())
+    summary = {k: metrics[k] for k in ("steps", "scheduler", "ratio")}
+    summary["by_edit"] = {k: round(v["ratio"], 3) for k, v in metrics["by_edit"].items()}
+    print(json.dumps(summary))
     return 0
+
+
+def seam_study(pipe: InsV2VPipeline, guidance: dict, args: argparse.Namespace) -> dict:
+    """Long held-out clips edited clip by clip without LVSC, with LVSC, and with LVSC and motion
+    compensation: the warp error of the pairs that cross a clip boundary (seams) next to that of
+    every other consecutive pair, on the same seeds."""
+    long_world = ShapesWorld(seed=args.seed, num_frames=args.long_frames, size=args.size)
+    plan = clip_plan(args.long_frames, args.clip_frames, args.reference_frames)
+    seams = set(seam_pairs([c.new_start for c in plan[1:]], args.long_frames))
+    options = {"no-lvsc": dict(lvsc=0.0), "lvsc": dict(lvsc=0.5), "lvsc+mc": dict(lvsc=0.5, motion_compensation=True)}
+    errors = {name: {"seam": [], "other": []} for name in options}
+    for i in tqdm(range(args.long_clips), desc="long clips", disable=args.quiet):
+        triplet, source, _ = long_world.sample(HELD_OUT + 5000 + i)
+        flows = source_pair_flows(source)  # once per clip, for every setting
+        for name, extra in options.items():
+            edited = pipe(source, triplet.edit, clip_frames=args.clip_frames, reference_frames=args.reference_frames,
+                          progress=False, generator=torch.Generator().manual_seed(args.seed + i), **guidance, **extra).frames
+            pairs = pair_warp_errors(source, edited, flows=flows)
+            errors[name]["seam"] += [e for t, e in enumerate(pairs) if t in seams]
+            errors[name]["other"] += [e for t, e in enumerate(pairs) if t not in seams]
+    return {
+        "clips": args.long_clips, "frames": args.long_frames, "clip_frames": args.clip_frames,
+        "reference_frames": args.reference_frames,
+        **{name: {"seam": float(np.mean(e["seam"])), "non_seam": float(np.mean(e["other"]))} for name, e in errors.items()},
+    }
 
 
 def _edit_kind(instruction: str) -> str:

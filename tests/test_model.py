@@ -20,6 +20,7 @@ from model import (
     pooled_text,
     set_trainable,
     source_prior_estimate,
+    source_prior_posterior_std,
     tiny_config,
 )
 
@@ -116,7 +117,7 @@ def test_all_and_pattern_policies(editor):
     assert counts.trainable == expected
     with pytest.raises(ValueError, match="matched no parameter"):
         set_trainable(unet, ["no_such_layer.*"])
-    with pytest.raises(ValueError, match="'motion', 'all'"):
+    with pytest.raises(ValueError, match="one of motion, all, spatial"):
         set_trainable(unet, "temporal")
 
 
@@ -373,3 +374,56 @@ def test_pooled_prompt_enters_the_time_embedding_and_round_trips(tmp_path):
     loaded = Editor.from_pretrained(tmp_path / "ed")
     assert loaded.unet.config.time_cond_proj_dim == cfg["text_encoder"]["hidden_size"]
     assert torch.equal(loaded.predict(noisy, video, text, t), editor.predict(noisy, video, text, t))
+
+
+def test_posterior_std_is_the_residual_scale_of_the_prior_estimate():
+    torch.manual_seed(0)
+    source = torch.rand(40000) * 2 - 1
+    for alpha_bar, std in [(0.05, 0.5), (0.5, 0.5), (0.97, 0.3)]:
+        a = torch.tensor(alpha_bar)
+        clean = source + std * torch.randn_like(source)
+        noisy = a.sqrt() * clean + (1 - a).sqrt() * torch.randn_like(source)
+        residual = clean - source_prior_estimate(noisy, source, a, std)
+        assert residual.std().item() == pytest.approx(source_prior_posterior_std(a, std).item(), rel=0.03)
+    assert source_prior_posterior_std(torch.tensor(0.0), 0.5).item() == pytest.approx(0.5)
+    assert source_prior_posterior_std(torch.tensor(1.0), 0.5).item() == 0.0
+
+
+@torch.no_grad()
+def test_preconditioned_editor_scales_the_correction_and_round_trips(tmp_path):
+    cfg = {**prior_config(), "preconditioned": True, "sampling": {"num_inference_steps": 12, "text_guidance": 2}}
+    editor = build_editor(cfg)
+    torch.nn.init.normal_(editor.unet.conv_out.weight, std=0.1)
+    video = torch.rand(2, 3, 3, 32, 32) * 2 - 1
+    noisy, t = torch.randn_like(video), torch.tensor([900, 5])
+    text = editor.encode_text(["make the circle red", "make the background blue"])
+    a = editor.scheduler.alphas_cumprod[t].reshape(-1, 1, 1, 1, 1)
+    raw = Editor(**{**editor.__dict__, "source_prior_std": None}).predict(noisy, video, text, t)
+    c_out = source_prior_posterior_std(a, 0.5)
+    assert torch.allclose(editor.predict(noisy, video, text, t), source_prior_estimate(noisy, video, a, 0.5) + c_out * raw,
+                          atol=1e-6)
+    assert torch.equal(editor.output_scale(t, video), c_out)
+    # nearly clean input: the correction is bounded by the noise that is left, sqrt((1 - a) / a)
+    assert c_out[1].item() < ((1 - a[1]) / a[1]).sqrt().item() and c_out[1].item() < c_out[0].item() / 4
+    editor.save_pretrained(tmp_path / "ed")
+    loaded = Editor.from_pretrained(tmp_path / "ed")
+    assert loaded.preconditioned and loaded.sampling == {"num_inference_steps": 12, "text_guidance": 2.0}
+    assert torch.equal(loaded.predict(noisy, video, text, t), editor.predict(noisy, video, text, t))
+    with pytest.raises(ValueError, match="set source_prior_std"):
+        build_editor({**tiny_config(pixel_space=True), "preconditioned": True})
+    with pytest.raises(EditorLoadError, match="unknown sampling keys"):
+        build_editor({**prior_config(), "sampling": {"steps": 3}})
+    with pytest.raises(EditorLoadError, match="sampling.text_guidance must be a positive number"):
+        build_editor({**prior_config(), "sampling": {"text_guidance": -1}})
+
+
+def test_spatial_policy_freezes_exactly_the_temporal_layers(editor):
+    counts = set_trainable(editor.unet, "spatial")
+    for name, p in editor.unet.named_parameters():
+        assert p.requires_grad == ("motion_modules." not in name), name
+    assert counts.trainable == counts.total - sum(p.numel() for m in motion_modules(editor.unet) for p in m.parameters())
+    set_trainable(editor.unet, ["*attn1*", "!*motion_modules.*"])
+    assert any(p.requires_grad for p in editor.unet.parameters())
+    assert not any(p.requires_grad for n, p in editor.unet.named_parameters() if "motion_modules." in n)
+    with pytest.raises(ValueError, match="matched no parameter"):
+        set_trainable(editor.unet, ["*", "!*nothing_here*"])

@@ -14,9 +14,10 @@ import torch
 from shards import write_shards
 
 from infer import InsV2VPipeline
-from model import Editor
+from model import Editor, source_prior_estimate
 from train import EditorModule, ShardDataModule, apply_windows, crop_windows, dropout_masks, regression_target
 from train.callbacks import EditSamples
+from train.objective import sample_timesteps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -308,3 +309,43 @@ def test_text_encoder_training_is_checkpointed(tmp_path, one_sample):
     assert any(k.startswith("text_encoder.") for k in ckpt["state_dict"])
     pipe = InsV2VPipeline.from_checkpoint(tmp_path / "ckpt" / "last.ckpt")
     assert all(torch.equal(v, after[k]) for k, v in pipe.editor.text_encoder.state_dict().items())
+
+
+def test_loss_weightings():
+    from model import build_editor, tiny_config
+    from train.objective import loss_weights
+
+    a = torch.tensor([0.999, 0.5, 0.01])
+    snr = a / (1 - a)
+    assert torch.equal(loss_weights("uniform", a, "epsilon"), torch.ones(3))
+    # min-SNR: the x0-error weight is min(SNR, gamma) whatever the parametrisation
+    for kind, to_x0 in (("epsilon", snr), ("v_prediction", snr + 1), ("sample", torch.ones(3))):
+        assert torch.allclose(loss_weights("min_snr", a, kind, gamma=5.0) * to_x0, snr.clamp(max=5.0))
+    c_out = torch.tensor([0.01, 0.3, 0.5])
+    assert torch.allclose(loss_weights("preconditioned", a, "sample", c_out), c_out.pow(-2))
+    with pytest.raises(ValueError, match="unknown loss_weighting"):
+        loss_weights("snr", a, "epsilon")
+
+    # the preconditioned loss is the squared error of the U-Net's own output against its unit-scale target
+    cfg = tiny_config(pixel_space=True)
+    cfg["scheduler"]["prediction_type"] = "sample"
+    module = EditorModule(editor={**cfg, "source_prior_std": 0.5, "preconditioned": True}, trainable="all",
+                          loss_weighting="preconditioned", drop_text=0, drop_both=0, drop_video=0)
+    torch.nn.init.normal_(module.unet.conv_out.weight, std=0.1)
+    batch = {"source": torch.rand(2, 3, 3, 32, 32) * 2 - 1, "target": torch.rand(2, 3, 3, 32, 32) * 2 - 1,
+             "instruction": ["make it red", "make it blue"]}
+    with torch.no_grad():
+        loss = module.loss(batch, torch.Generator().manual_seed(0))
+        g = torch.Generator().manual_seed(0)
+        ed = module.editor
+        torch.rand(2, generator=g)  # the dropout draw
+        t = sample_timesteps(torch.rand(2, generator=g), 1000, 1.0)
+        noise = torch.randn(batch["target"].shape, generator=g)
+        noisy = ed.scheduler.add_noise(batch["target"], noise, t)
+        a_t = ed.alpha_bar(t, noisy)
+        prior = source_prior_estimate(noisy, batch["source"], a_t, 0.5)
+        raw = (ed.predict(noisy, batch["source"], ed.encode_text(batch["instruction"]), t) - prior) / ed.output_scale(t, noisy)
+        unit_target = (batch["target"] - prior) / ed.output_scale(t, noisy)
+        assert loss.item() == pytest.approx((raw - unit_target).pow(2).mean().item(), rel=1e-4)
+    with pytest.raises(ValueError, match="needs an editor built with preconditioned"):
+        EditorModule(editor="tiny", loss_weighting="preconditioned")

@@ -9,7 +9,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from infer import EditSettings, InsV2VPipeline, write_video
+from infer import InsV2VPipeline, write_video
 from infer.pipeline import to_uint8_frames
 
 
@@ -39,8 +39,8 @@ class EditSamples(L.Callback):
     ``<log dir>/samples`` otherwise.
     """
 
-    def __init__(self, every_n_steps: int = 0, num_inference_steps: int = 10, text_guidance: float = 7.5,
-                 video_guidance: float = 1.2, fps: int = 4):
+    def __init__(self, every_n_steps: int = 0, num_inference_steps: int = 10, text_guidance: float | None = None,
+                 video_guidance: float | None = None, fps: int = 4):
         self.every_n_steps = every_n_steps
         self.settings = dict(num_inference_steps=num_inference_steps, text_guidance=text_guidance,
                              video_guidance=video_guidance)
@@ -62,7 +62,7 @@ class EditSamples(L.Callback):
         target = batch["target"][:1].float()
         frames = source.shape[2]
         pipe = InsV2VPipeline(pl_module.editor)
-        settings = EditSettings(prompt=batch["instruction"][0], clip_frames=frames, reference_frames=0, **self.settings)
+        settings = pipe.settings(batch["instruction"][0], clip_frames=frames, reference_frames=0, **self.settings)
         was_training = pl_module.unet.training
         pl_module.unet.eval()
         try:

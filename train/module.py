@@ -9,12 +9,11 @@ from typing import Any, Union
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 
 from infer.pipeline import CHECKPOINT_KEY
 from model import EditorLoadError, load_editor, set_trainable
 
-from .objective import dropout_masks, regression_target, sample_timesteps
+from .objective import LOSS_WEIGHTINGS, dropout_masks, loss_weights, regression_target, sample_timesteps
 
 EditorSpec = Union[str, dict]
 
@@ -26,11 +25,15 @@ class EditorModule(L.LightningModule):
         editor: what to build: ``tiny``, ``tiny-pixel``, an editor folder, a YAML file, or a
             mapping (``{base_model: DIR, motion_adapter: DIR}`` or component configs); see
             :func:`model.load_editor`.
-        trainable: ``motion``, ``all`` or a list of U-Net parameter name patterns.
+        trainable: ``motion``, ``all``, ``spatial`` (all but the temporal layers) or a list of U-Net
+            parameter name patterns (``!pattern`` excludes).
         lr, betas, weight_decay: AdamW (weight decay 0 is Adam).
         warmup_steps: linear warm-up; lr_schedule: ``constant`` or ``cosine`` (to 0 at max_steps).
         drop_text, drop_both, drop_video: per-sample conditioning dropout fractions.
         timestep_bias: ``1`` samples timesteps uniformly; larger values favour high noise.
+        loss_weighting: ``uniform``, ``min_snr`` (with ``min_snr_gamma``) or ``preconditioned``
+            (for a preconditioned editor: each timestep's error in units of the U-Net's own output);
+            see :func:`train.objective.loss_weights`.
         train_text_encoder: also train the CLIP text encoder (for editors trained from scratch).
         gradient_checkpointing: recompute U-Net activations in backward.
         ema_decay: keep an exponential moving average of the trainable weights (exported).
@@ -52,6 +55,8 @@ class EditorModule(L.LightningModule):
         drop_both: float = 0.05,
         drop_video: float = 0.05,
         timestep_bias: float = 1.0,
+        loss_weighting: str = "uniform",
+        min_snr_gamma: float = 5.0,
         train_text_encoder: bool = False,
         gradient_checkpointing: bool = False,
         ema_decay: float | None = None,
@@ -62,6 +67,8 @@ class EditorModule(L.LightningModule):
         self.save_hyperparameters()
         if lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
+        if loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"loss_weighting must be one of {', '.join(LOSS_WEIGHTINGS)}, got {loss_weighting!r}")
         if isinstance(editor, str) and editor.endswith((".yaml", ".yml")) and os.path.isfile(editor):
             import yaml
 
@@ -72,6 +79,8 @@ class EditorModule(L.LightningModule):
             self.editor = load_editor(editor)
         except EditorLoadError as err:
             raise EditorLoadError(f"model.editor: {err}") from None
+        if loss_weighting == "preconditioned" and not self.editor.preconditioned:
+            raise ValueError("loss_weighting 'preconditioned' needs an editor built with preconditioned: true")
         # registered here so Lightning moves, casts and checkpoints them
         self.unet = self.editor.unet
         self.text_encoder = self.editor.text_encoder.requires_grad_(train_text_encoder)
@@ -123,7 +132,10 @@ class EditorModule(L.LightningModule):
         alpha_bar = scheduler.alphas_cumprod.to(self.device)[t]
         goal = regression_target(scheduler.config.prediction_type, clean, noise, alpha_bar)
         prediction = editor.predict(noisy, condition, text, t)
-        return F.mse_loss(prediction.float(), goal.float())
+        weights = loss_weights(self.hparams.loss_weighting, alpha_bar.float(), scheduler.config.prediction_type,
+                               editor.output_scale(t, clean).float(), self.hparams.min_snr_gamma)
+        per_sample = (prediction.float() - goal.float()).pow(2).flatten(1).mean(dim=1)
+        return (weights * per_sample).mean()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch, self._step_generator(batch_idx))

@@ -50,3 +50,43 @@ def sample_timesteps(u: torch.Tensor, num_train_timesteps: int, bias: float = 1.
     """
     t = (num_train_timesteps * u.pow(1.0 / bias)).long()
     return t.clamp(0, num_train_timesteps - 1)
+
+
+LOSS_WEIGHTINGS = ("uniform", "min_snr", "preconditioned")
+
+
+def loss_weights(
+    scheme: str,
+    alpha_bar: torch.Tensor,
+    prediction_type: str,
+    output_scale: torch.Tensor | None = None,
+    gamma: float = 5.0,
+) -> torch.Tensor:
+    """Per-sample weights of the squared error, with ``SNR = a / (1 - a)``::
+
+        uniform:         1
+        min_snr:         min(SNR, gamma) / SNR        (epsilon; Hang et al. 2023)
+                         min(SNR, gamma) / (SNR + 1)  (v_prediction)
+                         min(SNR, gamma)              (sample)
+        preconditioned:  1 / c_out^2                  (EDM: the U-Net's own output regresses a
+                                                       unit-variance target at every timestep)
+
+    ``output_scale`` is ``c_out`` per sample (:meth:`model.Editor.output_scale`).
+    """
+    if scheme == "uniform":
+        return torch.ones_like(alpha_bar)
+    if scheme == "preconditioned":
+        if output_scale is None:
+            raise ValueError("loss_weighting 'preconditioned' needs the editor's output scale")
+        return output_scale.reshape(-1).to(alpha_bar.dtype).pow(-2).expand_as(alpha_bar)
+    if scheme == "min_snr":
+        snr = alpha_bar / (1 - alpha_bar)
+        capped = snr.clamp(max=gamma)
+        if prediction_type == "epsilon":
+            return capped / snr
+        if prediction_type == "v_prediction":
+            return capped / (snr + 1)
+        if prediction_type == "sample":
+            return capped
+        raise ValueError(f"unknown prediction_type {prediction_type!r}")
+    raise ValueError(f"unknown loss_weighting {scheme!r}; choose one of {', '.join(LOSS_WEIGHTINGS)}")
