@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX_URL ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo demo-ablation test bench clean
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,15 @@ demo: setup
 		--num-samples $(DEMO_SAMPLES) --resume
 	$(VENV)/bin/lightning fit --config configs/shapes.yaml
 	$(VENV)/bin/python -m synth.demo --editor outputs/demo/editor --out outputs/demo
+
+# The temporal ablation: the same recipe and sampler with the motion modules frozen at their
+# zero-initialised output (a per-frame 2D editor); writes outputs/demo/ablation.json.
+demo-ablation: setup
+	$(VENV)/bin/synth build --config configs/synth/shapes.yaml --out outputs/demo/shards \
+		--num-samples $(DEMO_SAMPLES) --resume
+	$(VENV)/bin/lightning fit --config configs/shapes.yaml --config configs/shapes-ablation.yaml
+	$(VENV)/bin/python -m synth.demo --editor outputs/demo-ablation/editor --out outputs/demo \
+		--report ablation.json --no-one-step --long-clips 0 --picture ablation.png
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
