@@ -299,13 +299,18 @@ def test_build_editor_rejects_bad_configs():
         build_editor(pooled)
 
 
-def test_source_prior_estimate_is_the_posterior_mean():
+def prior_draws(alpha_bar: float, std: float, n: int):
+    """Draws from the prior "clean ~ N(source, std^2)" and the forward process at ``alpha_bar``."""
     torch.manual_seed(0)
-    source = torch.rand(20000) * 2 - 1
+    a = torch.tensor(alpha_bar)
+    source = torch.rand(n) * 2 - 1
+    clean = source + std * torch.randn_like(source)
+    return a, source, clean, a.sqrt() * clean + (1 - a).sqrt() * torch.randn_like(source)
+
+
+def test_source_prior_estimate_is_the_posterior_mean():
     for alpha_bar, std in [(0.3, 0.5), (0.9, 0.5), (0.6, 0.2)]:
-        a = torch.tensor(alpha_bar)
-        clean = source + std * torch.randn_like(source)
-        noisy = a.sqrt() * clean + (1 - a).sqrt() * torch.randn_like(source)
+        a, source, clean, noisy = prior_draws(alpha_bar, std, 20000)
         # the least-squares regression of (x0 - source) on (x_t - sqrt(a) source) has the slope c_skip
         u, v = noisy - a.sqrt() * source, clean - source
         slope = (u * v).sum() / (u * u).sum()
@@ -377,12 +382,8 @@ def test_pooled_prompt_enters_the_time_embedding_and_round_trips(tmp_path):
 
 
 def test_posterior_std_is_the_residual_scale_of_the_prior_estimate():
-    torch.manual_seed(0)
-    source = torch.rand(40000) * 2 - 1
     for alpha_bar, std in [(0.05, 0.5), (0.5, 0.5), (0.97, 0.3)]:
-        a = torch.tensor(alpha_bar)
-        clean = source + std * torch.randn_like(source)
-        noisy = a.sqrt() * clean + (1 - a).sqrt() * torch.randn_like(source)
+        a, source, clean, noisy = prior_draws(alpha_bar, std, 40000)
         residual = clean - source_prior_estimate(noisy, source, a, std)
         assert residual.std().item() == pytest.approx(source_prior_posterior_std(a, std).item(), rel=0.03)
     assert source_prior_posterior_std(torch.tensor(0.0), 0.5).item() == pytest.approx(0.5)

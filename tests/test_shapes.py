@@ -54,6 +54,7 @@ def test_all_edit_kinds_and_bouncing():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # a build, 200 training steps and 32 sampled edits in subprocesses
 def test_demo_path_learns_briefly(tmp_path):
     """synth build (shapes) -> lightning fit -> edit held-out clips: the loss falls and the trained
     editor's predictions are closer to the exact targets than the untrained editor's."""
