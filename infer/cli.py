@@ -1,4 +1,4 @@
-"""The `infer` command: `infer edit INPUT --prompt TEXT` edits a video file."""
+"""The `infer` command: `infer edit INPUT --prompt TEXT` edits a video file; `eval` and `convert-insv2v`."""
 
 from __future__ import annotations
 
@@ -89,7 +89,64 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--resolution", type=_positive_int, default=None)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--quiet", action="store_true")
+
+    conv = sub.add_parser(
+        "convert-insv2v",
+        help="turn an InsV2V authors' training checkpoint into an editor folder",
+        description="Convert a checkpoint written by the InsV2V authors' code (unet.*, vae.*, text_model.transformer.* "
+        "weights) into an editor folder that `infer edit --model` and training load.",
+    )
+    conv.add_argument("checkpoint", help="the authors' checkpoint (.ckpt/.pt/.pth/.bin read with weights_only, or .safetensors)")
+    conv.add_argument("--base-model", required=True,
+                      help="InstructPix2Pix (or SD 1.5) diffusers folder: tokenizer, schedule, and the VAE/text encoder when the checkpoint lacks them")
+    conv.add_argument("--out", required=True, help="editor folder to write (must not exist yet)")
+    conv.add_argument("--unet-config", help="YAML/JSON of the U-Net's constructor arguments (default: the paper's, configs/model/insv2v-reference-unet.yaml)")
+    conv.add_argument("--scheduler", default="DDIMScheduler", help="diffusers scheduler class for the saved editor (default DDIMScheduler)")
+    conv.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="dtype of the saved weights")
+    conv.add_argument("--quiet", action="store_true")
     return parser
+
+
+def convert_insv2v_command(args: argparse.Namespace) -> Path:
+    import json
+    import shutil
+    import tempfile
+
+    import torch
+    import yaml
+
+    from model import EditorLoadError
+    from model.insv2v import editor_from_insv2v_checkpoint
+
+    out = Path(args.out)
+    if out.exists():
+        raise UsageError(f"--out {out} already exists: choose a new folder")
+    unet_config = None
+    if args.unet_config:
+        path = Path(args.unet_config)
+        try:
+            unet_config = (json.loads if path.suffix == ".json" else yaml.safe_load)(path.read_text())
+        except (OSError, ValueError, yaml.YAMLError) as err:
+            raise UsageError(f"--unet-config {path}: {str(err).splitlines()[0]}") from None
+        if not isinstance(unet_config, dict):
+            raise UsageError(f"--unet-config {path} does not hold a mapping")
+    try:
+        editor = editor_from_insv2v_checkpoint(args.checkpoint, args.base_model, unet_config=unet_config,
+                                               scheduler=args.scheduler, torch_dtype=getattr(torch, args.dtype))
+    except (EditorLoadError, ValueError) as err:
+        raise UsageError(str(err)) from None
+    # written beside the target and renamed, so an interrupted run leaves no half editor at --out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        editor.save_pretrained(staging)
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if not args.quiet:
+        print(f"wrote {out} (U-Net from {args.checkpoint}, norm_layout insv2v)", file=sys.stderr)
+    return out
 
 
 def evaluate_command(args: argparse.Namespace) -> None:
@@ -231,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
             edit(args)
         elif args.command == "eval":
             evaluate_command(args)
+        elif args.command == "convert-insv2v":
+            convert_insv2v_command(args)
         return 0
     except UsageError as err:
         print(f"infer: error: {err}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""The video editor's networks: inflation, freezing, tiny configs, load and save."""
+"""The video editor's networks: inflation, norm layout, freezing, tiny configs, load and save."""
 
 from .config import build_editor, load_editor, shipped_config, tiny_config
 from .editor import (
@@ -11,6 +11,7 @@ from .editor import (
     source_prior_posterior_std,
 )
 from .inflate import inflate, motion_modules, widened_conv_in, zero_motion_outputs
+from .norm_layout import NORM_LAYOUTS, norm_layout_of, set_norm_layout
 from .tokenizer import tiny_clip_tokenizer
 from .trainable import ParameterCount, count_parameters, set_trainable
 
@@ -23,8 +24,11 @@ __all__ = [
     "inflate",
     "load_editor",
     "motion_modules",
+    "NORM_LAYOUTS",
+    "norm_layout_of",
     "pooled_text",
     "scheduler_class",
+    "set_norm_layout",
     "set_trainable",
     "shipped_config",
     "source_prior_estimate",

@@ -13,6 +13,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from .editor import Editor, EditorLoadError, build_text_encoder, check_sampling, scheduler_class
 from .inflate import MIN_TEMPORAL_POSITIONS, inflate
+from .norm_layout import set_norm_layout
 from .tokenizer import tiny_clip_tokenizer
 
 EditorSpec = Union[str, os.PathLike, Mapping[str, Any], None]
@@ -38,7 +39,7 @@ def build_editor(config: Mapping[str, Any]) -> Editor:
     """
     config = dict(config)
     unknown = set(config) - {"seed", "tokenizer", "text_encoder", "vae", "unet", "scheduler", "min_temporal_positions",
-                            "source_prior_std", "preconditioned", "sampling"}
+                            "source_prior_std", "preconditioned", "sampling", "norm_layout"}
     if unknown:
         raise ValueError(f"unknown editor config keys: {sorted(unknown)}")
     for key in ("tokenizer", "text_encoder", "unet", "scheduler"):
@@ -59,6 +60,7 @@ def build_editor(config: Mapping[str, Any]) -> Editor:
                              f"({text_encoder.config.hidden_size}): it takes the pooled prompt")
         unet2d = UNet2DConditionModel(**unet_cfg)
         unet = inflate(unet2d, min_temporal_positions=int(config.get("min_temporal_positions", MIN_TEMPORAL_POSITIONS)))
+        set_norm_layout(unet, config.get("norm_layout", "diffusers"))
     sched_cfg = dict(config["scheduler"])
     scheduler = scheduler_class(sched_cfg.pop("class", "DDPMScheduler"))(**sched_cfg)
     prior_std = config.get("source_prior_std")
@@ -85,9 +87,10 @@ def load_editor(spec: EditorSpec = None, torch_dtype: torch.dtype | None = None)
 
     * ``None`` or ``"tiny"`` / ``"tiny-pixel"``: the embedded tiny configuration;
     * a folder with ``model_index.json``: :meth:`Editor.from_pretrained`;
-    * a YAML file or a mapping: ``{pretrained: DIR}``, ``{base_model: DIR, motion_adapter: DIR|null,
-      scheduler: NAME}`` (Stable Diffusion / InstructPix2Pix + AnimateDiff) or component configs
-      (random initialisation, as ``configs/model/tiny.yaml``).
+    * a YAML file or a mapping: ``{pretrained: DIR}``, ``{base_model: DIR, motion_adapter:
+      DIR|FILE|null, scheduler: NAME, norm_layout: diffusers|insv2v}`` (Stable Diffusion /
+      InstructPix2Pix + AnimateDiff; FILE is an original-format motion-module checkpoint) or
+      component configs (random initialisation, as ``configs/model/tiny.yaml``).
     """
     if spec is None or spec == "tiny":
         return build_editor(tiny_config())
@@ -113,6 +116,7 @@ def load_editor(spec: EditorSpec = None, torch_dtype: torch.dtype | None = None)
             scheduler=spec.get("scheduler", "DDPMScheduler"),
             torch_dtype=torch_dtype,
             min_temporal_positions=int(spec.get("min_temporal_positions", MIN_TEMPORAL_POSITIONS)),
+            norm_layout=spec.get("norm_layout", "diffusers"),
         )
     return build_editor(spec)
 

@@ -15,9 +15,12 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .inflate import MIN_TEMPORAL_POSITIONS, inflate
+from .norm_layout import NORM_LAYOUTS, norm_layout_of, set_norm_layout
 
 COMPONENTS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
 INDEX_FILE = "model_index.json"
+# File suffixes of original-format (non-diffusers) checkpoints.
+ORIGINAL_CHECKPOINT_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth", ".bin")
 # The weights file each saved component folder must hold (safetensors only, never pickles).
 WEIGHT_FILES = {
     "text_encoder": "model.safetensors",
@@ -221,6 +224,7 @@ class Editor:
         index["source_prior_std"] = self.source_prior_std
         index["preconditioned"] = self.preconditioned
         index["sampling"] = self.sampling
+        index["norm_layout"] = norm_layout_of(self.unet)
         (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
     @classmethod
@@ -247,7 +251,10 @@ class Editor:
         unet_class = index["unet"][1]
         if unet_class != "UNetMotionModel":
             raise EditorLoadError(f"{index_path}: unet is {unet_class}, expected UNetMotionModel")
-        return cls(
+        layout = index.get("norm_layout", "diffusers")
+        if layout not in NORM_LAYOUTS:
+            raise EditorLoadError(f"{index_path}: norm_layout must be one of {', '.join(NORM_LAYOUTS)}, got {layout!r}")
+        editor = cls(
             tokenizer=_load("tokenizer", lambda: CLIPTokenizer.from_pretrained(directory / "tokenizer")),
             text_encoder=_load(
                 "text_encoder",
@@ -268,6 +275,8 @@ class Editor:
             preconditioned=bool(index.get("preconditioned", False)),
             sampling=check_sampling(index.get("sampling"), str(index_path)),
         )
+        set_norm_layout(editor.unet, layout)
+        return editor
 
     @classmethod
     def from_stable_diffusion(
@@ -277,12 +286,15 @@ class Editor:
         scheduler: str = "DDPMScheduler",
         torch_dtype: torch.dtype | None = None,
         min_temporal_positions: int = MIN_TEMPORAL_POSITIONS,
+        norm_layout: str = "diffusers",
     ) -> "Editor":
         """The paper's initialisation: a Stable Diffusion 1.5 or InstructPix2Pix folder, inflated.
 
         ``base_model`` is a diffusers pipeline folder (``tokenizer/``, ``text_encoder/``, ``vae/``,
-        ``unet/``, ``scheduler/``); ``motion_adapter`` an optional AnimateDiff ``MotionAdapter``
-        folder. The base's noise schedule is kept, under the ``scheduler`` class named.
+        ``unet/``, ``scheduler/``); ``motion_adapter`` an optional AnimateDiff motion adapter: a
+        diffusers ``MotionAdapter`` folder or an original-format file (``mm_sd_v15.ckpt``,
+        ``.safetensors``). The base's noise schedule is kept, under the ``scheduler`` class named.
+        ``norm_layout`` picks the GroupNorm layout (:data:`model.norm_layout.NORM_LAYOUTS`).
         """
         base = Path(base_model)
         if not base.is_dir():
@@ -290,7 +302,11 @@ class Editor:
         for name in COMPONENTS:
             _require(base / name, CONFIG_FILES[name], WEIGHT_FILES.get(name))
         adapter = None
-        if motion_adapter is not None:
+        if motion_adapter is not None and Path(motion_adapter).suffix in ORIGINAL_CHECKPOINT_SUFFIXES:
+            from .insv2v import motion_adapter_from_original  # it imports this module
+
+            adapter = motion_adapter_from_original(motion_adapter, torch_dtype=torch_dtype)
+        elif motion_adapter is not None:
             adapter_dir = Path(motion_adapter)
             _require(adapter_dir, "config.json", "diffusion_pytorch_model.safetensors", what="motion adapter")
             adapter = _load(
@@ -311,7 +327,7 @@ class Editor:
             vae=_load(
                 "vae", lambda: AutoencoderKL.from_pretrained(base / "vae", use_safetensors=True, torch_dtype=torch_dtype)
             ),
-            unet=inflate(unet2d, adapter, min_temporal_positions=min_temporal_positions),
+            unet=set_norm_layout(inflate(unet2d, adapter, min_temporal_positions=min_temporal_positions), norm_layout),
             scheduler=schedule,
         )
 
