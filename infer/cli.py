@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert a checkpoint written by the InsV2V authors' code (unet.*, vae.*, text_model.transformer.* "
         "weights) into an editor folder that `infer edit --model` and training load.",
     )
-    conv.add_argument("checkpoint", help="the authors' checkpoint (.ckpt/.pt/.pth/.bin read with weights_only, or .safetensors)")
+    conv.add_argument("checkpoint", help="the authors' checkpoint (.ckpt/.pt/.pth/.bin read with weights_only, .safetensors, or a DeepSpeed checkpoint folder)")
     conv.add_argument("--base-model", required=True,
                       help="InstructPix2Pix (or SD 1.5) diffusers folder: tokenizer, schedule, and the VAE/text encoder when the checkpoint lacks them")
     conv.add_argument("--out", required=True, help="editor folder to write (must not exist yet)")

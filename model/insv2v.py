@@ -34,6 +34,8 @@ TEXT_PREFIX = "text_model.transformer."
 # Wrappers their trainer (Lightning, DeepSpeed) put around the module's own state dict.
 WRAPPER_PREFIXES = ("_forward_module.", "module.")
 PAPER_UNET_CONFIG = "model/insv2v-reference-unet.yaml"
+# Their config trains with DeepSpeed ZeRO-2, whose Lightning "checkpoint" is a folder.
+DEEPSPEED_MODEL_STATES = "checkpoint/mp_rank_00_model_states.pt"
 
 
 def paper_unet_config() -> dict[str, Any]:
@@ -226,9 +228,12 @@ def text_encoder_from_reference(state: Mapping[str, Any], like: CLIPTextModel) -
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """A checkpoint file as a flat state dict: ``.safetensors``, or a pickle read with
-    ``weights_only=True`` (``.ckpt``/``.pt``/``.pth``/``.bin``). Unreadable files raise
+    ``weights_only=True`` (``.ckpt``/``.pt``/``.pth``/``.bin``), or the folder DeepSpeed ZeRO-2
+    writes for a Lightning checkpoint (its model states file). Unreadable files raise
     :class:`EditorLoadError` with one line."""
     path = Path(path)
+    if path.is_dir() and (path / DEEPSPEED_MODEL_STATES).is_file():
+        path = path / DEEPSPEED_MODEL_STATES
     if not path.is_file():
         raise EditorLoadError(f"checkpoint not found: {path}")
     try:

@@ -300,10 +300,17 @@ def test_convert_falls_back_to_the_base_vae_and_text_encoder(tmp_path):
     from diffusers import AutoencoderKL
 
     write_sd_folder(tmp_path / "ip2p", in_channels=8)
-    write_authors_checkpoint(tmp_path / "unet-only.ckpt", tmp_path / "ip2p", with_vae=False, with_text=False)
+    made = write_authors_checkpoint(tmp_path / "unet-only.ckpt", tmp_path / "ip2p", with_vae=False, with_text=False)
     editor = editor_from_insv2v_checkpoint(tmp_path / "unet-only.ckpt", tmp_path / "ip2p", unet_config=tiny_reference_config())
     base_vae = AutoencoderKL.from_pretrained(tmp_path / "ip2p" / "vae")
     assert all(torch.equal(editor.vae.state_dict()[k], v) for k, v in base_vae.state_dict().items())
+    # the same weights as DeepSpeed ZeRO-2 leaves them: a folder, the state under "module"
+    flat = torch.load(tmp_path / "unet-only.ckpt", weights_only=True)["state_dict"]
+    states = tmp_path / "epoch=0009.ckpt" / "checkpoint" / "mp_rank_00_model_states.pt"
+    states.parent.mkdir(parents=True)
+    torch.save({"module": flat, "global_steps": 2048}, states)
+    again = editor_from_insv2v_checkpoint(tmp_path / "epoch=0009.ckpt", tmp_path / "ip2p", unet_config=tiny_reference_config())
+    assert all(torch.equal(again.unet.state_dict()[k], v) for k, v in made["unet"].state_dict().items())
 
 
 class Opaque:
