@@ -164,6 +164,18 @@ def test_paper_size_keys_land_on_every_parameter_of_the_paper_editor():
     assert sum(p.numel() for p in unet.parameters()) == sum(
         torch.Size(s).numel() for k, s in reference["keys"].items() if not k.endswith("pos_encoder.pe")
     )
+    # the editor the paper recipe builds here (InstructPix2Pix inflated with mm_sd_v15-shaped motion
+    # modules) has exactly these parameters, so their weights also fine-tune it in place
+    from diffusers import MotionAdapter, UNet2DConditionModel
+
+    from model import inflate, shipped_config
+
+    with torch.device("meta"):
+        unet2d = UNet2DConditionModel(**shipped_config("model/sd15-random.yaml")["unet"])
+        adapter = MotionAdapter(block_out_channels=(320, 640, 1280, 1280), motion_layers_per_block=2,
+                                motion_max_seq_length=24, use_motion_mid_block=False)
+        paper_editor_unet = inflate(unet2d, adapter)
+    assert state_mismatches(paper_editor_unet, converted) == []
 
 
 def test_unsupported_reference_configs_are_named():
