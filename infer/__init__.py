@@ -18,14 +18,14 @@ from .sampling import (
 from .video import (
     VideoError,
     VideoInfo,
-    VideoWriter,
+    VideoReader,
     decode_video,
     encode_video,
     iter_frames,
     probe_video,
     read_video,
-    write_video,
 )
+from .video_writer import OUTPUT_FORMATS, VideoWriter, write_video
 
 __all__ = [
     "Clip",
@@ -34,6 +34,8 @@ __all__ = [
     "InsV2VPipeline",
     "VideoError",
     "VideoInfo",
+    "VideoReader",
+    "OUTPUT_FORMATS",
     "VideoWriter",
     "clip_flows",
     "decode_video",

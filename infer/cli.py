@@ -39,6 +39,20 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _crf(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 63:
+        raise argparse.ArgumentTypeError(f"must be in 0..63, got {text}")
+    return value
+
+
 def _unit_float(text: str) -> float:
     value = float(text)
     if not 0 <= value <= 1:
@@ -50,9 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="infer", description="Edit videos with an InsV2V editor.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     edit = sub.add_parser("edit", help="edit a video by an instruction", description="Edit a video by an instruction.")
-    edit.add_argument("input", help="video file (mp4, mov, mkv, webm, gif)")
+    edit.add_argument("input", help="video file (mp4, mov, mkv, webm, avi, gif, animated webp) or image sequence (frames/%%05d.png)")
     edit.add_argument("--prompt", required=True, help='the instruction, e.g. "make it snowy"')
-    edit.add_argument("-o", "--output", help="output mp4 (default: <input stem>.edited.mp4 here)")
+    edit.add_argument("-o", "--output", help="output .mp4, .mov, .mkv, .webm or .gif (default: <input stem>.edited.mp4 here)")
     edit.add_argument("--model", help="editor folder or training checkpoint (default: the tiny editor)")
     edit.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default: the editor's, else 20)")
     edit.add_argument("--scheduler", default=None, help="diffusers scheduler class (default: the model's, DDPM)")
@@ -67,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--resolution", type=_positive_int, default=None, help="short side in pixels (default: the model's)")
     edit.add_argument("--max-frames", type=_positive_int, default=None, help="edit at most this many frames")
     edit.add_argument("--stride", type=_positive_int, default=1, help="take every N-th frame (default 1)")
+    edit.add_argument("--ignore-decode-errors", action="store_true",
+                      help="edit a damaged video as FFmpeg conceals it instead of stopping at the first damaged frame")
+    edit.add_argument("--start", type=_non_negative_float, default=None, help="edit from this time (seconds)")
+    edit.add_argument("--end", type=_non_negative_float, default=None, help="edit up to this time (seconds)")
+    edit.add_argument("--crf", type=_crf, default=18, help="output quality for x264/x265/VP9, 0 (lossless) to 51 (default 18)")
+    edit.add_argument("--codec", default=None, help="output video encoder (default: libx264; VP9 for .webm, gif for .gif)")
     edit.add_argument("--seed", type=int, default=0)
     edit.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     edit.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
@@ -184,6 +204,7 @@ def evaluate_command(args: argparse.Namespace) -> None:
         base = dict(num_inference_steps=args.steps, clip_frames=args.clip_frames, reference_frames=args.reference_frames)
         for name, options in settings.items():
             pipe.settings("x", **{**base, **options}).validate()
+        Path(args.out).mkdir(parents=True, exist_ok=True)  # an unwritable --out fails now, not after the edits
         rows = evaluate(pipe, videos, found, settings, Scorers(clip, pick, args.clip_model is None), base,
                         args.max_frames, args.resolution, args.seed, progress=not args.quiet)
     except (ValueError, FileNotFoundError, EditorLoadError, VideoError) as err:
@@ -200,25 +221,38 @@ def edit(args: argparse.Namespace) -> Path:
     from model import EditorLoadError
 
     from .pipeline import InsV2VPipeline, working_size
-    from .video import VideoError, VideoWriter, iter_frames, probe_video
+    from .video import VideoError, VideoReader, probe_video
+    from .video_writer import ESTIMATED_BYTES_PER_PIXEL, VideoWriter, check_output_path
 
-    av.logging.set_level(av.logging.PANIC)  # decoder chatter would drown the one-line errors
+    # No Python log callback: FFmpeg's chatter would drown the one-line errors, and a callback
+    # that decoder threads call while a threaded decoder is being freed deadlocks on the GIL.
+    av.logging.set_level(None)
     if not args.prompt.strip():
         raise UsageError("--prompt is empty")
     if args.clip_frames <= args.reference_frames:
         raise UsageError(
             f"--clip-frames ({args.clip_frames}) must be larger than --reference-frames ({args.reference_frames})"
         )
+    if args.start is not None and args.end is not None and args.end <= args.start:
+        raise UsageError(f"--end ({args.end}) must be after --start ({args.start})")
     source = Path(args.input)
-    output = Path(args.output) if args.output else Path.cwd() / f"{source.stem}.edited.mp4"
-    if output.suffix.lower() != ".mp4":
-        raise UsageError(f"output must be an .mp4 file, got {output}")
+    stem = source.stem.split("%")[0].rstrip("_-.") or "frames"  # an image-sequence pattern names no file
+    output = Path(args.output) if args.output else Path.cwd() / f"{stem}.edited.mp4"
     try:
-        info = probe_video(source)
+        info = probe_video(source, strict=not args.ignore_decode_errors)
+        if output.resolve() == source.resolve():
+            raise UsageError("output would overwrite the input")
+        resolution = args.resolution
+        # everything knowable before editing is checked before the model is even loaded
+        seconds = info.duration or (info.num_frames / info.fps if info.num_frames else 0)
+        seconds = max(0.0, min(args.end or seconds, seconds) - (args.start or 0.0)) if seconds else 0.0
+        expected = int(seconds * info.fps / args.stride) if seconds else 0
+        if args.max_frames:
+            expected = min(expected, args.max_frames) if expected else args.max_frames
+        h, w = working_size(info.height, info.width, resolution or 256)
+        check_output_path(output, int(expected * h * w * ESTIMATED_BYTES_PER_PIXEL))
     except VideoError as err:
         raise UsageError(str(err)) from None
-    if output.resolve() == source.resolve():
-        raise UsageError("output would overwrite the input")
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
@@ -246,22 +280,41 @@ def edit(args: argparse.Namespace) -> Path:
         motion_compensation=args.motion_compensation,
         resolution=resolution,
     )
-    total = info.num_frames and -(-info.num_frames // args.stride)
-    if total and args.max_frames:
-        total = min(total, args.max_frames)
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
-    frames = iter_frames(source, max_frames=args.max_frames, stride=args.stride)
-    writer = VideoWriter(output, info.fps / args.stride, audio_from=source if info.has_audio else None)
+    reader = VideoReader(source, start=args.start, end=args.end, max_frames=args.max_frames, stride=args.stride,
+                         strict=not args.ignore_decode_errors)
     try:
-        for frame in pipe.edit_stream(frames, settings, generator=generator, progress=not args.quiet, total_frames=total or None):
-            writer.write(frame)
+        writer = VideoWriter(output, info.fps / args.stride, audio_from=source if info.has_audio else None,
+                             crf=args.crf, codec=args.codec, audio_start=args.start or 0.0)
     except VideoError as err:
-        writer.abort()
         raise UsageError(str(err)) from None
+    for warning in writer.warnings:
+        print(f"infer: warning: {warning}", file=sys.stderr)
+    shown = len(writer.warnings)
+    try:
+        for frame in pipe.edit_stream(iter(reader), settings, generator=generator, progress=not args.quiet,
+                                      total_frames=expected or None):
+            if reader.start_time is not None and writer.frames_written == 0:
+                writer.audio_start = reader.start_time  # the audio starts where the first edited frame does
+            writer.write(frame, reader.times.popleft())
+    except (VideoError, OSError, KeyboardInterrupt) as err:  # damaged input, a full disk, Ctrl-C
+        kept = writer.abort(keep=True)
+        saved = f"; the {writer.frames_written} frames edited before it are in {kept}" if kept else ""
+        if isinstance(err, KeyboardInterrupt):
+            print(f"infer: interrupted{saved}", file=sys.stderr)
+            raise
+        raise UsageError(f"{err}{saved}") from None
     except BaseException:
-        writer.abort()
+        kept = writer.abort(keep=True)
+        if kept:
+            print(f"infer: error after {writer.frames_written} frames; they are in {kept}", file=sys.stderr)
         raise
-    writer.close()
+    try:
+        writer.close()
+    except VideoError as err:
+        raise UsageError(str(err)) from None
+    for warning in writer.warnings[shown:]:
+        print(f"infer: warning: {warning}", file=sys.stderr)
     h, w = working_size(info.height, info.width, resolution)
     if not args.quiet:
         print(f"wrote {output} ({writer.frames_written} frames, {w}x{h}, {float(info.fps / args.stride):.3f} fps)", file=sys.stderr)
@@ -293,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except UsageError as err:
         print(f"infer: error: {err}", file=sys.stderr)
+        return USAGE_ERROR
+    except OSError as err:  # a folder that cannot be created or written, a full disk
+        print(f"infer: error: {err.strerror or err}" + (f": {err.filename}" if err.filename else ""), file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:
         print("infer: interrupted", file=sys.stderr)

@@ -1,14 +1,14 @@
-"""Video I/O with PyAV: probing, streaming decode, H.264 encode with the source's audio."""
+"""Reading videos with PyAV: probing, streaming upright decode with frame times, and clip bytes for shards."""
 
 from __future__ import annotations
 
 import io
 import os
-import tempfile
+from collections import deque
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import av
 import numpy as np
@@ -18,18 +18,42 @@ class VideoError(ValueError):
     """A file that cannot be read as a video (missing, not a video, empty or corrupt)."""
 
 
+# Image sequences (``frames/%05d.png``) carry no frame rate; this one is assumed.
+IMAGE_SEQUENCE_FPS = Fraction(25)
+# Animated images FFmpeg's decoders cannot read (animated WebP) are read with Pillow.
+PILLOW_SUFFIXES = (".webp",)
+# Damaged packets raise instead of being concealed: an edit of silently smeared frames is worse
+# than a clear error (``strict=False`` / ``infer edit --ignore-decode-errors`` accepts them).
+STRICT_DECODING = {"err_detect": "explode"}
+
+
 @dataclass(frozen=True)
 class VideoInfo:
     path: Path
-    width: int
+    width: int  # upright, after rotation metadata
     height: int
-    fps: Fraction
+    fps: Fraction  # average rate; frame times follow the file's own timestamps
     num_frames: int  # as the container reports it; 0 when unknown
     has_audio: bool
+    rotation: int = 0  # degrees counterclockwise the stored frames are turned for display
+    duration: float | None = None  # seconds, when the container knows
+    audio_codec: str | None = None
+
+
+def is_image_sequence(path: str | os.PathLike) -> bool:
+    """``frames/%05d.png``-style patterns (printf-style frame numbers)."""
+    return "%" in Path(path).name
 
 
 def _open(path: str | os.PathLike):
     path = Path(path)
+    if is_image_sequence(path):
+        if not path.parent.is_dir():
+            raise VideoError(f"no such folder: {path.parent}")
+        try:
+            return av.open(str(path), format="image2", options={"framerate": str(IMAGE_SEQUENCE_FPS)})
+        except (av.FFmpegError, UnicodeDecodeError):
+            raise VideoError(f"no images match {path}") from None
     if not path.exists():
         raise VideoError(f"no such file: {path}")
     if not path.is_file():
@@ -40,165 +64,168 @@ def _open(path: str | os.PathLike):
         raise VideoError(f"not a readable video: {path} ({err.__class__.__name__})") from None
 
 
-def probe_video(path: str | os.PathLike) -> VideoInfo:
-    """Size, frame rate, frame count and audio presence of a video file."""
+def _frame_rotation(frame: av.VideoFrame, stream) -> int:
+    """Degrees counterclockwise to turn ``frame`` for display: its display matrix, else the
+    stream's legacy ``rotate`` tag (which counts clockwise)."""
+    angle = int(round(frame.rotation or 0))
+    if not angle and stream.metadata.get("rotate"):
+        try:
+            angle = -int(stream.metadata["rotate"])
+        except ValueError:
+            angle = 0
+    return angle % 360
+
+
+def upright(image: np.ndarray, rotation: int) -> np.ndarray:
+    """``image`` turned ``rotation`` degrees counterclockwise (multiples of 90)."""
+    turns = int(round(rotation / 90)) % 4
+    return np.ascontiguousarray(np.rot90(image, turns)) if turns else image
+
+
+def probe_video(path: str | os.PathLike, strict: bool = True) -> VideoInfo:
+    """Size (upright), frame rate, frame count, rotation and audio of a video; decodes the first
+    frame, so a file that opens but cannot be decoded is reported here, before any editing."""
+    if Path(path).suffix.lower() in PILLOW_SUFFIXES:
+        return _probe_pillow(Path(path))
     with _open(path) as container:
         if not container.streams.video:
             raise VideoError(f"no video stream in {path}")
         stream = container.streams.video[0]
-        fps = stream.average_rate or stream.guessed_rate or Fraction(25)
+        if strict:
+            stream.codec_context.options = STRICT_DECODING
+        try:
+            first = next(container.decode(stream), None)
+        except av.FFmpegError as err:
+            raise VideoError(f"the first frame of {path} cannot be decoded (damaged data: "
+                             f"{str(err).splitlines()[0]})") from None
+        if first is None:
+            raise VideoError(f"no frames could be decoded from {path}")
+        rotation = _frame_rotation(first, stream)
+        width, height = first.width, first.height
+        if rotation % 180:
+            width, height = height, width
+        fps = stream.average_rate or stream.guessed_rate or (IMAGE_SEQUENCE_FPS if is_image_sequence(path) else Fraction(25))
+        audio = container.streams.audio[0] if container.streams.audio else None
+        duration = float(container.duration / av.time_base) if container.duration else None
         return VideoInfo(
             path=Path(path),
-            width=stream.codec_context.width,
-            height=stream.codec_context.height,
+            width=width,
+            height=height,
             fps=Fraction(fps),
             num_frames=int(stream.frames or 0),
-            has_audio=bool(container.streams.audio),
+            has_audio=audio is not None,
+            rotation=rotation,
+            duration=duration,
+            audio_codec=audio.codec_context.name if audio is not None else None,
         )
 
 
-def iter_frames(path: str | os.PathLike, max_frames: int | None = None, stride: int = 1) -> Iterator[np.ndarray]:
-    """Decode frames one at a time as uint8 RGB ``(H, W, 3)``: every ``stride``-th, at most ``max_frames``.
+def _probe_pillow(path: Path) -> VideoInfo:
+    frames = list(_pillow_frames(path))
+    durations = np.diff([t for t, _ in frames]) if len(frames) > 1 else np.array([1 / 25])
+    height, width = frames[0][1].shape[:2]
+    return VideoInfo(path=path, width=width, height=height, fps=Fraction(1 / float(np.mean(durations))).limit_denominator(1000),
+                     num_frames=len(frames), has_audio=False, duration=frames[-1][0] + float(durations[-1]))
 
-    Raises :class:`VideoError` for a file with no decodable frame or a stream that breaks mid-way.
+
+def _pillow_frames(path: Path) -> Iterator[tuple[float, np.ndarray]]:
+    """``(time, RGB frame)`` of an animated image read with Pillow (timing from each frame's duration)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise VideoError(f"no such file: {path}")
+    try:
+        image = Image.open(path)
+        time = 0.0
+        for index in range(getattr(image, "n_frames", 1)):
+            image.seek(index)
+            yield time, np.asarray(image.convert("RGB"))
+            time += (image.info.get("duration") or 40) / 1000
+    except (UnidentifiedImageError, OSError, ValueError, EOFError) as err:
+        raise VideoError(f"not a readable video: {path} ({err.__class__.__name__})") from None
+
+
+class VideoReader:
+    """Upright uint8 RGB frames ``(H, W, 3)`` of a video file, image sequence or animated image,
+    decoded one at a time on several threads.
+
+    ``start``/``end`` (seconds) select a range; then every ``stride``-th frame, at most
+    ``max_frames``. :attr:`times` receives each yielded frame's presentation time (seconds after
+    the first yielded frame), so variable frame rates keep their timing; :attr:`start_time` is
+    the first yielded frame's time in the file's own timeline (where its audio is cut).
+    Raises :class:`VideoError` for a file with no decodable frame or a stream that breaks mid-way;
+    with ``strict`` (the default) also for damaged data the decoder would otherwise conceal.
     """
-    if stride < 1:
-        raise ValueError("stride must be >= 1")
-    yielded = 0
-    with _open(path) as container:
-        if not container.streams.video:
-            raise VideoError(f"no video stream in {path}")
-        stream = container.streams.video[0]
-        try:
-            for index, frame in enumerate(container.decode(stream)):
-                if max_frames is not None and yielded >= max_frames:
-                    break
-                if index % stride:
-                    continue
-                yield frame.to_ndarray(format="rgb24")
-                yielded += 1
-        except av.FFmpegError as err:
-            raise VideoError(f"corrupt video stream in {path} after {yielded} frames: {err}") from None
-    if yielded == 0:
-        raise VideoError(f"no frames could be decoded from {path}")
+
+    def __init__(self, path: str | os.PathLike, *, start: float | None = None, end: float | None = None,
+                 max_frames: int | None = None, stride: int = 1, strict: bool = True):
+        if stride < 1:
+            raise ValueError("stride must be >= 1")
+        if start is not None and end is not None and end <= start:
+            raise ValueError(f"end ({end}) must be after start ({start})")
+        self.path, self.start, self.end, self.max_frames, self.stride = Path(path), start, end, max_frames, stride
+        self.strict = strict
+        self.times: deque[float] = deque()
+        self.start_time: float | None = None
+        self.frames_yielded = 0
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        index = 0
+        for time, frame in self._timed_frames():
+            if self.start is not None and time < self.start - 1e-6:
+                continue
+            if self.end is not None and time >= self.end - 1e-6:
+                break
+            if self.max_frames is not None and self.frames_yielded >= self.max_frames:
+                break
+            index += 1
+            if (index - 1) % self.stride:
+                continue
+            if self.start_time is None:
+                self.start_time = time
+            self.times.append(time - self.start_time)
+            self.frames_yielded += 1
+            yield frame
+        if self.frames_yielded == 0:
+            where = "" if self.start is None and self.end is None else f" in {self.start or 0:g}-{self.end or 'end'} s"
+            raise VideoError(f"no frames could be decoded from {self.path}{where}")
+
+    def _timed_frames(self) -> Iterator[tuple[float, np.ndarray]]:
+        if self.path.suffix.lower() in PILLOW_SUFFIXES:
+            yield from _pillow_frames(self.path)
+            return
+        with _open(self.path) as container:
+            if not container.streams.video:
+                raise VideoError(f"no video stream in {self.path}")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"  # frame- and slice-threaded decoding
+            if self.strict:
+                stream.codec_context.options = STRICT_DECODING
+            rate = float(stream.average_rate or stream.guessed_rate or IMAGE_SEQUENCE_FPS)
+            if self.start:
+                try:  # to the keyframe before start; the frames up to start are decoded and skipped
+                    container.seek(int(self.start * av.time_base), backward=True)
+                except av.FFmpegError:
+                    pass
+            try:
+                for number, frame in enumerate(container.decode(stream)):
+                    time = frame.time if frame.time is not None else number / rate
+                    rotation = _frame_rotation(frame, stream)
+                    yield float(time), upright(frame.to_ndarray(format="rgb24"), rotation)
+            except av.FFmpegError as err:
+                raise VideoError(f"corrupt video stream in {self.path} after {self.frames_yielded} frames: "
+                                 f"{str(err).splitlines()[0]}") from None
+
+
+def iter_frames(path: str | os.PathLike, max_frames: int | None = None, stride: int = 1,
+                start: float | None = None, end: float | None = None) -> Iterator[np.ndarray]:
+    """Upright uint8 RGB frames one at a time (see :class:`VideoReader`)."""
+    return iter(VideoReader(path, start=start, end=end, max_frames=max_frames, stride=stride))
 
 
 def read_video(path: str | os.PathLike, max_frames: int | None = None, stride: int = 1) -> np.ndarray:
     """All frames as uint8 ``(F, H, W, 3)`` (for short clips; long videos: :func:`iter_frames`)."""
     return np.stack(list(iter_frames(path, max_frames=max_frames, stride=stride)))
-
-
-class VideoWriter:
-    """Write an H.264 mp4 atomically: frames go to a hidden temporary file beside ``path``, which
-    replaces ``path`` only when :meth:`close` succeeds; on error nothing is left behind.
-
-    ``audio_from`` copies that file's first audio stream (up to the video's duration).
-    """
-
-    def __init__(
-        self,
-        path: str | os.PathLike,
-        fps: Fraction | float,
-        audio_from: str | os.PathLike | None = None,
-        crf: int = 18,
-    ):
-        self.path = Path(path)
-        self.fps = Fraction(fps).limit_denominator(1001 * 1000)
-        self.audio_from = audio_from
-        self.crf = crf
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=".tmp.mp4", dir=self.path.parent)
-        os.close(fd)
-        self._tmp = Path(tmp)
-        self._container = av.open(str(self._tmp), mode="w", format="mp4")
-        self._stream = None
-        self._audio = None  # (source container, source stream, output stream)
-        self.frames_written = 0
-
-    def write(self, frame: np.ndarray) -> None:
-        if self._stream is None:
-            h, w = frame.shape[:2]
-            if h % 2 or w % 2:
-                raise ValueError(f"H.264 needs even frame sizes, got {w}x{h}")
-            self._stream = self._container.add_stream("libx264", rate=self.fps)
-            self._stream.width, self._stream.height = w, h
-            self._stream.pix_fmt = "yuv420p"
-            self._stream.options = {"crf": str(self.crf)}
-            self._add_audio_stream()  # every stream must exist before the first packet is muxed
-        video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
-        for packet in self._stream.encode(video_frame):
-            self._container.mux(packet)
-        self.frames_written += 1
-
-    def write_all(self, frames: Iterable[np.ndarray]) -> None:
-        for frame in frames:
-            self.write(frame)
-
-    def close(self) -> Path:
-        """Finish the file and move it into place."""
-        try:
-            if self._stream is None:
-                raise ValueError("no frames were written")
-            for packet in self._stream.encode():
-                self._container.mux(packet)
-            if self._audio is not None:
-                self._copy_audio(float(self.frames_written / self.fps))
-            self._container.close()
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(self._tmp, 0o666 & ~umask)  # mkstemp makes owner-only files
-            os.replace(self._tmp, self.path)
-        except BaseException:
-            self.abort()
-            raise
-        return self.path
-
-    def abort(self) -> None:
-        for container in (self._container, self._audio[0] if self._audio else None):
-            try:
-                if container is not None:
-                    container.close()
-            except Exception:  # already closed or half-written: the file is deleted anyway
-                pass
-        self._tmp.unlink(missing_ok=True)
-
-    def _add_audio_stream(self) -> None:
-        if self.audio_from is None:
-            return
-        source = av.open(str(self.audio_from))
-        if not source.streams.audio:
-            source.close()
-            return
-        src = source.streams.audio[0]
-        self._audio = (source, src, self._container.add_stream_from_template(src))
-
-    def _copy_audio(self, duration: float) -> None:
-        """Remux (no re-encode) the source's audio packets that start before ``duration``."""
-        source, src, out = self._audio
-        with source:
-            for packet in source.demux(src):
-                if packet.dts is None:
-                    continue
-                if packet.pts is not None and float(packet.pts * src.time_base) >= duration:
-                    break
-                packet.stream = out
-                self._container.mux(packet)
-
-    def __enter__(self) -> "VideoWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-
-
-def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: Fraction | float, audio_from=None) -> Path:
-    """Write uint8 ``(H, W, 3)`` frames as an H.264 mp4 (see :class:`VideoWriter`)."""
-    with VideoWriter(path, fps, audio_from=audio_from) as writer:
-        writer.write_all(frames)
-    return Path(path)
 
 
 def decode_video(data: bytes) -> np.ndarray:
@@ -233,13 +260,22 @@ def encode_video(frames: np.ndarray, fps: Fraction | float, crf: int = 18) -> by
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part."""
+    """Write ``data`` to ``path`` (creating its folder) so that readers see the old file or the whole
+    new one, never a part."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:  # name the user's path, not the hidden temporary one
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from None
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # the rename itself survives a crash

@@ -105,8 +105,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except UsageError as err:
         print(f"synth: error: {err}", file=sys.stderr)
-    except (ValueError, FileNotFoundError, ConnectionError, OpenAIError) as err:
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+    except (ValueError, OSError, ConnectionError, OpenAIError) as err:
+        if isinstance(err, OSError) and err.strerror:
+            message = err.strerror + (f": {err.filename}" if err.filename else "")
+        else:
+            message = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"synth: error: {message}", file=sys.stderr)
     except KeyboardInterrupt:
         print("synth: interrupted (finished shards are kept; --resume continues)", file=sys.stderr)
