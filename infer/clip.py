@@ -64,9 +64,18 @@ class ClipScorer:
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
 
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "ClipScorer":
+        """Score on ``device`` in ``dtype`` (embeddings are returned in float32 either way)."""
+        self.model.to(device=device, dtype=dtype)
+        return self
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
 
     @torch.no_grad()
     def image_embeds(self, frames: np.ndarray, batch: int = 32) -> torch.Tensor:
@@ -75,7 +84,7 @@ class ClipScorer:
         for start in range(0, len(frames), batch):
             x = torch.from_numpy(np.ascontiguousarray(frames[start : start + batch])).permute(0, 3, 1, 2).float() / 255
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False)
-            x = ((x.clamp(0, 1) - self.mean) / self.std).to(self.device)
+            x = ((x.clamp(0, 1) - self.mean) / self.std).to(self.device, self.dtype)
             out.append(F.normalize(_features(self.model.get_image_features(pixel_values=x)).float(), dim=-1))
         return torch.cat(out)
 

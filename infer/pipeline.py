@@ -233,7 +233,8 @@ class InsV2VPipeline:
                 h, w = window[0].shape[:2]
                 size = working_size(h, w, settings.resolution or None, multiple=8)
             source = to_model_frames(window, *size).to(device)
-            condition = ed.encode_video(source)
+            # latents, noise, flows and LVSC stay float32 whatever the U-Net's precision
+            condition = ed.encode_video(source).float()
             refs = clip.num_reference
             new = len(window) - refs
             noise_new = torch.randn(
@@ -241,7 +242,7 @@ class InsV2VPipeline:
                 generator=generator,
                 device=generator.device if generator is not None else device,
                 dtype=torch.float32,
-            ).to(device, condition.dtype)
+            ).to(device)
             if refs:
                 noise = torch.cat([prev[1][:, :, -refs:], noise_new], dim=2)
                 z_ref = prev[0][:, :, -refs:]
@@ -249,7 +250,7 @@ class InsV2VPipeline:
                 if settings.motion_compensation and settings.lvsc > 0:
                     small = [cv2.resize(f, (size[1], size[0]), interpolation=cv2.INTER_AREA) for f in window]
                     flows = clip_flows(np.stack(small), refs, *condition.shape[-2:], method=settings.flow_method)
-                    flows = flows.to(device, condition.dtype)
+                    flows = flows.to(device)
             else:
                 noise, z_ref, flows = noise_new, None, None
             latents = self.denoise(condition, text_states, noise, settings, z_ref, flows, generator, progress)

@@ -92,15 +92,19 @@ def warp(values: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
     Warping a tensor of ones gives the validity (coverage) of each output cell.
     """
     _, _, h, w = values.shape
+    # positions in float32 whatever the values' dtype: in bfloat16 a normalised coordinate near 1
+    # is off by up to 2^-8, i.e. (w - 1) / 512 cells
+    flow = flow.float()
     ys, xs = torch.meshgrid(
-        torch.arange(h, device=flow.device, dtype=flow.dtype),
-        torch.arange(w, device=flow.device, dtype=flow.dtype),
+        torch.arange(h, device=flow.device, dtype=torch.float32),
+        torch.arange(w, device=flow.device, dtype=torch.float32),
         indexing="ij",
     )
     x = (xs + flow[:, 0]) * (2.0 / max(w - 1, 1)) - 1.0
     y = (ys + flow[:, 1]) * (2.0 / max(h - 1, 1)) - 1.0
-    grid = torch.stack([x, y], dim=-1).to(values.dtype)
-    return F.grid_sample(values, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    grid = torch.stack([x, y], dim=-1)
+    out = F.grid_sample(values.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    return out.to(values.dtype)
 
 
 def lvsc_correct_warped(
@@ -130,7 +134,7 @@ def lvsc_correct_warped(
     # every (new frame, reference) pair as one batch of warps
     values = delta.permute(0, 2, 1, 3, 4).unsqueeze(1).expand(b, new, n, c, h, w)
     values = torch.cat([values, torch.ones_like(values[:, :, :, :1])], dim=3).reshape(b * new * n, c + 1, h, w)
-    warped = warp(values, flows.reshape(b * new * n, 2, h, w).to(values.dtype)).reshape(b, new, n, c + 1, h, w)
+    warped = warp(values, flows.reshape(b * new * n, 2, h, w)).reshape(b, new, n, c + 1, h, w)
     summed = warped.sum(dim=2)  # (B, new, C+1, h, w)
     coverage = summed[:, :, c:]
     moved = summed[:, :, :c] / coverage.clamp_min(1e-6)

@@ -176,16 +176,21 @@ class Editor:
     ) -> torch.Tensor:
         """U-Net output for ``cat([z_t, c], channels)``; video tensors are ``(B, C, F, h, w)``.
 
+        The U-Net runs in its own dtype; the output (and the source prior added to it) comes back
+        in ``noisy``'s, so a sampler can keep float32 latents around a half-precision U-Net.
+
         ``text_states`` ``(B, seq, dim)`` are repeated per frame to ``(B*F, seq, dim)``, as the
         video U-Net attends to text frame by frame. ``timestep`` is one value per clip. With
         :attr:`source_prior_std` the output is ``source_prior_estimate(...) + U-Net(...)``.
         """
         frames = noisy.shape[2]
-        states = text_states.repeat_interleave(frames, dim=0)
+        dtype = self.unet.dtype  # the U-Net runs in its own precision; what follows in noisy's
+        states = text_states.repeat_interleave(frames, dim=0).to(dtype)
         # a U-Net built with time_cond_proj_dim also takes the prompt as one vector in its time embedding
-        pooled = pooled_text(text_states) if self.unet.config.get("time_cond_proj_dim") else None
-        out = self.unet(torch.cat([noisy, condition], dim=1), timestep, encoder_hidden_states=states,
-                        timestep_cond=pooled).sample
+        pooled = pooled_text(text_states).to(dtype) if self.unet.config.get("time_cond_proj_dim") else None
+        out = self.unet(torch.cat([noisy, condition.to(noisy.dtype)], dim=1).to(dtype), timestep,
+                        encoder_hidden_states=states, timestep_cond=pooled).sample.to(noisy.dtype)
+        condition = condition.to(noisy.dtype)
         if self.source_prior_std is not None:
             alpha_bar = self.alpha_bar(timestep, out)
             prior = source_prior_estimate(noisy, self.scaling_factor * condition, alpha_bar, self.source_prior_std)

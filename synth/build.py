@@ -19,9 +19,10 @@ from infer.clip import ClipScorer
 from infer.video import encode_video
 
 from .filter import ClipFilter, Thresholds
+from .ranks import rank_and_world, render_device, render_dtype  # noqa: F401  (rank_and_world: re-exported)
 from .render import PairParams, VideoRenderer
 from .triplets import JsonlSource, OpenAISource, TemplateSource, Triplet, validate
-from .writer import ShardWriter
+from .writer import ShardWriter, read_jsonl
 
 
 def load_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -41,18 +42,6 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
 def config_hash(config: dict[str, Any]) -> str:
     """What must not change across a resume: everything that shapes the samples."""
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def rank_and_world(shard_index: int | None, num_shards: int | None) -> tuple[int, int]:
-    """This process's slice: explicit flags, else torchrun's RANK/WORLD_SIZE, else SLURM's."""
-    if shard_index is not None or num_shards is not None:
-        rank, world = shard_index or 0, num_shards or 1
-    else:
-        rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
-        world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
-    if not 0 <= rank < world:
-        raise ValueError(f"shard index {rank} is outside 0..{world - 1}")
-    return rank, world
 
 
 def make_source(prompts: dict[str, Any], seed: int, rank: int = 0):
@@ -98,9 +87,7 @@ def rank_triplets(source, rank: int, world: int, cache: Path | None) -> Iterator
     resumed build reads the cache first.
     """
     if isinstance(source, OpenAISource):
-        cached = []
-        if cache is not None and cache.is_file():
-            cached = [validate(json.loads(line)) for line in cache.read_text().splitlines() if line.strip()]
+        cached = [validate(record) for record in read_jsonl(cache, repair=True)] if cache is not None else []
         fresh = (t for t in source)
 
         def stream():
@@ -194,13 +181,17 @@ def build(config: dict[str, Any], out: Path, num_samples: int, samples_per_shard
         scenes, renderer, clip_filter, slots = shapes_world(config["prompts"], seed), None, None, 1
         frames, height, width = scenes.num_frames, scenes.size, scenes.size
     else:
-        renderer = make_renderer(gen).to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        where = render_device(device)
+        precision = render_dtype(gen.get("dtype"), where)
+        renderer = make_renderer(gen).to(where, precision)
         clip_filter = make_filter(config["filter"])
+        if clip_filter is not None:  # the filter scores on the render device, in its precision
+            clip_filter.scorer.to(where, precision)
         frames, height, width = int(gen["num_frames"]), int(gen["height"]), int(gen["width"])
         slots = int(gen.get("seeds_per_triplet", 1))
     fps = float(gen.get("fps", 8))
     # the folder is touched only once the config has proven loadable
-    writer = ShardWriter(out, rank, out_cfg.get("prefix", "pairs"), config_hash(config), resume)
+    writer = ShardWriter(out, rank, out_cfg.get("prefix", "pairs"), config_hash(config), resume, world)
     if writer.samples >= num_samples:
         return BuildResult(writer.samples, 0, [])
     start_triplet, start_slot = writer.state["next"]
@@ -224,7 +215,8 @@ def build(config: dict[str, Any], out: Path, num_samples: int, samples_per_shard
                 noise_seed = int(rng.integers(0, 2**63 - 1))
                 noise = torch.randn(renderer.latent_shape(frames, height, width), generator=torch.Generator().manual_seed(noise_seed))
                 source_frames, edited = renderer.render_pair(triplet.input, triplet.output, noise, params)
-            generator_info = {"backbone": "shapes"} if shapes else {"backbone": renderer.backbone, **vars(params)}
+            generator_info = ({"backbone": "shapes"} if shapes else
+                              {"backbone": renderer.backbone, "dtype": str(precision).removeprefix("torch."), **vars(params)})
             scores, reason = clip_filter(source_frames, edited, triplet) if clip_filter else (None, None)
             key = f"r{rank:03d}-{index:09d}-s{slot}"
             attempts.append({"key": key, "triplet": index, "slot": slot, "kept": reason is None, "reason": reason,

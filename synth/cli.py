@@ -27,6 +27,8 @@ def _load(args) -> dict:
         config["prompts"].update(source="openai", base_url=args.llm_base_url)
     if getattr(args, "llm_model", None):
         config["prompts"].update(source="openai", model=args.llm_model)
+    if getattr(args, "dtype", None):
+        config["generator"]["dtype"] = args.dtype
     return config
 
 
@@ -80,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--num-shards", type=_positive, default=None, help="ranks in all (default: $WORLD_SIZE)")
     b.add_argument("--llm-base-url", default=None, help="OpenAI-compatible server (sets prompts.source: openai)")
     b.add_argument("--llm-model", default=None)
-    b.add_argument("--device", default=None)
+    b.add_argument("--device", default=None, help="render device (default: cuda:$LOCAL_RANK when CUDA is there, else cpu)")
+    b.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="renderer and CLIP precision (generator.dtype; default float16 on CUDA, float32 on CPU)")
     b.add_argument("--quiet", action="store_true")
     p = sub.add_parser("prompts", help="only write triplets")
     p.add_argument("--config", default=None)

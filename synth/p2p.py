@@ -108,9 +108,11 @@ class P2PAttnProcessor:
             query, key = query.flatten(0, 1), key.flatten(0, 1)
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
         elif is_cross and control.cross_active and batch % 4 == 0:
-            scores = query @ key.transpose(-1, -2) * attn.scale
+            # scores and softmax in float32: half-precision logits lose the small differences
+            # between tokens that the re-weighting of edited tokens acts on
+            scores = query.float() @ key.float().transpose(-1, -2) * attn.scale
             if attention_mask is not None:
-                scores = scores + attention_mask
+                scores = scores + attention_mask.float()
             probs = _blocks(scores.softmax(dim=-1)).clone()  # (4, n, heads, Lq, S)
             mapping = control.token_map.to(probs.device)
             source = probs[2][..., mapping.clamp(min=0)]

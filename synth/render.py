@@ -102,14 +102,24 @@ class VideoRenderer:
             DDIMScheduler.from_pretrained(path / "scheduler"),
         )
 
-    def to(self, device) -> "VideoRenderer":
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "VideoRenderer":
+        """Move to ``device``; run the text encoder and U-Net in ``dtype``. The VAE stays float32
+        (SD's VAE overflows in float16) and the sampler's latents are always float32."""
         for module in (self.text_encoder, self.vae, self.unet):
-            module.to(device)
+            module.to(device=device)
+        if dtype is not None:
+            for module in (self.text_encoder, self.unet):
+                if module.dtype != dtype:
+                    module.to(dtype=dtype)
         return self
 
     @property
     def device(self) -> torch.device:
         return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
 
     # ---------------------------------------------------------------- rendering
     def token_ids(self, prompt: str) -> list[int]:
@@ -119,12 +129,13 @@ class VideoRenderer:
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids.to(self.device)
-        return self.text_encoder(ids).last_hidden_state
+        return self.text_encoder(ids).last_hidden_state.to(self.dtype)
 
     def _noise_prediction(self, latents: torch.Tensor, t, text: torch.Tensor) -> torch.Tensor:
+        """The U-Net's noise prediction in float32; the U-Net itself runs in its own dtype."""
         if self.backbone == "animatediff":  # UNetMotionModel attends to text frame by frame
             text = text.repeat_interleave(latents.shape[2], dim=0)
-        return self.unet(latents, t, encoder_hidden_states=text).sample
+        return self.unet(latents.to(self.dtype), t, encoder_hidden_states=text).sample.float()
 
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, ...]:
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -143,7 +154,7 @@ class VideoRenderer:
         processor = P2PAttnProcessor(control) if control is not None else AttnProcessor2_0()
         self.unet.set_attn_processor(processor)
         self.scheduler.set_timesteps(params.steps, device=self.device)
-        latents = noise.to(self.device).repeat(n, 1, 1, 1, 1) * self.scheduler.init_noise_sigma
+        latents = noise.to(self.device, torch.float32).repeat(n, 1, 1, 1, 1) * self.scheduler.init_noise_sigma
         from tqdm.auto import tqdm
 
         for i, t in enumerate(tqdm(self.scheduler.timesteps, leave=False, disable=not progress, desc="render")):
@@ -159,7 +170,7 @@ class VideoRenderer:
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         b, c, f, h, w = latents.shape
         flat = latents.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w) / self.vae.config.scaling_factor
-        frames = self.vae.decode(flat).sample.clamp(-1, 1)
+        frames = self.vae.decode(flat.to(self.vae.dtype)).sample.float().clamp(-1, 1)
         return to_uint8_frames(frames.reshape(b, f, *frames.shape[1:]).permute(0, 2, 1, 3, 4))
 
     def render_pair(self, source_prompt: str, target_prompt: str, noise: torch.Tensor, params: PairParams,

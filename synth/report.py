@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import collections
-import json
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from .writer import ATTEMPTS, MANIFEST, atomic_write
+from .writer import MANIFEST_GLOB, atomic_write, read_attempts, read_manifest
 
 SCORES = ("sim_src_text", "sim_tgt_text", "sim_direction", "sim_frames")
 
@@ -34,12 +33,10 @@ def histogram_panel(values: list[float], title: str, size: tuple[int, int] = (20
 
 def report(folder: Path) -> str:
     """Write ``report.txt`` and ``report.png`` into ``folder`` and return the text."""
-    if not (folder / MANIFEST).is_file():
-        raise FileNotFoundError(f"{folder} holds no {MANIFEST}: not a synth build folder")
-    manifest = json.loads((folder / MANIFEST).read_text())
-    attempts = []
-    if (folder / ATTEMPTS).is_file():
-        attempts = [json.loads(line) for line in (folder / ATTEMPTS).read_text().splitlines() if line.strip()]
+    if not list(folder.glob(MANIFEST_GLOB)):
+        raise FileNotFoundError(f"{folder} holds no rank manifest ({MANIFEST_GLOB}): not a synth build folder")
+    manifest = read_manifest(folder)
+    attempts = read_attempts(folder)
     kept = [a for a in attempts if a["kept"]]
     reasons = collections.Counter()
     for a in attempts:
@@ -49,6 +46,7 @@ def report(folder: Path) -> str:
     lines = [
         f"build folder      {folder}",
         f"shards            {len(manifest['shards'])}",
+        f"world size        {manifest['world']}",
         f"kept pairs        {manifest.get('total_samples', 0)}",
         f"attempts          {len(attempts)}",
         f"acceptance rate   {len(kept) / len(attempts):.1%}" if attempts else "acceptance rate   n/a",

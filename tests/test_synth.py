@@ -22,6 +22,7 @@ from infer.clip import ClipScorer
 from synth import PairParams, TemplateSource, Triplet, VideoRenderer, align_tokens, parse_reply
 from synth.cli import main
 from synth.filter import ClipFilter, Thresholds
+from synth.writer import read_attempts, read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = yaml.safe_load((ROOT / "configs/synth/tiny.yaml").read_text())
@@ -177,6 +178,62 @@ def test_no_control_equals_a_plain_render_of_the_target(renderer):
     assert np.abs(controlled.astype(int) - target).max() > 2  # control changes the edited clip
 
 
+def test_a_p2p_pair_renders_in_bfloat16_close_to_float32(renderer):
+    """The half-precision path: float32 latents and P2P scores around a bfloat16 U-Net; identical
+    prompts still give identical videos, and the pair stays near the float32 one."""
+    import copy
+
+    half = copy.deepcopy(renderer).to("cpu", torch.bfloat16)
+    assert half.unet.dtype == torch.bfloat16 and half.vae.dtype == torch.float32
+    params = PairParams(guidance=7.0, self_attn_end=0.4, cross_attn_end=0.8, edit_weight=3.0, steps=3)
+    same = half.render_pair("a cat walking on the road", "a cat walking on the road", _noise(renderer), params)
+    assert np.array_equal(*same)
+    pair = half.render_pair("a cat walking on the road", "a zebra walking on the road", _noise(renderer), params)
+    full = renderer.render_pair("a cat walking on the road", "a zebra walking on the road", _noise(renderer), params)
+    for a, b in zip(pair, full):
+        assert a.shape == b.shape and a.dtype == np.uint8
+        assert np.abs(a.astype(float) - b).mean() < 6  # of 255: bfloat16 keeps ~3 significant digits
+
+
+def test_build_in_bfloat16_records_the_precision_and_scores_in_it(tmp_path, monkeypatch):
+    scored = []
+    real = ClipScorer.image_embeds
+
+    def spy(self, frames, batch=32):
+        scored.append(self.dtype)
+        return real(self, frames, batch)
+
+    monkeypatch.setattr(ClipScorer, "image_embeds", spy)
+    out = tmp_path / "out"
+    assert main(["build", "--config", str(fast_config(tmp_path, seeds_per_triplet=1)), "--out", str(out),
+                 "--num-samples", "2", "--dtype", "bfloat16", "--quiet"]) == 0
+    metas = [json.loads(m) for m in _members(out, ".json")]
+    assert len(metas) == 2 and {m["generator"]["dtype"] for m in metas} == {"bfloat16"}
+    assert scored and set(scored) == {torch.bfloat16}
+
+
+def test_render_device_follows_the_local_rank(monkeypatch):
+    from synth.ranks import local_rank, render_device, render_dtype
+
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert local_rank() == 3
+    monkeypatch.delenv("LOCAL_RANK")
+    monkeypatch.setenv("SLURM_LOCALID", "5")
+    assert local_rank() == 5
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert render_device(None) == torch.device("cpu") and render_device("cpu") == torch.device("cpu")
+    assert render_dtype(None, torch.device("cpu")) == torch.float32
+    assert render_dtype(None, torch.device("cuda", 0)) == torch.float16
+    with pytest.raises(ValueError, match="generator.dtype must be one of"):
+        render_dtype("half", torch.device("cpu"))
+    current = []  # on a node of 8 GPUs, rank 3 renders on (and makes current) its own GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert render_device(None) == torch.device("cuda", 3) and current == [torch.device("cuda", 3)]
+
+
 def test_token_alignment_is_on_tokens_not_words():
     renderer = VideoRenderer.tiny("modelscope", TINY["generator"]["tiny"])
     src, tgt = renderer.token_ids("a cat riding a bike"), renderer.token_ids("a zebra riding a bike")
@@ -271,9 +328,9 @@ def test_kill_9_then_resume_gives_exactly_n_unique_readable_pairs(tmp_path):
     assert subprocess.run(synth_cmd(*args, "--resume"), capture_output=True).returncode == 0
     keys = _keys(out)
     assert len(keys) == 10 and len(set(keys)) == 10
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = read_manifest(out)
     assert manifest["total_samples"] == 10 and sum(s["samples"] for s in manifest["shards"]) == 10
-    attempts = [json.loads(line) for line in (out / "attempts.jsonl").read_text().splitlines()]
+    attempts = read_attempts(out)
     assert len({a["key"] for a in attempts}) == len(attempts) and sum(a["kept"] for a in attempts) == 10
     assert not list(out.glob(".*.tmp"))
     # the same as an uninterrupted build
@@ -294,8 +351,9 @@ def test_ranks_write_disjoint_keys_and_train_loads_them(tmp_path, monkeypatch):
     assert len(keys) == 4 and {k[:4] for k in keys} == {"r000", "r001"}
     triplets = [int(k.split("-")[1]) for k in keys]
     assert sorted(triplets) == [0, 1, 2, 3]  # each rank its own slice of the triplets
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert set(manifest["ranks"]) == {"0", "1"} and manifest["total_samples"] == 4
+    manifest = read_manifest(out)
+    assert set(manifest["ranks"]) == {"0", "1"} and manifest["total_samples"] == 4 and manifest["world"] == 2
+    assert not list(out.glob(".lock")) and not (out / "manifest.json").exists()  # nothing shared between ranks
     text = subprocess.run(synth_cmd("report", out), capture_output=True, text=True).stdout
     assert "kept pairs        4" in text and (out / "report.png").is_file()
 
@@ -306,3 +364,68 @@ def test_ranks_write_disjoint_keys_and_train_loads_them(tmp_path, monkeypatch):
     batch = next(iter(dm.train_dataloader()))
     assert batch["source"].shape == (2, 3, 4, 16, 16)
     assert all(i in {t.edit for t in map(TemplateSource(0).triplet, range(4))} for i in batch["instruction"])
+
+
+def _rank_env(rank: int, world: int) -> dict[str, str]:
+    return {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world)}
+
+
+@pytest.mark.slow
+def test_two_ranks_at_once_kill_9_one_resume_equals_an_uninterrupted_build(tmp_path):
+    """Two ranks build into one folder at the same time; rank 1 is killed with SIGKILL mid-build
+    and resumed: exactly the keys and samples of an uninterrupted build, none twice."""
+    cfg = fast_config(tmp_path, seeds_per_triplet=1)
+    out = tmp_path / "out"
+    args = ["build", "--config", cfg, "--out", out, "--num-samples", 6, "--samples-per-shard", 2, "--quiet"]
+    procs = [subprocess.Popen(synth_cmd(*args), env=_rank_env(r, 2), stderr=subprocess.DEVNULL, start_new_session=True)
+             for r in (0, 1)]
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(out.glob("pairs-001-*.tar")) and procs[1].poll() is None:
+        time.sleep(0.1)
+    os.killpg(procs[1].pid, signal.SIGKILL)
+    procs[1].wait()
+    assert procs[0].wait(timeout=300) == 0
+    assert 1 <= len(list(out.glob("pairs-001-*.tar"))) < 3, "the kill should land mid-build"
+    # a torn last line, as a kill during an append leaves it
+    with open(out / "attempts-r001.jsonl", "a") as f:
+        f.write('{"key": "r001-0000')
+    assert subprocess.run(synth_cmd(*args, "--resume"), env=_rank_env(1, 2), capture_output=True).returncode == 0
+    keys = _keys(out)
+    assert len(keys) == 12 and len(set(keys)) == 12
+    attempts = read_attempts(out)
+    assert len({a["key"] for a in attempts}) == len(attempts) == 12
+    again = tmp_path / "again"
+    for rank in (0, 1):
+        assert subprocess.run(synth_cmd(*[str(a).replace(str(out), str(again)) for a in args]),
+                              env=_rank_env(rank, 2)).returncode == 0
+    assert _keys(again) == keys and _members(again, ".json") == _members(out, ".json")
+
+
+def test_resume_with_another_world_size_is_refused(tmp_path, capsys, monkeypatch):
+    cfg = fast_config(tmp_path, seeds_per_triplet=1)
+    out = tmp_path / "out"
+    args = ["build", "--config", str(cfg), "--out", str(out), "--num-samples", "1", "--quiet"]
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        assert main(args) == 0
+    before = sorted((p.name, p.read_bytes()) for p in out.iterdir())
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    capsys.readouterr()
+    assert main([*args[:-2], "2", "--resume", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "built by 2 ranks" in err[0] and "not 4" in err[0]
+    assert sorted((p.name, p.read_bytes()) for p in out.iterdir()) == before  # nothing touched
+
+
+def test_a_torn_last_line_is_tolerated_and_cut_a_torn_middle_line_is_named(tmp_path):
+    from synth.writer import read_jsonl
+
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"a": 1}\n{"a": 2}\n{"a": 3')
+    assert read_jsonl(path) == [{"a": 1}, {"a": 2}]
+    assert read_jsonl(path, repair=True) == [{"a": 1}, {"a": 2}] and path.read_text() == '{"a": 1}\n{"a": 2}\n'
+    path.write_text('{"a": 1}\n{"a"\n{"a": 3}\n')
+    with pytest.raises(ValueError, match="line 2 is not JSON"):
+        read_jsonl(path)

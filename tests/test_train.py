@@ -166,6 +166,29 @@ def test_a_step_changes_only_trainable_weights(shards):
     assert not any(p.grad is not None for n, p in module.named_parameters() if "motion_modules." not in n)
 
 
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_a_half_precision_training_step(tmp_path, one_sample, precision):
+    """Lightning's bfloat16 precisions train the editor; the loss is reduced in float32."""
+    L.seed_everything(0)
+    module = EditorModule(editor="tiny", trainable="motion", lr=1e-2, export_dir=str(tmp_path / "export"))
+    losses = []
+    real = module.loss
+
+    def spy(batch, generator):
+        loss = real(batch, generator)
+        losses.append(loss)
+        return loss
+
+    module.loss = spy
+    before = {k: v.float().clone() for k, v in module.unet.state_dict().items()}
+    dm = ShardDataModule(shards=str(one_sample), num_frames=4, resolution=32, batch_size=2, augment=False)
+    trainer(tmp_path, 2, precision=precision).fit(module, dm)
+    assert losses and all(loss.dtype == torch.float32 and torch.isfinite(loss) for loss in losses)
+    after = module.unet.state_dict()
+    moved = {k for k in before if not torch.equal(before[k].to(after[k].dtype), after[k])}  # bf16-true rounds all
+    assert moved and all("motion_modules." in k for k in moved)
+
+
 def _fit(tmp_path, shards, steps, ckpt_path=None, **module_kw):
     L.seed_everything(0)
     module = EditorModule(editor="tiny", trainable="all", lr=1e-3, warmup_steps=2, seed=3, export_dir=str(tmp_path / "export"), **module_kw)
