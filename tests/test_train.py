@@ -215,6 +215,30 @@ def test_resume_gives_the_same_weights(tmp_path, one_sample):
     assert max((a[k] - fresh[k]).abs().max().item() for k in a) > 1e-4  # it did train
 
 
+def test_resume_continues_the_shuffled_augmented_stream(tmp_path, shards):
+    """Multi-sample shards, shuffle and augmentation on: 4 steps in one run equal 2 steps, a
+    resume from the last checkpoint, and 2 more, across an epoch boundary (3 batches an epoch)."""
+    def fit(root, steps, ckpt_path=None):
+        L.seed_everything(0)
+        module = EditorModule(editor="tiny", trainable="all", lr=1e-3, warmup_steps=2, seed=3)
+        dm = ShardDataModule(shards=str(shards), num_frames=4, resolution=16, batch_size=2, augment=True,
+                             shuffle_buffer=8, batches_per_epoch=3)
+        seen = []
+        real = module.loss
+        module.loss = lambda batch, generator: seen.append(batch["key"]) or real(batch, generator)
+        trainer(root, steps).fit(module, dm, ckpt_path=ckpt_path)
+        return module, seen
+
+    straight, keys = fit(tmp_path / "a", 4)
+    _, first = fit(tmp_path / "b", 2)
+    resumed, then = fit(tmp_path / "b", 4, ckpt_path=str(tmp_path / "b" / "ckpt" / "last.ckpt"))
+    assert first + then == keys
+    a, b = straight.unet.state_dict(), resumed.unet.state_dict()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    state = torch.load(tmp_path / "b" / "ckpt" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert state["ShardDataModule"]["epoch"] == 1  # the stream's place is in the checkpoint
+
+
 def test_checkpoint_is_small_loads_and_edits(tmp_path, one_sample):
     L.seed_everything(0)
     module = EditorModule(editor="tiny", trainable="motion", lr=1e-3, export_dir=str(tmp_path / "export"))
@@ -278,6 +302,13 @@ def test_cli_fit_print_config_and_rerun(tmp_path, shards):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert torch.load(tmp_path / "outputs/train-tiny/checkpoints/last.ckpt", weights_only=True)["global_step"] == 3
     assert (tmp_path / "outputs/train-tiny/logs/version_1/editor/model_index.json").is_file()
+    # another run, another root: its checkpoints and logs follow it, the first run's are untouched
+    before = (tmp_path / "outputs/train-tiny/checkpoints/last.ckpt").read_bytes()
+    other = run(args + ["--trainer.default_root_dir", "runs/b"], cwd=tmp_path)
+    assert other.returncode == 0, other.stderr[-2000:]
+    assert torch.load(tmp_path / "runs/b/checkpoints/last.ckpt", weights_only=True)["global_step"] == 2
+    assert (tmp_path / "runs/b/logs/version_0/hparams.yaml").is_file()
+    assert (tmp_path / "outputs/train-tiny/checkpoints/last.ckpt").read_bytes() == before
 
 
 def test_cli_placeholder_weights_fail_clearly(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -18,9 +19,32 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 warnings.filterwarnings("ignore", message=r"Total length of `list` across ranks is zero")
 
 
+ROOT_PLACEHOLDER = "{default_root_dir}"
+
+
+class EditorCLI(LightningCLI):
+    """LightningCLI whose runs keep their files under their own ``trainer.default_root_dir``:
+    a ModelCheckpoint without ``dirpath`` writes ``<root>/checkpoints`` (one fixed folder per run,
+    so a resubmitted job finds ``--ckpt_path last``; runs with other roots never share it), and a
+    logger's ``save_dir: "{default_root_dir}"`` becomes that root."""
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config.trainer
+        root = str(trainer.default_root_dir or ".")
+        for callback in trainer.callbacks or []:
+            if str(getattr(callback, "class_path", "")).endswith("ModelCheckpoint") and not callback.init_args.get("dirpath"):
+                callback.init_args["dirpath"] = str(Path(root) / "checkpoints")
+        loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
+        for logger in loggers:
+            init_args = getattr(logger, "init_args", None)
+            if init_args is not None and isinstance(init_args.get("save_dir"), str):
+                init_args["save_dir"] = init_args["save_dir"].replace(ROOT_PLACEHOLDER, root)
+
+
 def main(args: list[str] | None = None) -> int:
     try:
-        LightningCLI(
+        EditorCLI(
             EditorModule,
             ShardDataModule,
             save_config_kwargs={"overwrite": True},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import io
+import itertools
 import json
 import logging
 import os
@@ -62,23 +63,13 @@ def sample_frames(num_available: int, num_frames: int, stride: int, rng: np.rand
 class PairDecoder:
     """Turn a raw shard sample into training tensors; a broken sample becomes ``None`` (counted)."""
 
-    def __init__(self, num_frames: int, frame_stride: int, resolution: int, augment: dict[str, float] | None,
-                 seed: int | None = None):
+    def __init__(self, num_frames: int, frame_stride: int, resolution: int, augment: dict[str, float] | None):
         self.num_frames, self.frame_stride, self.resolution = num_frames, frame_stride, resolution
         self.augment = augment
-        self.seed = seed
         self.skipped = 0
-        self._rng: np.random.Generator | None = None
 
-    @property
-    def rng(self) -> np.random.Generator:
-        """Frame and crop draws; made on first use, inside the worker, so each rank and worker differ."""
-        if self._rng is None:
-            entropy = None if self.seed is None else [self.seed, wds.utils.pytorch_worker_seed()]
-            self._rng = np.random.default_rng(entropy)
-        return self._rng
-
-    def __call__(self, sample: dict[str, Any]) -> dict[str, Any] | None:
+    def __call__(self, sample: dict[str, Any], rng: np.random.Generator) -> dict[str, Any] | None:
+        """``rng`` draws the frames and the crop."""
         key = sample.get("__key__", "?")
         try:
             meta = json.loads(sample["json"])
@@ -90,11 +81,11 @@ class PairDecoder:
             self.skipped += 1
             log.warning("skipping corrupt sample %s (%s); %d skipped so far", key, err, self.skipped)
             return None
-        index = sample_frames(len(source), self.num_frames, self.frame_stride, self.rng)
+        index = sample_frames(len(source), self.num_frames, self.frame_stride, rng)
         source, target = source[index], target[index]
         h, w = source.shape[1:3]
         if self.augment:
-            boxes = crop_windows(self.num_frames, h, w, self.rng, **self.augment)
+            boxes = crop_windows(self.num_frames, h, w, rng, **self.augment)
         else:  # centred square
             side = min(h, w)
             x0, y0 = (w - side) / 2, (h - side) / 2
@@ -116,6 +107,55 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+class PairStream(torch.utils.data.IterableDataset):
+    """Endless batches of decoded pairs, drawn shard by shard through a shuffle buffer.
+
+    Each pass (an epoch of the loader) is a pure function of (seed, rank and worker, epoch), and
+    each sample's frame and crop draws a function of its position in that pass. So a resumed run
+    skips exactly the raw samples its checkpoint says were consumed, reading but not decoding
+    them, and goes on with the batches an uninterrupted run would have seen. Every batch carries
+    ``stream`` = (worker, epoch, raw samples consumed) for that bookkeeping.
+    """
+
+    def __init__(self, urls: list[str], decoder: PairDecoder, batch_size: int, shuffle_buffer: int, seed: int,
+                 start_epoch: int = 0, skip: dict[int, int] | None = None):
+        super().__init__()
+        self.urls, self.decoder, self.batch_size, self.shuffle_buffer = urls, decoder, batch_size, shuffle_buffer
+        self.seed, self.skip = seed, skip or {}
+        self.start_epoch = start_epoch
+        self.first_pass_batches: int | None = None  # a resumed epoch: only the batches left in it
+        self.epoch = start_epoch - 1  # each worker's copy counts its own passes
+
+    def __iter__(self):
+        self.epoch += 1
+        epoch, worker = self.epoch, wds.utils.pytorch_worker_seed()  # rank * 1000 + worker
+        shard_rng = random.Random(wds.utils.make_seed(self.seed, worker, epoch, 0))
+        shards = ({"url": self.urls[shard_rng.randrange(len(self.urls))]} for _ in itertools.count())
+        samples = wds.tarfile_to_samples(handler=wds.warn_and_continue)(shards)  # an unreadable member is skipped
+        samples = wds.shuffle(self.shuffle_buffer, rng=random.Random(wds.utils.make_seed(self.seed, worker, epoch, 1)))(samples)
+        skip = self.skip.get(worker, 0) if epoch == self.start_epoch else 0
+        limit = None
+        if epoch == self.start_epoch and self.first_pass_batches is not None:
+            info = torch.utils.data.get_worker_info()  # the loader takes batches from its workers in turn
+            index, count = (info.id, info.num_workers) if info is not None else (0, 1)
+            limit = len(range(index, self.first_pass_batches, count))
+        batch, made = [], 0
+        if limit == 0:
+            return
+        for position, sample in enumerate(samples):
+            if position < skip:
+                continue
+            item = self.decoder(sample, np.random.default_rng([self.seed, worker, epoch, position]))
+            if item is None:
+                continue
+            batch.append(item)
+            if len(batch) == self.batch_size:
+                yield {**collate(batch), "stream": torch.tensor([worker, epoch, position + 1])}
+                batch, made = [], made + 1
+                if made == limit:
+                    return
+
+
 class ShardDataModule(L.LightningDataModule):
     """Clip pairs streamed from WebDataset shards.
 
@@ -133,7 +173,8 @@ class ShardDataModule(L.LightningDataModule):
         translate_prob, max_translate, zoom_prob, max_zoom: its parameters (SPEC §5).
         stream_seed: makes the stream replayable (shard draws, shuffle, frames, crops; each rank and
             worker its own). ``None`` takes Lightning's global seed (``seed_everything``) when one
-            is set, else the stream is fresh on every run. A resumed run starts the stream afresh.
+            is set, else the stream is fresh on every run. A run resumed from a checkpoint goes on
+            where the stream stopped (the position is saved in the checkpoint), not from its start.
     """
 
     def __init__(
@@ -158,6 +199,8 @@ class ShardDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.decoders: list[PairDecoder] = []
+        self._consumed: dict[str, Any] = {}
+        self._resuming = False
 
     def _augment(self) -> dict[str, float] | None:
         hp = self.hparams
@@ -173,24 +216,45 @@ class ShardDataModule(L.LightningDataModule):
         global_seed = os.environ.get("PL_GLOBAL_SEED")  # written by lightning.seed_everything
         return int(global_seed) if global_seed is not None else None
 
-    def _loader(self, pattern: str, augment: dict[str, float] | None, batches: int) -> wds.WebLoader:
+    def _loader(self, pattern: str, augment: dict[str, float] | None, batches: int, resume: bool = False) -> wds.WebLoader:
         hp = self.hparams
         seed = self._seed()
-        decoder = PairDecoder(hp.num_frames, hp.frame_stride, hp.resolution, augment, seed)
+        if seed is None:  # a fresh stream, still consistent across this run's workers and epochs
+            seed = random.SystemRandom().randrange(2**31)
+        decoder = PairDecoder(hp.num_frames, hp.frame_stride, hp.resolution, augment)
         self.decoders.append(decoder)
-        dataset = wds.DataPipeline(
-            # endless draws of shards; seeded per rank and worker, and per pass over the loader
-            wds.ResampledShards(expand_shards(pattern), seed=seed or 0, deterministic=seed is not None, empty_check=False),
-            wds.tarfile_to_samples(handler=wds.warn_and_continue),  # an unreadable tar member is skipped
-            wds.shuffle(hp.shuffle_buffer, rng=None if seed is None else random.Random(seed)),
-            wds.map(decoder),
-            wds.select(lambda sample: sample is not None),
-            wds.batched(hp.batch_size, collation_fn=collate, partial=False),
-        )
+        trainer = getattr(self, "trainer", None)
+        start_epoch = trainer.current_epoch if trainer is not None else 0
+        skip, done = {}, 0
+        if resume and self._consumed.get("epoch") == start_epoch:  # stopped mid-epoch: skip what was consumed
+            skip = {int(w): p for w, p in self._consumed["positions"].items()}
+            done = self._consumed["batches"]
+        stream = PairStream(expand_shards(pattern), decoder, hp.batch_size, hp.shuffle_buffer, seed, start_epoch, skip)
         # persistent workers keep their stream's position: a respawned worker would replay it
-        loader = wds.WebLoader(dataset, batch_size=None, num_workers=hp.num_workers,
-                               persistent_workers=hp.num_workers > 0)
+        if done:
+            stream.first_pass_batches = max(batches - done, 0)
+        loader = wds.WebLoader(stream, batch_size=None, num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0)
         return loader.with_epoch(batches)
+
+    # ------------------------------------------------------------ the stream's position
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        trainer = getattr(self, "trainer", None)
+        if "stream" in batch and trainer is not None and trainer.training:
+            worker, epoch, consumed = (int(v) for v in batch["stream"])
+            if self._consumed.get("epoch") != epoch:
+                self._consumed = {"epoch": epoch, "batches": 0, "positions": {}}
+            self._consumed["positions"][str(worker)] = consumed
+            self._consumed["batches"] += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint: the epoch, its batches trained on, and each worker's raw
+        samples consumed in it."""
+        return dict(self._consumed)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._consumed = dict(state)
+        self._resuming = True
 
     @property
     def skipped(self) -> int:
@@ -203,7 +267,7 @@ class ShardDataModule(L.LightningDataModule):
             expand_shards(self.hparams.val_shards)
 
     def train_dataloader(self):
-        return self._loader(self.hparams.shards, self._augment(), self.hparams.batches_per_epoch)
+        return self._loader(self.hparams.shards, self._augment(), self.hparams.batches_per_epoch, resume=self._resuming)
 
     def val_dataloader(self):
         if not self.hparams.val_shards:

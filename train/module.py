@@ -104,8 +104,14 @@ class EditorModule(L.LightningModule):
         """Every trained weight, named as in the module's state dict (``unet.*``, ``text_encoder.*``)."""
         return {name: p for name, p in self.named_parameters() if p.requires_grad}
 
-    def _step_generator(self, batch_idx: int) -> torch.Generator:
-        seed = (self.hparams.seed * 1_000_003 + self.global_step * 1009 + batch_idx * 7 + self.global_rank * 7919) % 2**63
+    def _step_generator(self) -> torch.Generator:
+        """The noise and timestep draws of one micro-batch: a function of (seed, optimizer step,
+        micro-batch within it, rank), so a resumed run draws what an uninterrupted one would
+        (Lightning's ``batch_idx`` does not restart where it would after a mid-epoch resume)."""
+        step = self.global_step
+        self._micro_batch = self._micro_batch + 1 if getattr(self, "_seeded_step", None) == step else 0
+        self._seeded_step = step
+        seed = (self.hparams.seed * 1_000_003 + step * 1009 + self._micro_batch * 7 + self.global_rank * 7919) % 2**63
         return torch.Generator(device=self.device).manual_seed(seed)
 
     # ---------------------------------------------------------------- objective
@@ -138,7 +144,7 @@ class EditorModule(L.LightningModule):
         return (weights * per_sample).mean()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self.loss(batch, self._step_generator(batch_idx))
+        loss = self.loss(batch, self._step_generator())
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["source"].shape[0])
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch["source"].shape[0])
         return loss
