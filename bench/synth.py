@@ -51,7 +51,8 @@ def render_costs(args) -> None:
     config = copy.deepcopy(tiny)
     if args.modelscope_size:
         config.update(unet=MODELSCOPE_UNET, vae=SD_VAE, text_encoder=OPENCLIP_H_TEXT)
-    renderer = VideoRenderer.tiny("modelscope", config).to(args.device)
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
+    renderer = VideoRenderer.tiny("modelscope", config).to(args.device, dtype)
     frames, size, steps = (16, 256, 30) if args.modelscope_size else (8, 32, 6)
     noise = torch.randn(renderer.latent_shape(frames, size, size), generator=torch.Generator().manual_seed(0))
     params = PairParams(guidance=9.0, self_attn_end=0.4, cross_attn_end=0.8, edit_weight=2.0, steps=steps)
@@ -69,7 +70,7 @@ def render_costs(args) -> None:
     p2p = timed(lambda: renderer.render_pair(src, tgt, noise, params))
     plain = timed(lambda: renderer.render([src, tgt], noise, params))
     label = "ModelScope size" if args.modelscope_size else "tiny"
-    print(f"{label}, {frames}x{size}², {steps} DDIM steps on {args.device}: P2P pair {p2p:.2f} s, "
+    print(f"{label}, {frames}x{size}², {steps} DDIM steps on {args.device} in {args.dtype}: P2P pair {p2p:.2f} s, "
           f"plain pair {plain:.2f} s, P2P overhead {p2p / plain - 1:+.1%}")
 
 
@@ -78,7 +79,11 @@ def main() -> None:
     ap.add_argument("--num-samples", type=int, default=8)
     ap.add_argument("--modelscope-size", action="store_true")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                    help="renderer precision (default: float16 on CUDA, float32 on CPU, as synth build)")
     args = ap.parse_args()
+    if args.dtype is None:
+        args.dtype = "float16" if args.device.startswith("cuda") else "float32"
     if not args.modelscope_size:
         tiny_cpu(args)
     render_costs(args)

@@ -54,7 +54,7 @@ def test_all_edit_kinds_and_bouncing():
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1500)  # a build, 200 training steps and 32 sampled edits in subprocesses
+@pytest.mark.timeout(1500)  # a build, 400 training steps and 32 sampled edits in subprocesses
 def test_demo_path_learns_briefly(tmp_path):
     """synth build (shapes) -> lightning fit -> edit held-out clips: the loss falls and the trained
     editor's predictions are closer to the exact targets than the untrained editor's."""
@@ -70,7 +70,7 @@ def test_demo_path_learns_briefly(tmp_path):
     run = lambda *a: subprocess.run([sys.executable, "-m", *map(str, a)], cwd=tmp_path, capture_output=True, text=True, timeout=900)  # noqa: E731
     proc = run("synth", "build", "--config", ROOT / "configs/synth/shapes.yaml", "--out", shards, "--num-samples", 400, "--quiet")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    proc = run("train", "fit", "--config", ROOT / "configs/shapes.yaml", "--data.shards", shards, "--trainer.max_steps", 200,
+    proc = run("train", "fit", "--config", ROOT / "configs/shapes.yaml", "--data.shards", shards, "--trainer.max_steps", 400,
                "--model.editor", ROOT / "configs/model/shapes-pixel.yaml", "--model.export_dir", tmp_path / "editor",
                "--trainer.log_every_n_steps", 10, "--trainer.enable_progress_bar", "false")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Union
 
 import lightning as L
+import numpy as np
 import torch
 
 from infer.pipeline import CHECKPOINT_KEY
@@ -111,7 +112,8 @@ class EditorModule(L.LightningModule):
         step = self.global_step
         self._micro_batch = self._micro_batch + 1 if getattr(self, "_seeded_step", None) == step else 0
         self._seeded_step = step
-        seed = (self.hparams.seed * 1_000_003 + step * 1009 + self._micro_batch * 7 + self.global_rank * 7919) % 2**63
+        # hashed, not a linear formula: generators seeded with nearby integers draw alike
+        seed = int(np.random.SeedSequence([self.hparams.seed, step, self._micro_batch, self.global_rank]).generate_state(1, np.uint64)[0])
         return torch.Generator(device=self.device).manual_seed(seed)
 
     # ---------------------------------------------------------------- objective
