@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 from synth.build import build  # noqa: E402
 from synth.render import PairParams, VideoRenderer  # noqa: E402
+from synth.ranks import DTYPES  # noqa: E402
 
 # ModelScope text-to-video (damo-vilab/text-to-video-ms-1.7b) U-Net layout, random weights
 MODELSCOPE_UNET = dict(
@@ -51,7 +52,7 @@ def render_costs(args) -> None:
     config = copy.deepcopy(tiny)
     if args.modelscope_size:
         config.update(unet=MODELSCOPE_UNET, vae=SD_VAE, text_encoder=OPENCLIP_H_TEXT)
-    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     renderer = VideoRenderer.tiny("modelscope", config).to(args.device, dtype)
     frames, size, steps = (16, 256, 30) if args.modelscope_size else (8, 32, 6)
     noise = torch.randn(renderer.latent_shape(frames, size, size), generator=torch.Generator().manual_seed(0))
@@ -79,7 +80,7 @@ def main() -> None:
     ap.add_argument("--num-samples", type=int, default=8)
     ap.add_argument("--modelscope-size", action="store_true")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+    ap.add_argument("--dtype", choices=list(DTYPES), default=None,
                     help="renderer precision (default: float16 on CUDA, float32 on CPU, as synth build)")
     args = ap.parse_args()
     if args.dtype is None:

@@ -19,7 +19,7 @@ from infer.clip import ClipScorer
 from infer.video import encode_video
 
 from .filter import ClipFilter, Thresholds
-from .ranks import rank_and_world, render_device, render_dtype  # noqa: F401  (rank_and_world: re-exported)
+from .ranks import render_device, render_dtype
 from .render import PairParams, VideoRenderer
 from .triplets import JsonlSource, OpenAISource, TemplateSource, Triplet, validate
 from .writer import ShardWriter, read_jsonl

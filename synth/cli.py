@@ -33,7 +33,8 @@ def _load(args) -> dict:
 
 
 def cmd_build(args) -> None:
-    from .build import build, rank_and_world
+    from .build import build
+    from .ranks import rank_and_world
 
     config = _load(args)
     rank, world = rank_and_world(args.shard_index, args.num_shards)
