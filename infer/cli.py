@@ -100,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", help="editor folder or training checkpoint (default: the tiny editor)")
     ev.add_argument("--clip-model", help="transformers CLIP folder (ViT-L/14); default: the tiny random CLIP")
     ev.add_argument("--pickscore-model", help="PickScore_v1 folder (a transformers CLIP model)")
+    ev.add_argument("--judge-base-url", default=None,
+                    help="OpenAI-compatible server of a vision-language judge (adds the 0-9 rubric score)")
+    ev.add_argument("--judge-model", default=None, help="the judge's model name")
+    ev.add_argument("--judge-api-key-env", default="OPENAI_API_KEY",
+                    help="environment variable holding the judge's key (default OPENAI_API_KEY)")
+    ev.add_argument("--judge-frames", type=_positive_int, default=3, help="frames of each video the judge sees (default 3)")
     ev.add_argument("--setting", action="append", default=[], metavar="NAME:KEY=VAL,...",
                     help="a named set of edit options, repeatable (default: no-lvsc, lvsc, lvsc+mc)")
     ev.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default: the editor's, else 20)")
@@ -172,8 +178,11 @@ def convert_insv2v_command(args: argparse.Namespace) -> Path:
 def evaluate_command(args: argparse.Namespace) -> None:
     from model import EditorLoadError
 
+    import numpy as np
+
     from .clip import ClipScorer
     from .evaluate import DEFAULT_SETTINGS, Scorers, evaluate, find_video, parse_setting, read_instructions, summarize, write_reports
+    from .judge import VisionJudge
     from .pipeline import InsV2VPipeline
     from .video import VideoError
 
@@ -199,16 +208,30 @@ def evaluate_command(args: argparse.Namespace) -> None:
         pick = ClipScorer.from_pretrained(args.pickscore_model) if args.pickscore_model else None
         if pick is None:
             notes.append("PickScore: not computed (no --pickscore-model)")
+        judge = None
+        if args.judge_base_url or args.judge_model:
+            if not (args.judge_base_url and args.judge_model):
+                raise ValueError("the judge needs both --judge-base-url and --judge-model")
+            judge = VisionJudge(args.judge_base_url, args.judge_model, args.judge_api_key_env, args.judge_frames)
+        else:
+            notes.append("judge: not computed (no --judge-base-url / --judge-model)")
         skipped = len({i[0] for i in instructions}) - len({i[0] for i in found})
         notes.append(f"{len(found)} edits on {len({i[0] for i in found})} videos; {skipped} listed videos not found")
         base = dict(num_inference_steps=args.steps, clip_frames=args.clip_frames, reference_frames=args.reference_frames)
         for name, options in settings.items():
             pipe.settings("x", **{**base, **options}).validate()
         Path(args.out).mkdir(parents=True, exist_ok=True)  # an unwritable --out fails now, not after the edits
-        rows = evaluate(pipe, videos, found, settings, Scorers(clip, pick, args.clip_model is None), base,
-                        args.max_frames, args.resolution, args.seed, progress=not args.quiet)
+        scorers = Scorers(clip, pick, args.clip_model is None, judge)
+        rows = evaluate(pipe, videos, found, settings, scorers, base, args.max_frames, args.resolution, args.seed,
+                        progress=not args.quiet)
     except (ValueError, FileNotFoundError, EditorLoadError, VideoError) as err:
         raise UsageError(str(err)) from None
+    if judge is not None:
+        judged = sum(not np.isnan(r["judge"]) for r in rows)
+        notes.append(f"judge: {args.judge_model}, {judged} of {len(rows)} edits scored, {judge.stats.malformed} malformed "
+                     f"replies skipped, {judge.stats.retries} retries")
+        if scorers.judge_failure:
+            notes.append(f"judge stopped: {scorers.judge_failure}")
     write_reports(Path(args.out), rows, summarize(rows), notes)
     if not args.quiet:
         print((Path(args.out) / "summary.md").read_text(), file=sys.stderr)

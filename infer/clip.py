@@ -25,19 +25,34 @@ def _features(output) -> torch.Tensor:
     return output if torch.is_tensor(output) else output.pooler_output
 
 
+def _processor_class():
+    """The PIL-backed CLIP image processor: transformers 5 names it ``CLIPImageProcessorPil``
+    (its default ``CLIPImageProcessor`` needs torchvision), transformers 4 ``CLIPImageProcessor``."""
+    try:
+        from transformers import CLIPImageProcessorPil
+
+        return CLIPImageProcessorPil
+    except ImportError:
+        from transformers import CLIPImageProcessor
+
+        return CLIPImageProcessor
+
+
+def clip_processor(image_size: int):
+    """CLIP's preprocessing for a vision tower of ``image_size``: short side to ``image_size``
+    (bicubic, antialiased), centre crop, OpenAI's mean and std (shared by ViT-L/14 and PickScore)."""
+    return _processor_class()(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+
+
 class ClipScorer:
     """A transformers CLIP model (ViT-L/14, PickScore, or the tiny offline one) that embeds frames
     and texts as unit vectors."""
 
-    def __init__(self, model: CLIPModel, tokenizer: CLIPTokenizer, name: str = "clip"):
+    def __init__(self, model: CLIPModel, tokenizer: CLIPTokenizer, name: str = "clip", processor=None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
-        vision = model.config.vision_config
-        self.image_size = vision.image_size
-        # CLIP's preprocessing constants (OpenAI's; PickScore and ViT-L/14 share them)
-        self.mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
-        self.std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+        self.processor = processor if processor is not None else clip_processor(model.config.vision_config.image_size)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "ClipScorer":
@@ -46,7 +61,10 @@ class ClipScorer:
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"no CLIP model at {path} (missing config.json)")
         model = CLIPModel.from_pretrained(path, use_safetensors=True)
-        return cls(model, CLIPTokenizer.from_pretrained(path), name=str(path))
+        processor = None
+        if (path / "preprocessor_config.json").is_file():  # ViT-L/14 and PickScore ship theirs
+            processor = _processor_class().from_pretrained(path)
+        return cls(model, CLIPTokenizer.from_pretrained(path), name=str(path), processor=processor)
 
     @classmethod
     def tiny(cls, seed: int = 0) -> "ClipScorer":
@@ -63,6 +81,7 @@ class ClipScorer:
     def save_pretrained(self, path: str | os.PathLike) -> None:
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
+        self.processor.save_pretrained(path)
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "ClipScorer":
         """Score on ``device`` in ``dtype`` (embeddings are returned in float32 either way)."""
@@ -77,14 +96,17 @@ class ClipScorer:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
+    def pixel_values(self, frames: np.ndarray) -> torch.Tensor:
+        """The model's input for uint8 frames ``(N, H, W, 3)``, exactly as ``CLIPImageProcessor``
+        makes it: the short side resized (bicubic, antialiased), a centre crop, CLIP's normalisation."""
+        return self.processor(images=list(frames), return_tensors="pt").pixel_values
+
     @torch.no_grad()
     def image_embeds(self, frames: np.ndarray, batch: int = 32) -> torch.Tensor:
         """Unit embeddings ``(N, d)`` of uint8 frames ``(N, H, W, 3)``."""
         out = []
         for start in range(0, len(frames), batch):
-            x = torch.from_numpy(np.ascontiguousarray(frames[start : start + batch])).permute(0, 3, 1, 2).float() / 255
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False)
-            x = ((x.clamp(0, 1) - self.mean) / self.std).to(self.device, self.dtype)
+            x = self.pixel_values(frames[start : start + batch]).to(self.device, self.dtype)
             out.append(F.normalize(_features(self.model.get_image_features(pixel_values=x)).float(), dim=-1))
         return torch.cat(out)
 

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .clip import ClipScorer
+from .judge import CRITERIA, VisionJudge
 from .metrics import (clip_directional, clip_frame_consistency, clip_text_score, pick_score, seam_error,
                       source_pair_flows, warp_error)
 from .pipeline import EditSettings, InsV2VPipeline, working_size
@@ -24,7 +25,8 @@ from .video import VideoError, atomic_write, read_video
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".gif")
 DEFAULT_SETTINGS = {"no-lvsc": {"lvsc": 0.0}, "lvsc": {"lvsc": 0.5}, "lvsc+mc": {"lvsc": 0.5, "motion_compensation": True}}
-METRICS = ("clip_t", "clip_f", "clip_d", "pickscore", "warp_error", "seam_error")
+METRICS = ("clip_t", "clip_f", "clip_d", "pickscore", "judge", "warp_error", "seam_error")
+JUDGE_COLUMNS = tuple(f"judge_{name}" for name in CRITERIA) + ("judge_reason",)
 NEUTRAL_TEXT = "a video"  # the caption end point of the instruction's CLIP direction
 
 
@@ -80,6 +82,25 @@ class Scorers:
     clip: ClipScorer
     pick: ClipScorer | None
     clip_is_tiny: bool
+    judge: VisionJudge | None = None
+    judge_failure: str | None = None  # set when the judge server gave up: later rows are not judged
+
+
+def judge_columns(scorers: Scorers, source: np.ndarray, edited: np.ndarray, instruction: str) -> dict[str, Any]:
+    """The judge's total (0–9) and criteria for one edit; NaN when there is no judge, its reply was
+    malformed, or its server failed (then the failure is kept and the judge not asked again)."""
+    row: dict[str, Any] = {"judge": float("nan"), **dict.fromkeys(JUDGE_COLUMNS, "")}
+    if scorers.judge is None or scorers.judge_failure is not None:
+        return row
+    try:
+        judgment = scorers.judge(source, edited, instruction)
+    except ConnectionError as err:
+        scorers.judge_failure = str(err)
+        return row
+    if judgment is not None:
+        row.update({"judge": float(judgment.total), "judge_reason": judgment.reason,
+                    **{f"judge_{k}": v for k, v in judgment.scores.items()}})
+    return row
 
 
 def evaluate(pipe: InsV2VPipeline, videos: Path, instructions: list[tuple[str, str, str]], settings: dict[str, dict],
@@ -111,6 +132,7 @@ def evaluate(pipe: InsV2VPipeline, videos: Path, instructions: list[tuple[str, s
                 "clip_f": clip_frame_consistency(emb),
                 "clip_d": clip_directional(source_emb, emb, texts[1], texts[0]),
                 "pickscore": float("nan"),
+                **judge_columns(scorers, source, edited, instruction),
                 "warp_error": warp_error(source, edited, flows=flows),
                 "seam_error": seam_error(source, edited, [c.new_start for c in plan[1:]], flows=flows)
                 if len(plan) > 1 else float("nan"),
@@ -140,12 +162,13 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 def write_reports(out: Path, rows: list[dict[str, Any]], summary: dict, notes: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["video", "edit", "setting", "frames", *METRICS])
+    writer = csv.DictWriter(buffer, fieldnames=["video", "edit", "setting", "frames", *METRICS, *JUDGE_COLUMNS])
     writer.writeheader()
     writer.writerows(rows)
     atomic_write(out / "per_video.csv", buffer.getvalue().encode())
     atomic_write(out / "summary.json", (json.dumps({"settings": summary, "notes": notes}, indent=2) + "\n").encode())
-    arrows = {"clip_t": "↑", "clip_f": "↑", "clip_d": "↑", "pickscore": "↑", "warp_error": "↓", "seam_error": "↓"}
+    arrows = {"clip_t": "↑", "clip_f": "↑", "clip_d": "↑", "pickscore": "↑", "judge": "↑ (0–9)", "warp_error": "↓",
+              "seam_error": "↓"}
     lines = ["| setting | rows | " + " | ".join(f"{m} {arrows[m]}" for m in METRICS) + " |",
              "|---|---|" + "---|" * len(METRICS)]
     for name, values in summary.items():

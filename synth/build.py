@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -16,16 +15,20 @@ import yaml
 from tqdm.auto import tqdm
 
 from infer.clip import ClipScorer
+from infer.judge import VisionJudge
 from infer.video import encode_video
 
-from .filter import ClipFilter, Thresholds
+from .filter import ClipFilter, JudgeFilter, Thresholds, check_pair
 from .ranks import render_device, render_dtype
 from .render import PairParams, VideoRenderer
 from .triplets import JsonlSource, OpenAISource, TemplateSource, Triplet, validate
-from .writer import ShardWriter, read_jsonl
+from .writer import Outcome, ShardWriter, read_jsonl, write_outcomes
 
 
-def load_config(path: str | os.PathLike) -> dict[str, Any]:
+BUILD_SECTIONS = ("prompts", "generator", "filter", "output")
+
+
+def load_config(path: str | os.PathLike, sections: tuple[str, ...] = BUILD_SECTIONS) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no config at {path}")
@@ -33,7 +36,7 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
         config = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ValueError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
-    missing = [k for k in ("prompts", "generator", "filter", "output") if not isinstance((config or {}).get(k), dict)]
+    missing = [k for k in sections if not isinstance((config or {}).get(k), dict)]
     if missing:
         raise ValueError(f"{path} lacks the section(s): {', '.join(missing)}")
     return config
@@ -145,6 +148,16 @@ def make_filter(filter_cfg: dict[str, Any]) -> ClipFilter | None:
     return ClipFilter(scorer, Thresholds(**{k: float(filter_cfg[k]) for k in names if k in filter_cfg}))
 
 
+def make_judge(filter_cfg: dict[str, Any]) -> JudgeFilter | None:
+    """``filter.judge: {base_url, model, api_key_env, threshold, frames}``, or ``None`` when unset."""
+    cfg = filter_cfg.get("judge")
+    if not cfg:
+        return None
+    if not isinstance(cfg, dict) or "threshold" not in cfg:
+        raise ValueError("filter.judge must be a mapping with base_url, model and threshold (0-9)")
+    return JudgeFilter(VisionJudge.from_config(cfg), cfg["threshold"])
+
+
 def _frames_bytes(frames: np.ndarray, video_format: str, fps: float) -> tuple[str, bytes]:
     if video_format == "npy":
         import io
@@ -153,6 +166,14 @@ def _frames_bytes(frames: np.ndarray, video_format: str, fps: float) -> tuple[st
         np.save(buffer, frames)
         return "npy", buffer.getvalue()
     return "mp4", encode_video(frames, fps)
+
+
+def pair_sample(key: str, source: np.ndarray, edited: np.ndarray, meta: dict[str, Any], video_format: str,
+                fps: float) -> dict[str, Any]:
+    """One shard sample of the SPEC §3 schema."""
+    ext, src_bytes = _frames_bytes(source, video_format, fps)
+    _, tgt_bytes = _frames_bytes(edited, video_format, fps)
+    return {"__key__": key, f"src.{ext}": src_bytes, f"tgt.{ext}": tgt_bytes, "json": json.dumps(meta).encode()}
 
 
 class SourceExhausted(ValueError):
@@ -164,6 +185,7 @@ class BuildResult:
     kept: int
     attempts: int
     shards: list[Path]
+    unreadable: int = 0  # input rows that could not be used, this run
 
 
 def build(config: dict[str, Any], out: Path, num_samples: int, samples_per_shard: int | None = None,
@@ -190,6 +212,7 @@ def build(config: dict[str, Any], out: Path, num_samples: int, samples_per_shard
         frames, height, width = int(gen["num_frames"]), int(gen["height"]), int(gen["width"])
         slots = int(gen.get("seeds_per_triplet", 1))
     fps = float(gen.get("fps", 8))
+    judge = make_judge(config["filter"])
     # the folder is touched only once the config has proven loadable
     writer = ShardWriter(out, rank, out_cfg.get("prefix", "pairs"), config_hash(config), resume, world)
     if writer.samples >= num_samples:
@@ -197,54 +220,42 @@ def build(config: dict[str, Any], out: Path, num_samples: int, samples_per_shard
     start_triplet, start_slot = writer.state["next"]
     label = source_label(config["prompts"])
 
-    pending, attempts, shards = [], [], []
-    kept_total = writer.samples
-    bar = tqdm(total=num_samples, initial=kept_total, unit="pair", desc=f"rank {rank}", disable=not progress)
-    triplets = rank_triplets(source, rank, world, out / f"triplets-r{rank:03d}.jsonl")
-    local = start_triplet - 1
-    for local, (index, triplet) in enumerate(triplets):
-        if local < start_triplet:
-            continue
-        for slot in range(start_slot if local == start_triplet else 0, slots):
-            rng = np.random.default_rng([seed, index, slot])
-            if shapes:
-                params, noise_seed = None, index
-                _, source_frames, edited = scenes.sample(index)
-            else:
-                params = draw_params(gen, rng)
-                noise_seed = int(rng.integers(0, 2**63 - 1))
-                noise = torch.randn(renderer.latent_shape(frames, height, width), generator=torch.Generator().manual_seed(noise_seed))
-                source_frames, edited = renderer.render_pair(triplet.input, triplet.output, noise, params)
-            generator_info = ({"backbone": "shapes"} if shapes else
-                              {"backbone": renderer.backbone, "dtype": str(precision).removeprefix("torch."), **vars(params)})
-            scores, reason = clip_filter(source_frames, edited, triplet) if clip_filter else (None, None)
-            key = f"r{rank:03d}-{index:09d}-s{slot}"
-            attempts.append({"key": key, "triplet": index, "slot": slot, "kept": reason is None, "reason": reason,
-                             "scores": scores, "params": generator_info, **triplet.to_json()})
-            if reason is None:
-                ext, src_bytes = _frames_bytes(source_frames, video_format, fps)
-                _, tgt_bytes = _frames_bytes(edited, video_format, fps)
-                meta = {
-                    "input_caption": triplet.input, "instruction": triplet.edit, "output_caption": triplet.output,
-                    "num_frames": frames, "height": height, "width": width, "fps": fps, "seed": noise_seed,
-                    "source": label,
-                    "generator": generator_info,
-                    "clip": scores,
-                }
-                pending.append({"__key__": key, f"src.{ext}": src_bytes, f"tgt.{ext}": tgt_bytes,
-                                "json": json.dumps(meta).encode()})
-                kept_total += 1
-                bar.update(1)
-            done = kept_total >= num_samples
-            if len(pending) == per_shard or done:
-                nxt = (local, slot + 1) if slot + 1 < slots else (local + 1, 0)
-                path = writer.commit(pending, attempts, nxt)
-                if path is not None:
-                    shards.append(path)
-                pending, attempts = [], []
-            if done:
-                bar.close()
-                return BuildResult(kept_total, writer.state["attempts"], shards)
+    def outcomes() -> Iterator[Outcome]:
+        triplets = rank_triplets(source, rank, world, out / f"triplets-r{rank:03d}.jsonl")
+        for local, (index, triplet) in enumerate(triplets):
+            if local < start_triplet:
+                continue
+            for slot in range(start_slot if local == start_triplet else 0, slots):
+                rng = np.random.default_rng([seed, index, slot])
+                if shapes:
+                    params, noise_seed = None, index
+                    _, source_frames, edited = scenes.sample(index)
+                else:
+                    params = draw_params(gen, rng)
+                    noise_seed = int(rng.integers(0, 2**63 - 1))
+                    noise = torch.randn(renderer.latent_shape(frames, height, width),
+                                        generator=torch.Generator().manual_seed(noise_seed))
+                    source_frames, edited = renderer.render_pair(triplet.input, triplet.output, noise, params)
+                generator_info = ({"backbone": "shapes"} if shapes else
+                                  {"backbone": renderer.backbone, "dtype": str(precision).removeprefix("torch."), **vars(params)})
+                verdict = check_pair(source_frames, edited, triplet.edit, (triplet.input, triplet.output), clip_filter, judge)
+                key = f"r{rank:03d}-{index:09d}-s{slot}"
+                attempt = {"key": key, "triplet": index, "slot": slot, **verdict.record(), "params": generator_info,
+                           **triplet.to_json()}
+                sample = None
+                if verdict.kept:
+                    meta = {
+                        "input_caption": triplet.input, "instruction": triplet.edit, "output_caption": triplet.output,
+                        "num_frames": frames, "height": height, "width": width, "fps": fps, "seed": noise_seed,
+                        "source": label, "generator": generator_info, "clip": verdict.clip,
+                        **({"judge": verdict.judge} if verdict.judge is not None else {}),
+                    }
+                    sample = pair_sample(key, source_frames, edited, meta, video_format, fps)
+                yield Outcome(attempt, sample, (local, slot + 1) if slot + 1 < slots else (local + 1, 0))
+
+    bar = tqdm(total=num_samples, initial=writer.samples, unit="pair", desc=f"rank {rank}", disable=not progress)
+    shards, reached = write_outcomes(writer, outcomes(), num_samples, per_shard, bar)
     bar.close()
-    writer.commit(pending, attempts, (max(local + 1, start_triplet), 0))
-    raise SourceExhausted(f"the triplet source ran out after {kept_total} kept pairs (asked for {num_samples})")
+    if reached:
+        return BuildResult(writer.samples, writer.state["attempts"], shards)
+    raise SourceExhausted(f"the triplet source ran out after {writer.samples} kept pairs (asked for {num_samples})")

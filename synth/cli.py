@@ -1,4 +1,4 @@
-"""The `synth` command: `synth build`, `synth prompts`, `synth report`."""
+"""The `synth` command: `synth build`, `synth lift`, `synth prompts`, `synth report`."""
 
 from __future__ import annotations
 
@@ -47,6 +47,33 @@ def cmd_build(args) -> None:
         print(f"rank {rank}/{world}: {result.kept} kept pairs in {out} ({len(result.shards)} new shards)", file=sys.stderr)
 
 
+def cmd_lift(args) -> None:
+    from importlib import resources
+
+    import yaml
+
+    from .build import load_config
+    from .lift import LIFT_SECTIONS, lift
+    from .ranks import rank_and_world
+
+    if args.config is None:
+        config = yaml.safe_load(resources.files("configs").joinpath("synth/lift.yaml").read_text())
+    else:
+        config = load_config(args.config, LIFT_SECTIONS)
+    for key, value in (("num_frames", args.num_frames), ("size", args.size)):
+        if value is not None:
+            config["camera"][key] = value
+    rank, world = rank_and_world(args.shard_index, args.num_shards)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file")
+    result = lift(config, args.images, out, args.num_samples, args.samples_per_shard, args.resume, rank, world,
+                  progress=not args.quiet, name=args.name)
+    if not args.quiet:
+        print(f"rank {rank}/{world}: {result.kept} lifted pairs in {out} ({len(result.shards)} new shards, "
+              f"{result.unreadable} unreadable rows skipped)", file=sys.stderr)
+
+
 def cmd_prompts(args) -> None:
     import itertools
 
@@ -87,6 +114,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="renderer and CLIP precision (generator.dtype; default float16 on CUDA, float32 on CPU)")
     b.add_argument("--quiet", action="store_true")
+    lf = sub.add_parser("lift", help="lift image-edit pairs to video pairs by a shared camera path")
+    lf.add_argument("--images", required=True,
+                    help="image pairs: a .parquet file or folder of them (InstructPix2Pix columns), a datasets "
+                         "folder, or a .jsonl of {input, edited, instruction}")
+    lf.add_argument("--out", required=True, help="output folder of shards")
+    lf.add_argument("--config", default=None, help="lift YAML (default: the embedded configs/synth/lift.yaml)")
+    lf.add_argument("--num-frames", type=_positive, default=None, help="frames per clip (camera.num_frames, default 16)")
+    lf.add_argument("--size", type=_positive, default=None, help="square clip side in pixels (camera.size, default 256)")
+    lf.add_argument("--num-samples", type=_positive, default=None, help="stop after this many kept pairs (default: all rows)")
+    lf.add_argument("--samples-per-shard", type=_positive, default=None)
+    lf.add_argument("--name", default=None, help='the dataset\'s name in source: "lift:<name>" (default: file or folder name)')
+    lf.add_argument("--resume", action="store_true", help="continue a lift in --out")
+    lf.add_argument("--shard-index", type=int, default=None, help="this rank (default: $RANK or $SLURM_PROCID)")
+    lf.add_argument("--num-shards", type=_positive, default=None, help="ranks in all (default: $WORLD_SIZE)")
+    lf.add_argument("--quiet", action="store_true")
     p = sub.add_parser("prompts", help="only write triplets")
     p.add_argument("--config", default=None)
     p.add_argument("--out", required=True, help="triplets.jsonl to write")
@@ -106,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     try:
         args = build_parser().parse_args(argv)
-        {"build": cmd_build, "prompts": cmd_prompts, "report": cmd_report}[args.command](args)
+        {"build": cmd_build, "lift": cmd_lift, "prompts": cmd_prompts, "report": cmd_report}[args.command](args)
         return 0
     except UsageError as err:
         print(f"synth: error: {err}", file=sys.stderr)

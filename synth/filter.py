@@ -1,14 +1,14 @@
-"""The CLIP filter: keep a rendered pair only if it is faithful to its captions and to its source."""
+"""Pair filters: CLIP scores against the captions and the source, and an optional vision-language judge."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from infer.clip import ClipScorer, pair_scores
-
-from .triplets import Triplet
+from infer.judge import VisionJudge
 
 
 @dataclass(frozen=True)
@@ -21,9 +21,11 @@ class Thresholds:
     sim_frames: float = 0.5
 
 
-def judge(scores: dict[str, float], thresholds: Thresholds) -> str | None:
-    """``None`` when every score passes its threshold, else the reason (the failing scores)."""
-    failed = [f"{name}={scores[name]:.3f}<{limit:g}" for name, limit in vars(thresholds).items() if not scores[name] > limit]
+def rejection_reason(scores: dict[str, float | None], thresholds: Thresholds) -> str | None:
+    """``None`` when every score passes its threshold, else the failing scores. A score that could
+    not be computed (``None``: no caption) is not checked."""
+    failed = [f"{name}={scores[name]:.3f}<{limit:g}" for name, limit in vars(thresholds).items()
+              if scores.get(name) is not None and not scores[name] > limit]
     return ", ".join(failed) or None
 
 
@@ -31,8 +33,61 @@ class ClipFilter:
     def __init__(self, scorer: ClipScorer, thresholds: Thresholds):
         self.scorer, self.thresholds = scorer, thresholds
 
-    def __call__(self, source: np.ndarray, edited: np.ndarray, triplet: Triplet) -> tuple[dict[str, float], str | None]:
-        """The four scores of a pair and the rejection reason (``None``: keep)."""
-        text = self.scorer.text_embeds([triplet.input, triplet.output])
-        scores = pair_scores(self.scorer.image_embeds(source), self.scorer.image_embeds(edited), text[0], text[1])
-        return scores, judge(scores, self.thresholds)
+    def scores(self, source: np.ndarray, edited: np.ndarray, input_caption: str | None,
+               output_caption: str | None) -> dict[str, float | None]:
+        """The four scores of a pair; without both captions only ``sim_frames`` is defined."""
+        source_emb, edited_emb = self.scorer.image_embeds(source), self.scorer.image_embeds(edited)
+        if input_caption and output_caption:
+            text = self.scorer.text_embeds([input_caption, output_caption])
+            return pair_scores(source_emb, edited_emb, text[0], text[1])
+        text = source_emb.new_zeros(source_emb.shape[-1])
+        return {**dict.fromkeys(("sim_src_text", "sim_tgt_text", "sim_direction")),
+                "sim_frames": pair_scores(source_emb, edited_emb, text, text)["sim_frames"]}
+
+    def __call__(self, source: np.ndarray, edited: np.ndarray, input_caption: str | None,
+                 output_caption: str | None) -> tuple[dict[str, float | None], str | None]:
+        """The scores of a pair and the rejection reason (``None``: keep)."""
+        scores = self.scores(source, edited, input_caption, output_caption)
+        return scores, rejection_reason(scores, self.thresholds)
+
+
+@dataclass
+class Verdict:
+    """What the filters said of one pair."""
+
+    clip: dict[str, float | None] | None
+    judge: dict[str, Any] | None
+    reason: str | None
+
+    @property
+    def kept(self) -> bool:
+        return self.reason is None
+
+    def record(self) -> dict[str, Any]:
+        """The verdict's fields of an attempt line."""
+        return {"kept": self.kept, "reason": self.reason, "scores": self.clip,
+                **({"judge": self.judge} if self.judge is not None else {})}
+
+
+class JudgeFilter:
+    """Keep a pair when the judge's total (0–9) reaches ``threshold``; a malformed reply rejects it."""
+
+    def __init__(self, judge: VisionJudge, threshold: float):
+        self.judge, self.threshold = judge, float(threshold)
+
+    def __call__(self, source: np.ndarray, edited: np.ndarray, instruction: str) -> tuple[dict[str, Any] | None, str | None]:
+        judgment = self.judge(source, edited, instruction)
+        if judgment is None:
+            return None, "judge: malformed reply"
+        reason = None if judgment.total >= self.threshold else f"judge={judgment.total}<{self.threshold:g}"
+        return judgment.to_json(), reason
+
+
+def check_pair(source: np.ndarray, edited: np.ndarray, instruction: str, captions: tuple[str | None, str | None],
+               clip_filter: ClipFilter | None, judge: JudgeFilter | None) -> Verdict:
+    """Run the configured filters in order of cost: CLIP first, the judge only on what CLIP keeps."""
+    scores, reason = clip_filter(source, edited, *captions) if clip_filter is not None else (None, None)
+    judged = None
+    if reason is None and judge is not None:
+        judged, reason = judge(source, edited, instruction)
+    return Verdict(scores, judged, reason)

@@ -7,10 +7,11 @@ import json
 import os
 import random
 import re
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
+
+from infer.llm import RequestStats, chat_client, complete
 
 MIN_WORDS, MAX_CHARS = 2, 300
 
@@ -73,13 +74,9 @@ def parse_reply(text: str) -> tuple[list[Triplet], int]:
 
 
 @dataclass
-class SourceStats:
-    requests: int = 0
-    retries: int = 0
-    malformed: int = 0
+class SourceStats(RequestStats):
     duplicates: int = 0
     accepted: int = 0
-    failures: list[str] = field(default_factory=list)
 
 
 class TemplateSource:
@@ -175,16 +172,11 @@ class OpenAISource:
     def __init__(self, model: str, base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
                  per_request: int = 8, temperature: float = 1.0, max_retries: int = 5, backoff: float = 1.0,
                  max_requests: int = 1000, timeout: float = 60.0, seed: int = 0):
-        import openai
-
         self.model, self.per_request, self.temperature = model, per_request, temperature
         self.max_retries, self.backoff, self.max_requests = max_retries, backoff, max_requests
         self.rng = random.Random(seed)
         self.stats = SourceStats()
-        self._openai = openai
-        # max_retries=0: the retry policy (and its counting) is ours
-        self.client = openai.OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env) or "unset",
-                                    timeout=timeout, max_retries=0)
+        self.client = chat_client(base_url, api_key_env, timeout)
 
     def messages(self) -> list[dict[str, str]]:
         shots = self.rng.sample(FEW_SHOT, k=len(FEW_SHOT))
@@ -195,21 +187,8 @@ class OpenAISource:
 
     def request(self) -> str:
         """One completion's text, retrying transient failures with backoff ``b * 2^k``."""
-        errors = self._openai
-        for attempt in range(self.max_retries + 1):
-            try:
-                self.stats.requests += 1
-                reply = self.client.chat.completions.create(
-                    model=self.model, messages=self.messages(), temperature=self.temperature
-                )
-                return reply.choices[0].message.content or ""
-            except (errors.RateLimitError, errors.InternalServerError, errors.APITimeoutError,
-                    errors.APIConnectionError) as err:
-                if attempt == self.max_retries:
-                    raise ConnectionError(f"LLM server failed {attempt + 1} times: {type(err).__name__}") from None
-                self.stats.retries += 1
-                time.sleep(self.backoff * 2**attempt)
-        raise AssertionError("unreachable")
+        return complete(self.client, self.stats, self.max_retries, self.backoff, model=self.model,
+                        messages=self.messages(), temperature=self.temperature)
 
     def __iter__(self) -> Iterator[Triplet]:
         seen: set[tuple[str, str]] = set()

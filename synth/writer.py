@@ -7,8 +7,9 @@ import json
 import os
 import tarfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from infer.video import atomic_write  # noqa: F401  (re-exported for synth's modules)
 
@@ -154,3 +155,42 @@ class ShardWriter:
                     "state": self.state, "shards": self.shards}
         atomic_write(self.manifest_path, (json.dumps(manifest, indent=1) + "\n").encode())
         return path if samples else None
+
+
+@dataclass
+class Outcome:
+    """One attempted sample: its attempt record, the sample when kept, and the resume point after it."""
+
+    attempt: dict[str, Any]
+    sample: dict[str, Any] | None
+    next_position: tuple[int, int]
+
+
+def write_outcomes(writer: ShardWriter, outcomes: Iterable[Outcome], num_samples: int | None, per_shard: int,
+                   bar=None) -> tuple[list[Path], bool]:
+    """Commit kept samples ``per_shard`` to a shard until this rank holds ``num_samples`` (``None``:
+    until ``outcomes`` ends). Returns the new shards and whether ``num_samples`` was reached; when
+    the outcomes end first, what was made is committed."""
+    pending: list[dict[str, Any]] = []
+    attempts: list[dict[str, Any]] = []
+    shards: list[Path] = []
+    kept, position = writer.samples, None
+    for outcome in outcomes:
+        attempts.append(outcome.attempt)
+        position = outcome.next_position
+        if outcome.sample is not None:
+            pending.append(outcome.sample)
+            kept += 1
+            if bar is not None:
+                bar.update(1)
+        done = num_samples is not None and kept >= num_samples
+        if len(pending) == per_shard or done:
+            path = writer.commit(pending, attempts, position)
+            shards += [path] if path is not None else []
+            pending, attempts = [], []
+        if done:
+            return shards, True
+    if attempts:
+        path = writer.commit(pending, attempts, position)
+        shards += [path] if path is not None else []
+    return shards, False

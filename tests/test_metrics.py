@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
+from clip_reference import OPENAI_MEAN, OPENAI_STD, clip_pixels
 from infer.clip import ClipScorer
 from infer.metrics import clip_directional, clip_frame_consistency, clip_text_score, pair_warp_errors, seam_error, warp_error
 
@@ -55,9 +58,7 @@ def test_clip_scores_equal_a_direct_computation():
     emb = scorer.image_embeds(frames)
     text = scorer.text_embeds(["a red car", "a blue car"])
     with torch.no_grad():
-        x = torch.nn.functional.interpolate(torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255, size=(32, 32),
-                                            mode="bicubic", align_corners=False).clamp(0, 1)
-        f = scorer.model.get_image_features(pixel_values=(x - scorer.mean) / scorer.std)
+        f = scorer.model.get_image_features(pixel_values=clip_pixels(frames, 32))
         f = f if torch.is_tensor(f) else f.pooler_output
         f = f / f.norm(dim=-1, keepdim=True)
         ids = scorer.tokenizer(["a red car", "a blue car"], padding=True, return_tensors="pt")
@@ -68,6 +69,39 @@ def test_clip_scores_equal_a_direct_computation():
     assert clip_frame_consistency(emb) == pytest.approx((f[:-1] * f[1:]).sum(-1).mean().item(), abs=1e-5)
     direct = torch.nn.functional.cosine_similarity(f - f.flip(0), (t[1] - t[0]).expand_as(f)).mean().item()
     assert clip_directional(emb.flip(0), emb, text[0], text[1]) == pytest.approx(direct, abs=1e-5)
+
+
+def test_clip_preprocessing_is_the_published_one(tmp_path):
+    """Frames reach CLIP as CLIPImageProcessor makes them (short side, centre crop, antialiased),
+    including from a released model folder's preprocessor_config.json; squashing is far off."""
+    rng = np.random.default_rng(0)
+    ys, xs = np.mgrid[0:480, 0:854]
+    frame = np.stack([xs * 255 // 854, ys * 255 // 480, (xs // 8 + ys // 8) % 2 * 255], -1).astype(np.uint8)
+    frames = np.stack([frame, rng.integers(0, 256, (480, 854, 3), dtype=np.uint8)])
+    scorer = ClipScorer.tiny()
+    assert torch.allclose(scorer.pixel_values(frames), clip_pixels(frames, 32), atol=1e-5)
+    # a released folder's old-style config (ViT-L/14's), read through from_pretrained
+    scorer.save_pretrained(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({
+        "crop_size": 32, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+        "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": list(OPENAI_MEAN),
+        "image_std": list(OPENAI_STD), "resample": 3, "size": 32}))
+    loaded = ClipScorer.from_pretrained(tmp_path)
+    try:
+        from transformers import CLIPImageProcessorPil as Processor
+    except ImportError:
+        from transformers import CLIPImageProcessor as Processor
+    want = Processor.from_pretrained(tmp_path)(images=list(frames), return_tensors="pt").pixel_values
+    assert torch.equal(loaded.pixel_values(frames), want)
+    # the margins a centre crop drops do not reach CLIP
+    margins = frames.copy()
+    margins[:, :, :150] = 0
+    margins[:, :, -150:] = 255
+    assert torch.equal(loaded.image_embeds(margins), loaded.image_embeds(frames))
+    squashed = torch.nn.functional.interpolate(torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255,
+                                               size=(32, 32), mode="bicubic", align_corners=False).clamp(0, 1)
+    squashed = (squashed - torch.tensor(OPENAI_MEAN).view(3, 1, 1)) / torch.tensor(OPENAI_STD).view(3, 1, 1)
+    assert (squashed - want).abs().mean() > 0.3
 
 
 def test_infer_eval_writes_the_three_reports(tmp_path, capsys):

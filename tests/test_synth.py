@@ -8,9 +8,7 @@ import signal
 import subprocess
 import sys
 import tarfile
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,8 @@ import pytest
 import torch
 import yaml
 
+from clip_reference import clip_pixels
+from fake_openai import FakeOpenAI, completion
 from infer.clip import ClipScorer
 from synth import PairParams, TemplateSource, Triplet, VideoRenderer, align_tokens, parse_reply
 from synth.cli import main
@@ -30,12 +30,6 @@ SECRET = "sk-test-DO-NOT-LEAK-1234567890"
 
 
 # ------------------------------------------------------------------ a fake OpenAI-compatible server
-def completion(text: str) -> dict:
-    return {"id": "x", "object": "chat.completion", "created": 0, "model": "fake",
-            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
-
-
 GOOD = {"input": "a dog running on the beach", "edit": "make it snowy", "output": "a dog running on the snowy beach"}
 REPLIES = [
     (500, {"error": {"message": "boom"}}),
@@ -50,35 +44,14 @@ REPLIES = [
 ]
 
 
-class FakeLLM:
+class FakeLLM(FakeOpenAI):
     def __init__(self, replies):
-        self.replies, self.requests = list(replies), []
-        outer = self
+        self.replies = list(replies)
+        super().__init__(self._respond)
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
-                n = len(outer.requests)
-                extra = {"input": f"a bird flying over lake {n}", "edit": "make it golden", "output": f"a golden bird flying over lake {n}"}
-                status, payload = outer.replies.pop(0) if outer.replies else (200, completion(json.dumps([GOOD, extra])))
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+    def _respond(self, body, n):
+        extra = {"input": f"a bird flying over lake {n}", "edit": "make it golden", "output": f"a golden bird flying over lake {n}"}
+        return self.replies.pop(0) if self.replies else (200, completion(json.dumps([GOOD, extra])))
 
 
 @pytest.fixture
@@ -255,14 +228,11 @@ def test_filter_scores_equal_a_direct_clip_computation():
     source = rng.integers(0, 255, (3, 40, 40, 3), dtype=np.uint8)
     edited = rng.integers(0, 255, (3, 40, 40, 3), dtype=np.uint8)
     triplet = Triplet("a cat on the road", "make it red", "a red cat on the road")
-    scores, reason = ClipFilter(scorer, Thresholds(-1, -1, -1, -1))(source, edited, triplet)
+    scores, reason = ClipFilter(scorer, Thresholds(-1, -1, -1, -1))(source, edited, triplet.input, triplet.output)
     assert reason is None
 
     def image(frames):
-        x = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255
-        x = torch.nn.functional.interpolate(x, size=(32, 32), mode="bicubic", align_corners=False).clamp(0, 1)
-        x = (x - scorer.mean) / scorer.std
-        f = scorer.model.get_image_features(pixel_values=x)
+        f = scorer.model.get_image_features(pixel_values=clip_pixels(frames, 32))
         f = f if torch.is_tensor(f) else f.pooler_output
         return f / f.norm(dim=-1, keepdim=True)
 
@@ -279,7 +249,7 @@ def test_filter_scores_equal_a_direct_clip_computation():
         "sim_frames": (s * e).sum(-1).mean().item(),
     }
     assert scores == pytest.approx(want, abs=1e-5)
-    strict = ClipFilter(scorer, Thresholds(sim_frames=0.99))(source, edited, triplet)[1]
+    strict = ClipFilter(scorer, Thresholds(sim_frames=0.99))(source, edited, triplet.input, triplet.output)[1]
     assert "sim_frames" in strict
 
 

@@ -104,6 +104,7 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "target": torch.stack([s["target"] for s in samples]),
         "instruction": [s["instruction"] for s in samples],
         "key": [s["key"] for s in samples],
+        "source_index": torch.tensor([s.get("source_index", 0) for s in samples]),
     }
 
 
@@ -117,22 +118,42 @@ class PairStream(torch.utils.data.IterableDataset):
     ``stream`` = (worker, epoch, raw samples consumed) for that bookkeeping.
     """
 
-    def __init__(self, urls: list[str], decoder: PairDecoder, batch_size: int, shuffle_buffer: int, seed: int,
-                 start_epoch: int = 0, skip: dict[int, int] | None = None):
+    def __init__(self, sources: list[tuple[list[str], float]], decoder: PairDecoder, batch_size: int,
+                 shuffle_buffer: int, seed: int, start_epoch: int = 0, skip: dict[int, int] | None = None,
+                 first_pass_batches: int | None = None):
         super().__init__()
-        self.urls, self.decoder, self.batch_size, self.shuffle_buffer = urls, decoder, batch_size, shuffle_buffer
+        self.sources, self.decoder, self.batch_size, self.shuffle_buffer = sources, decoder, batch_size, shuffle_buffer
         self.seed, self.skip = seed, skip or {}
         self.start_epoch = start_epoch
-        self.first_pass_batches: int | None = None  # a resumed epoch: only the batches left in it
+        self.first_pass_batches = first_pass_batches  # a resumed epoch: only the batches left in it
         self.epoch = start_epoch - 1  # each worker's copy counts its own passes
+
+    def _source_samples(self, urls: list[str], worker: int, epoch: int, index: int):
+        """One source's endless raw samples: shards drawn with replacement, then a shuffle buffer.
+        (Source 0 keeps the seeds of a single-source stream.)"""
+        tag = () if index == 0 else (index,)
+        shard_rng = random.Random(wds.utils.make_seed(self.seed, worker, epoch, 0, *tag))
+        shards = ({"url": urls[shard_rng.randrange(len(urls))]} for _ in itertools.count())
+        samples = wds.tarfile_to_samples(handler=wds.warn_and_continue)(shards)  # an unreadable member is skipped
+        shuffle_rng = random.Random(wds.utils.make_seed(self.seed, worker, epoch, 1, *tag))
+        return wds.shuffle(self.shuffle_buffer, rng=shuffle_rng)(samples)
+
+    def _mixed(self, worker: int, epoch: int):
+        """``(source index, raw sample)``: each sample's source drawn by weight, from its own stream."""
+        streams = [self._source_samples(urls, worker, epoch, i) for i, (urls, _) in enumerate(self.sources)]
+        if len(streams) == 1:
+            yield from ((0, sample) for sample in streams[0])
+            return
+        weights = [weight for _, weight in self.sources]
+        pick = random.Random(wds.utils.make_seed(self.seed, worker, epoch, 2))
+        while True:
+            index = pick.choices(range(len(streams)), weights)[0]
+            yield index, next(streams[index])
 
     def __iter__(self):
         self.epoch += 1
         epoch, worker = self.epoch, wds.utils.pytorch_worker_seed()  # rank * 1000 + worker
-        shard_rng = random.Random(wds.utils.make_seed(self.seed, worker, epoch, 0))
-        shards = ({"url": self.urls[shard_rng.randrange(len(self.urls))]} for _ in itertools.count())
-        samples = wds.tarfile_to_samples(handler=wds.warn_and_continue)(shards)  # an unreadable member is skipped
-        samples = wds.shuffle(self.shuffle_buffer, rng=random.Random(wds.utils.make_seed(self.seed, worker, epoch, 1)))(samples)
+        samples = self._mixed(worker, epoch)
         skip = self.skip.get(worker, 0) if epoch == self.start_epoch else 0
         limit = None
         if epoch == self.start_epoch and self.first_pass_batches is not None:
@@ -142,13 +163,13 @@ class PairStream(torch.utils.data.IterableDataset):
         batch, made = [], 0
         if limit == 0:
             return
-        for position, sample in enumerate(samples):
+        for position, (source_index, sample) in enumerate(samples):
             if position < skip:
                 continue
             item = self.decoder(sample, np.random.default_rng([self.seed, worker, epoch, position]))
             if item is None:
                 continue
-            batch.append(item)
+            batch.append({**item, "source_index": source_index})
             if len(batch) == self.batch_size:
                 yield {**collate(batch), "stream": torch.tensor([worker, epoch, position + 1])}
                 batch, made = [], made + 1
@@ -161,6 +182,10 @@ class ShardDataModule(L.LightningDataModule):
 
     Args:
         shards: training shards: a path, folder, glob or brace pattern.
+        sources: several training shard sets mixed by weight instead of ``shards``:
+            ``[{shards: ..., weight: 0.7, name: video}, {shards: ..., weight: 0.3}]`` (each sample's
+            source is drawn by weight; names default to ``source0``, ``source1``...). The samples
+            trained on per source are counted (``source_counts``, logged as ``data/samples_<name>``).
         val_shards: optional validation shards (no augmentation).
         num_frames: frames per training clip; frame_stride: step between them.
         resolution: square training size in pixels.
@@ -180,6 +205,7 @@ class ShardDataModule(L.LightningDataModule):
     def __init__(
         self,
         shards: str = "",
+        sources: list[dict[str, Any]] | None = None,
         val_shards: str | None = None,
         num_frames: int = 8,
         frame_stride: int = 1,
@@ -201,6 +227,29 @@ class ShardDataModule(L.LightningDataModule):
         self.decoders: list[PairDecoder] = []
         self._consumed: dict[str, Any] = {}
         self._resuming = False
+        self.source_counts: dict[str, int] = {name: 0 for name, _, _ in self._sources()}
+
+    def _sources(self) -> list[tuple[str, str, float]]:
+        """``(name, shards, weight)`` of each training source."""
+        hp = self.hparams
+        if not hp.sources:
+            return [("shards", hp.shards, 1.0)]
+        if hp.shards:
+            raise ValueError("set data.shards or data.sources, not both")
+        out = []
+        for i, source in enumerate(hp.sources):
+            if not isinstance(source, dict) or not source.get("shards"):
+                raise ValueError(f"data.sources[{i}] must be a mapping with shards (and weight, name)")
+            unknown = set(source) - {"shards", "weight", "name"}
+            if unknown:
+                raise ValueError(f"data.sources[{i}] has unknown key(s) {', '.join(sorted(unknown))}")
+            weight = float(source.get("weight", 1.0))
+            if not weight > 0:
+                raise ValueError(f"data.sources[{i}].weight must be positive, got {weight}")
+            out.append((str(source.get("name") or f"source{i}"), source["shards"], weight))
+        if len({name for name, _, _ in out}) != len(out):
+            raise ValueError("data.sources names must differ")
+        return out
 
     def _augment(self) -> dict[str, float] | None:
         hp = self.hparams
@@ -216,7 +265,8 @@ class ShardDataModule(L.LightningDataModule):
         global_seed = os.environ.get("PL_GLOBAL_SEED")  # written by lightning.seed_everything
         return int(global_seed) if global_seed is not None else None
 
-    def _loader(self, pattern: str, augment: dict[str, float] | None, batches: int, resume: bool = False) -> wds.WebLoader:
+    def _loader(self, patterns: list[tuple[str, float]], augment: dict[str, float] | None, batches: int,
+                resume: bool = False) -> wds.WebLoader:
         hp = self.hparams
         seed = self._seed()
         if seed is None:  # a fresh stream, still consistent across this run's workers and epochs
@@ -229,10 +279,10 @@ class ShardDataModule(L.LightningDataModule):
         if resume and self._consumed.get("epoch") == start_epoch:  # stopped mid-epoch: skip what was consumed
             skip = {int(w): p for w, p in self._consumed["positions"].items()}
             done = self._consumed["batches"]
-        stream = PairStream(expand_shards(pattern), decoder, hp.batch_size, hp.shuffle_buffer, seed, start_epoch, skip)
+        sources = [(expand_shards(pattern), weight) for pattern, weight in patterns]
+        stream = PairStream(sources, decoder, hp.batch_size, hp.shuffle_buffer, seed, start_epoch, skip,
+                            first_pass_batches=max(batches - done, 0) if done else None)
         # persistent workers keep their stream's position: a respawned worker would replay it
-        if done:
-            stream.first_pass_batches = max(batches - done, 0)
         loader = wds.WebLoader(stream, batch_size=None, num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0)
         return loader.with_epoch(batches)
 
@@ -245,15 +295,20 @@ class ShardDataModule(L.LightningDataModule):
                 self._consumed = {"epoch": epoch, "batches": 0, "positions": {}}
             self._consumed["positions"][str(worker)] = consumed
             self._consumed["batches"] += 1
+            names = list(self.source_counts)
+            for index in batch.get("source_index", torch.zeros(0, dtype=torch.long)).tolist():
+                self.source_counts[names[index]] += 1
+            self._consumed["source_counts"] = dict(self.source_counts)
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        """Saved in every checkpoint: the epoch, its batches trained on, and each worker's raw
-        samples consumed in it."""
+        """Saved in every checkpoint: the epoch, its batches trained on, each worker's raw samples
+        consumed in it, and the samples trained on per source."""
         return dict(self._consumed)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._consumed = dict(state)
+        self.source_counts.update(state.get("source_counts", {}))
         self._resuming = True
 
     @property
@@ -262,14 +317,16 @@ class ShardDataModule(L.LightningDataModule):
         return sum(d.skipped for d in self.decoders)
 
     def setup(self, stage: str | None = None) -> None:
-        expand_shards(self.hparams.shards)  # fail early with a clear message
+        for _, pattern, _ in self._sources():  # fail early with a clear message
+            expand_shards(pattern)
         if self.hparams.val_shards:
             expand_shards(self.hparams.val_shards)
 
     def train_dataloader(self):
-        return self._loader(self.hparams.shards, self._augment(), self.hparams.batches_per_epoch, resume=self._resuming)
+        patterns = [(pattern, weight) for _, pattern, weight in self._sources()]
+        return self._loader(patterns, self._augment(), self.hparams.batches_per_epoch, resume=self._resuming)
 
     def val_dataloader(self):
         if not self.hparams.val_shards:
             return []
-        return self._loader(self.hparams.val_shards, None, self.hparams.val_batches)
+        return self._loader([(self.hparams.val_shards, 1.0)], None, self.hparams.val_batches)

@@ -149,6 +149,9 @@ class EditorModule(L.LightningModule):
         loss = self.loss(batch, self._step_generator())
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["source"].shape[0])
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch["source"].shape[0])
+        counts = getattr(getattr(self._trainer, "datamodule", None), "source_counts", None)
+        if counts and len(counts) > 1:  # a mixed stream: samples trained on per source, this rank
+            self.log_dict({f"data/samples_{name}": float(n) for name, n in counts.items()}, batch_size=1)
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:

@@ -1,0 +1,45 @@
+"""OpenAI-compatible chat clients with one retry policy: the key from the environment, backoff on transient failures."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class RequestStats:
+    requests: int = 0
+    retries: int = 0
+    malformed: int = 0
+    failures: list[str] = field(default_factory=list)
+
+
+def chat_client(base_url: str | None, api_key_env: str = "OPENAI_API_KEY", timeout: float = 60.0):
+    """An ``openai.OpenAI`` client. The key is read from ``api_key_env`` here and kept only in the
+    client; the client's own retries are off, because the policy (and its counting) is ours."""
+    import openai
+
+    return openai.OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env) or "unset", timeout=timeout,
+                         max_retries=0)
+
+
+def complete(client, stats: RequestStats, max_retries: int, backoff: float, what: str = "LLM server",
+             **request: Any) -> str:
+    """One chat completion's text. 429, 5xx, timeouts and broken connections are retried after
+    ``backoff * 2^k`` seconds, at most ``max_retries`` times; then ``ConnectionError``."""
+    import openai
+
+    transient = (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError, openai.APIConnectionError)
+    for attempt in range(max_retries + 1):
+        try:
+            stats.requests += 1
+            reply = client.chat.completions.create(**request)
+            return reply.choices[0].message.content or ""
+        except transient as err:
+            if attempt == max_retries:
+                raise ConnectionError(f"{what} failed {attempt + 1} times: {type(err).__name__}") from None
+            stats.retries += 1
+            time.sleep(backoff * 2**attempt)
+    raise AssertionError("unreachable")
