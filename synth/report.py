@@ -55,12 +55,15 @@ def report(folder: Path) -> str:
     ]
     scored = [a for a in attempts if a.get("scores")]
     for name in SCORES:
-        values = [a["scores"][name] for a in scored]
+        values = [a["scores"][name] for a in scored if a["scores"].get(name) is not None]
         if values:
             lines.append(f"{name:17s} mean {np.mean(values):.3f}  min {np.min(values):.3f}  max {np.max(values):.3f}")
+    judged = [a["judge"]["total"] for a in attempts if a.get("judge")]
+    if judged:
+        lines.append(f"judge (0-9)       mean {np.mean(judged):.2f}  min {min(judged)}  max {max(judged)}  ({len(judged)} judged)")
     text = "\n".join(lines)
     atomic_write(folder / "report.txt", (text + "\n").encode())
-    panels = [histogram_panel([a["scores"][n] for a in scored], n) for n in SCORES]
+    panels = [histogram_panel([a["scores"][n] for a in scored if a["scores"].get(n) is not None], n) for n in SCORES]
     image = np.concatenate([np.concatenate(panels[:2], 1), np.concatenate(panels[2:], 1)], 0)
     ok, png = cv2.imencode(".png", image)
     atomic_write(folder / "report.png", png.tobytes())
