@@ -1,4 +1,4 @@
-"""The `infer` command: `infer edit INPUT --prompt TEXT` edits a video file; `eval` and `convert-insv2v`."""
+"""The `infer` command: `infer edit INPUT --prompt TEXT` edits a video file; `eval`, `serve` and `convert-insv2v`."""
 
 from __future__ import annotations
 
@@ -115,6 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--resolution", type=_positive_int, default=None)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--quiet", action="store_true")
+
+    srv = sub.add_parser("serve", help="a web page that edits uploaded videos (Gradio)",
+                         description="Serve a page to edit videos in a browser; its HTTP API works from gradio_client.")
+    srv.add_argument("--model", help="editor folder or training checkpoint (default: the tiny editor)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    srv.add_argument("--port", type=_positive_int, default=7860)
+    srv.add_argument("--max-seconds", type=float, default=60.0, help="longest video the page accepts (default 60)")
+    srv.add_argument("--device", default=None)
+    srv.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
 
     conv = sub.add_parser(
         "convert-insv2v",
@@ -243,9 +252,10 @@ def edit(args: argparse.Namespace) -> Path:
 
     from model import EditorLoadError
 
+    from .edit_file import edit_file
     from .pipeline import InsV2VPipeline, working_size
-    from .video import VideoError, VideoReader, probe_video
-    from .video_writer import ESTIMATED_BYTES_PER_PIXEL, VideoWriter, check_output_path
+    from .video import VideoError, probe_video
+    from .video_writer import ESTIMATED_BYTES_PER_PIXEL, check_output_path
 
     # No Python log callback: FFmpeg's chatter would drown the one-line errors, and a callback
     # that decoder threads call while a threaded decoder is being freed deadlocks on the GIL.
@@ -304,44 +314,33 @@ def edit(args: argparse.Namespace) -> Path:
         resolution=resolution,
     )
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
-    reader = VideoReader(source, start=args.start, end=args.end, max_frames=args.max_frames, stride=args.stride,
-                         strict=not args.ignore_decode_errors)
     try:
-        writer = VideoWriter(output, info.fps / args.stride, audio_from=source if info.has_audio else None,
-                             crf=args.crf, codec=args.codec, audio_start=args.start or 0.0)
+        writer = edit_file(pipe, source, output, info, settings, generator, start=args.start, end=args.end,
+                           max_frames=args.max_frames, stride=args.stride, strict=not args.ignore_decode_errors,
+                           crf=args.crf, codec=args.codec, progress=not args.quiet, total_frames=expected or None)
     except VideoError as err:
         raise UsageError(str(err)) from None
-    for warning in writer.warnings:
-        print(f"infer: warning: {warning}", file=sys.stderr)
-    shown = len(writer.warnings)
-    try:
-        for frame in pipe.edit_stream(iter(reader), settings, generator=generator, progress=not args.quiet,
-                                      total_frames=expected or None):
-            if reader.start_time is not None and writer.frames_written == 0:
-                writer.audio_start = reader.start_time  # the audio starts where the first edited frame does
-            writer.write(frame, reader.times.popleft())
-    except (VideoError, OSError, KeyboardInterrupt) as err:  # damaged input, a full disk, Ctrl-C
-        kept = writer.abort(keep=True)
-        saved = f"; the {writer.frames_written} frames edited before it are in {kept}" if kept else ""
-        if isinstance(err, KeyboardInterrupt):
-            print(f"infer: interrupted{saved}", file=sys.stderr)
-            raise
-        raise UsageError(f"{err}{saved}") from None
-    except BaseException:
-        kept = writer.abort(keep=True)
-        if kept:
-            print(f"infer: error after {writer.frames_written} frames; they are in {kept}", file=sys.stderr)
-        raise
-    try:
-        writer.close()
-    except VideoError as err:
-        raise UsageError(str(err)) from None
-    for warning in writer.warnings[shown:]:
-        print(f"infer: warning: {warning}", file=sys.stderr)
     h, w = working_size(info.height, info.width, resolution)
     if not args.quiet:
         print(f"wrote {output} ({writer.frames_written} frames, {w}x{h}, {float(info.fps / args.stride):.3f} fps)", file=sys.stderr)
     return output
+
+
+def serve_command(args: argparse.Namespace) -> None:
+    import os
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from model import EditorLoadError
+
+    from .serve import build_app, launch, load_pipeline
+
+    try:
+        pipe = load_pipeline(args.model, args.device, args.dtype)
+    except (EditorLoadError, ValueError, FileNotFoundError) as err:
+        raise UsageError(f"could not load the editor: {str(err).splitlines()[0]}") from None
+    name = args.model or "the embedded tiny editor (random weights)"
+    print(f"infer: serving {name} on http://{args.host}:{args.port}", file=sys.stderr)
+    launch(build_app(pipe, args.max_seconds), args.host, args.port)
 
 
 def _quiet_libraries() -> None:
@@ -364,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
             edit(args)
         elif args.command == "eval":
             evaluate_command(args)
+        elif args.command == "serve":
+            serve_command(args)
         elif args.command == "convert-insv2v":
             convert_insv2v_command(args)
         return 0
@@ -373,8 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:  # a folder that cannot be created or written, a full disk
         print(f"infer: error: {err.strerror or err}" + (f": {err.filename}" if err.filename else ""), file=sys.stderr)
         return USAGE_ERROR
-    except KeyboardInterrupt:
-        print("infer: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:  # an edit's interruption names the partial file it kept
+        print(f"infer: {getattr(err, 'message', 'interrupted')}", file=sys.stderr)
         return 130
 
 

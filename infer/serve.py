@@ -1,0 +1,138 @@
+"""`infer serve`: a Gradio page (and its HTTP API) that edits uploaded videos with a trained editor."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .edit_file import edit_file
+from .pipeline import InsV2VPipeline
+from .video import VideoError, encode_video, probe_video
+
+MAX_SECONDS = 60.0
+
+
+def example_videos(folder: Path) -> list[Path]:
+    """Small generated clips the page offers as examples (no video ships with the package)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ys, xs = np.mgrid[0:96, 0:96]
+    out = []
+    for name, colour in (("blue-square", (40, 60, 220)), ("green-square", (40, 200, 80))):
+        frames = np.empty((16, 96, 96, 3), np.uint8)
+        for t in range(16):
+            frames[t] = np.stack([xs * 2, ys * 2, np.full_like(xs, 90)], -1)
+            x = 10 + 4 * t
+            frames[t, 30:60, x : x + 30] = colour
+        path = folder / f"{name}.mp4"
+        path.write_bytes(encode_video(frames, 8))
+        out.append(path)
+    return out
+
+
+class Editing:
+    """What the page calls: one edit of an uploaded file, every expected failure one clear message."""
+
+    def __init__(self, pipe: InsV2VPipeline, max_seconds: float = MAX_SECONDS, out_dir: Path | None = None):
+        self.pipe, self.max_seconds = pipe, float(max_seconds)
+        self.out_dir = Path(out_dir or tempfile.mkdtemp(prefix="insv2v-serve-"))
+
+    def __call__(self, video: str | None, instruction: str, text_guidance: float, video_guidance: float, steps: int,
+                 lvsc: bool, motion_compensation: bool, seed: int, resolution: int) -> tuple[str, str]:
+        """The edited mp4's path (to play and to download)."""
+        if not video:
+            raise ValueError("upload a video first (or pick an example)")
+        if not instruction or not instruction.strip():
+            raise ValueError("type an instruction, e.g. “make it snowy”")
+        try:
+            info = probe_video(video)
+        except VideoError as err:
+            raise ValueError(f"this file is not a video this page can read ({err})") from None
+        seconds = info.duration or (info.num_frames / float(info.fps) if info.num_frames else 0.0)
+        if seconds > self.max_seconds:
+            raise ValueError(f"the video is {seconds:.1f} s long; this page edits videos of at most {self.max_seconds:g} s")
+        settings = self.pipe.settings(instruction.strip(), num_inference_steps=int(steps), text_guidance=float(text_guidance),
+                                      video_guidance=float(video_guidance), lvsc=0.5 if lvsc else 0.0,
+                                      motion_compensation=bool(motion_compensation), resolution=int(resolution))
+        settings.validate()
+        output = self.out_dir / f"{Path(video).stem}.edited-{uuid.uuid4().hex[:8]}.mp4"
+        generator = torch.Generator().manual_seed(int(seed))
+        total = info.num_frames or int(seconds * float(info.fps)) or None
+        try:
+            edit_file(self.pipe, Path(video), output, info, settings, generator, progress=True, total_frames=total,
+                      warn=lambda w: None)
+        except VideoError as err:
+            raise ValueError(f"the edit failed: {err}") from None
+        return str(output), str(output)
+
+
+def build_app(pipeline: InsV2VPipeline, max_seconds: float = MAX_SECONDS, title: str = "InsV2V video editor",
+              examples: bool = True):
+    """The page as ``gradio.Blocks``: launch it, or mount it into a FastAPI app with
+    ``gradio.mount_gradio_app(app, build_app(pipe), path="/edit")``. One edit runs at a time (the
+    queue shows the others their place); its API endpoint is ``/edit``."""
+    import gradio as gr
+
+    editing = Editing(pipeline, max_seconds)
+    defaults = pipeline.settings("x")
+
+    def run(video, instruction, text_guidance, video_guidance, steps, lvsc, mc, seed, resolution,
+            progress=gr.Progress(track_tqdm=True)):
+        try:
+            return editing(video, instruction, text_guidance, video_guidance, steps, lvsc, mc, seed, resolution)
+        except ValueError as err:
+            raise gr.Error(str(err).splitlines()[0], print_exception=False) from None
+        except Exception as err:  # unforeseen: the server log has the traceback, the page one line
+            logging.getLogger(__name__).exception("edit failed")
+            raise gr.Error(f"the edit failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
+                           print_exception=False) from None
+
+    with gr.Blocks(title=title, analytics_enabled=False) as app:
+        gr.Markdown(f"## {title}\nUpload a video, say how to change it, press **Edit**. "
+                    f"Videos up to {max_seconds:g} s.")
+        with gr.Row():
+            source = gr.Video(label="Source video", sources=["upload"], format="mp4", elem_id="source")
+            edited = gr.Video(label="Edited video", interactive=False, elem_id="edited")
+        instruction = gr.Textbox(label="Instruction", placeholder="make it snowy", elem_id="instruction")
+        button = gr.Button("Edit", variant="primary", elem_id="edit")
+        download = gr.File(label="Download the edit (mp4, with the source's audio)", interactive=False, elem_id="download")
+        with gr.Accordion("advanced", open=False):
+            with gr.Row():
+                text_guidance = gr.Slider(1.0, 15.0, value=defaults.text_guidance, step=0.5, label="text guidance")
+                video_guidance = gr.Slider(1.0, 3.0, value=defaults.video_guidance, step=0.1, label="video guidance")
+                steps = gr.Slider(1, 100, value=defaults.num_inference_steps, step=1, label="steps")
+            with gr.Row():
+                lvsc = gr.Checkbox(value=True, label="long video sampling correction")
+                mc = gr.Checkbox(value=False, label="motion compensation")
+                seed = gr.Number(value=0, precision=0, label="seed")
+                resolution = gr.Slider(16, 1024, value=pipeline.editor.resolution, step=16, label="resolution (short side)")
+        inputs = [source, instruction, text_guidance, video_guidance, steps, lvsc, mc, seed, resolution]
+        if examples:
+            clips = example_videos(editing.out_dir / "examples")
+            gr.Examples([[str(clips[0]), "make the square red"], [str(clips[1]), "make it snowy"]], [source, instruction])
+        button.click(run, inputs, [edited, download], api_name="edit")
+    app.queue(default_concurrency_limit=1)
+    return app
+
+
+def load_pipeline(model: str | None, device: str | None = None, dtype: str | None = None) -> InsV2VPipeline:
+    """The editor ``infer serve`` shows: a folder, a ``.ckpt``, or the tiny random one."""
+    if model is None:
+        pipe = InsV2VPipeline.from_pretrained("tiny")
+    elif model.endswith(".ckpt"):
+        pipe = InsV2VPipeline.from_checkpoint(model)
+    else:
+        pipe = InsV2VPipeline.from_pretrained(model)
+    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return pipe.to(target, getattr(torch, dtype) if dtype else None)
+
+
+def launch(app: Any, host: str, port: int, block: bool = True):
+    """Serve ``app`` on ``host:port``; with ``block=False`` return once it listens."""
+    return app.launch(server_name=host, server_port=port, prevent_thread_lock=not block, show_error=True,
+                      quiet=True, share=False, inbrowser=False)
