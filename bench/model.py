@@ -2,6 +2,7 @@
 
     python bench/model.py                      # tiny config on CPU
     python bench/model.py --size sd --device cuda --frames 16 --resolution 256
+    python bench/model.py --size sd --trainable lora --lora-rank 16 --sizes-only   # checkpoint sizes from shapes
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import build_editor, count_parameters, load_editor, set_trainable, shipped_config  # noqa: E402
+from model.lora import add_lora  # noqa: E402
 
 
 def main() -> None:
@@ -28,17 +30,32 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=16)
     ap.add_argument("--resolution", type=int, default=None, help="frame size in pixels (default: the model's)")
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--trainable", default="motion")
+    ap.add_argument("--trainable", default="motion", help="motion, all, spatial or lora")
+    ap.add_argument("--lora-rank", type=int, default=16)
+    ap.add_argument("--sizes-only", action="store_true",
+                    help="only parameter counts and checkpoint sizes, computed on the meta device (no memory)")
     ap.add_argument("--checkpointing", action="store_true")
     ap.add_argument("--iters", type=int, default=5)
     args = ap.parse_args()
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    editor = load_editor("tiny") if args.size == "tiny" else build_editor(shipped_config("model/sd15-random.yaml"))
+    with torch.device("meta" if args.sizes_only else "cpu"):
+        editor = load_editor("tiny") if args.size == "tiny" else build_editor(shipped_config("model/sd15-random.yaml"))
     unet, latent, factor = editor.unet, editor.latent_channels, editor.vae_scale_factor
     text_dim = editor.text_encoder.config.hidden_size
     resolution = args.resolution or (editor.resolution if args.size == "tiny" else 256)
-    counts = set_trainable(unet, args.trainable)
+    if args.trainable == "lora":
+        add_lora(unet, args.lora_rank)
+        counts = count_parameters(unet)
+    else:
+        counts = set_trainable(unet, args.trainable)
+    if args.sizes_only:
+        motion = sum(p.numel() for n, p in unet.named_parameters() if "motion_modules." in n and "lora_" not in n)
+        print(f"config            {args.size}, trainable {args.trainable}" + (f" (rank {args.lora_rank})" if args.trainable == "lora" else ""))
+        print(f"parameters        total {counts.total / 1e6:.2f}M  trainable {counts.trainable / 1e6:.2f}M  motion {motion / 1e6:.1f}M")
+        print(f"checkpoint        {counts.trainable * 4 / 2**20:.1f} MiB fp32 / {counts.trainable * 2 / 2**20:.1f} MiB bf16 "
+              f"(a motion-module checkpoint: {motion * 4 / 2**20:.0f} MiB fp32)")
+        return
     unet.to(device=device).train()
     if dtype != unet.dtype:
         unet.to(dtype=dtype)

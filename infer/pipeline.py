@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from model import Editor, load_editor, scheduler_class
+from model.lora import add_lora, load_lora, merge_lora
 
 from .flow import clip_flows
 from .sampling import guided_noise, lvsc_correct, lvsc_correct_warped, stream_clips, to_epsilon, from_epsilon
@@ -131,6 +132,9 @@ class InsV2VPipeline:
         if not isinstance(meta, dict) or "editor" not in meta:
             raise ValueError(f"{path} is not an editor training checkpoint (no '{CHECKPOINT_KEY}' entry)")
         editor = load_editor(meta["editor"])
+        lora = meta.get("lora")
+        if lora:  # the adapters the trained weights belong to
+            add_lora(editor.unet, lora["rank"], lora["alpha"], tuple(lora["targets"]))
         weights = dict(checkpoint.get("state_dict", {}))
         if use_ema and meta.get("ema"):
             weights.update(meta["ema"])
@@ -145,7 +149,15 @@ class InsV2VPipeline:
             missing, unexpected = module.load_state_dict(part, strict=False)
             if unexpected:
                 raise ValueError(f"{path}: weights for unknown {prefix[:-1]} parameters, e.g. {unexpected[:3]}")
+        if lora:
+            merge_lora(editor.unet)  # sampling then costs what the base U-Net costs
         return cls(editor, scheduler=scheduler)
+
+    def load_lora(self, path: str | os.PathLike, scale: float = 1.0) -> "InsV2VPipeline":
+        """Apply a LoRA adapter (diffusers' LoRA safetensors, as ``export_lora_only`` writes it) to
+        this editor's U-Net at ``scale``."""
+        load_lora(self.editor.unet, path, scale)
+        return self
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         replace(self.editor, scheduler=self.scheduler).save_pretrained(directory)

@@ -13,6 +13,8 @@ import torch
 
 from infer.pipeline import CHECKPOINT_KEY
 from model import EditorLoadError, load_editor, set_trainable
+from model.lora import DEFAULT_TARGETS, add_lora, merge_lora, save_lora
+from model.trainable import count_parameters
 
 from .objective import LOSS_WEIGHTINGS, dropout_masks, loss_weights, regression_target, sample_timesteps
 
@@ -26,8 +28,14 @@ class EditorModule(L.LightningModule):
         editor: what to build: ``tiny``, ``tiny-pixel``, an editor folder, a YAML file, or a
             mapping (``{base_model: DIR, motion_adapter: DIR}`` or component configs); see
             :func:`model.load_editor`.
-        trainable: ``motion``, ``all``, ``spatial`` (all but the temporal layers) or a list of U-Net
-            parameter name patterns (``!pattern`` excludes).
+        trainable: ``motion``, ``all``, ``spatial`` (all but the temporal layers), ``lora`` (peft
+            LoRA adapters only; the U-Net stays frozen) or a list of U-Net parameter name patterns
+            (``!pattern`` excludes).
+        lora_rank, lora_alpha, lora_targets: the adapters of ``trainable: lora``: rank, scale
+            numerator (default: the rank) and regular expressions of the linear layers they wrap
+            (default: the motion modules' and spatial transformers' attention projections).
+        export_lora_only: with LoRA, export the adapter alone (diffusers' LoRA safetensors) instead
+            of the editor with the adapter merged.
         lr, betas, weight_decay: AdamW (weight decay 0 is Adam).
         warmup_steps: linear warm-up; lr_schedule: ``constant`` or ``cosine`` (to 0 at max_steps).
         drop_text, drop_both, drop_video: per-sample conditioning dropout fractions.
@@ -47,6 +55,10 @@ class EditorModule(L.LightningModule):
         self,
         editor: EditorSpec = "tiny",
         trainable: Union[str, list[str]] = "motion",
+        lora_rank: int = 16,
+        lora_alpha: float | None = None,
+        lora_targets: list[str] | None = None,
+        export_lora_only: bool = False,
         lr: float = 5e-5,
         betas: tuple[float, float] = (0.9, 0.999),
         weight_decay: float = 0.0,
@@ -86,7 +98,11 @@ class EditorModule(L.LightningModule):
         self.unet = self.editor.unet
         self.text_encoder = self.editor.text_encoder.requires_grad_(train_text_encoder)
         self.vae = self.editor.vae.requires_grad_(False).eval() if self.editor.vae is not None else None
-        self.counts = set_trainable(self.unet, trainable)
+        if trainable == "lora":
+            add_lora(self.unet, lora_rank, lora_alpha, tuple(lora_targets or DEFAULT_TARGETS))
+            self.counts = count_parameters(self.unet)
+        else:
+            self.counts = set_trainable(self.unet, trainable)
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.strict_loading = False  # checkpoints hold only the trainable weights
@@ -206,8 +222,16 @@ class EditorModule(L.LightningModule):
             "format": 1,
             "editor": self.hparams.editor,
             "trainable": self.hparams.trainable,
+            "lora": self._lora_spec(),
             "ema": {k: v.cpu() for k, v in self.ema.items()} if self.ema else None,
         }
+
+    def _lora_spec(self) -> dict[str, Any] | None:
+        """How to rebuild the adapters a LoRA checkpoint's weights belong to."""
+        if self.hparams.trainable != "lora":
+            return None
+        hp = self.hparams
+        return {"rank": hp.lora_rank, "alpha": hp.lora_alpha, "targets": list(hp.lora_targets or DEFAULT_TARGETS)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get(CHECKPOINT_KEY) or {}
@@ -235,9 +259,25 @@ class EditorModule(L.LightningModule):
             for k, p in params.items():
                 p.copy_(self.ema[k].to(p.device, p.dtype))
         try:
-            self.editor.save_pretrained(directory)
+            if self.hparams.trainable == "lora":
+                self._export_lora(directory)
+            else:
+                self.editor.save_pretrained(directory)
         finally:
             if saved:
                 for k, p in params.items():
                     p.copy_(saved[k])
         return Path(directory)
+
+    def _export_lora(self, directory: str | os.PathLike) -> None:
+        """The adapter alone, or a copy of the editor with the adapter merged (training goes on
+        with the adapter unmerged)."""
+        import copy
+
+        if self.hparams.export_lora_only:
+            save_lora(self.unet, directory)
+            return
+        from dataclasses import replace
+
+        merged = replace(self.editor, unet=merge_lora(copy.deepcopy(self.unet)))
+        merged.save_pretrained(directory)

@@ -1,0 +1,71 @@
+"""LoRA adapters on the editor's U-Net (peft): adding, merging, and diffusers' LoRA safetensors layout."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+ADAPTER = "insv2v"
+# the motion modules' and the spatial transformers' attention projections (diffusers' names)
+DEFAULT_TARGETS = (r".*motion_modules\..*\.(to_q|to_k|to_v|to_out\.0)", r".*attentions\..*\.(to_q|to_k|to_v|to_out\.0)")
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+def add_lora(unet: torch.nn.Module, rank: int = 16, alpha: float | None = None,
+             targets: tuple[str, ...] | list[str] = DEFAULT_TARGETS) -> int:
+    """Freeze ``unet`` and add a LoRA adapter ``W + (alpha / rank) B A`` (``B`` zero at init, so the
+    output is unchanged) on every linear layer whose name fully matches one of ``targets``
+    (regular expressions). Returns the number of adapter parameters, the only trainable ones."""
+    from peft import LoraConfig
+
+    if rank < 1:
+        raise ValueError(f"lora_rank must be at least 1, got {rank}")
+    unet.requires_grad_(False)
+    config = LoraConfig(r=int(rank), lora_alpha=float(alpha if alpha is not None else rank),
+                        target_modules="|".join(f"(?:{t})" for t in targets), init_lora_weights=True)
+    try:
+        unet.add_adapter(config, adapter_name=ADAPTER)
+    except ValueError as err:  # peft: "Target modules ... not found in the base model"
+        raise ValueError(f"lora_targets match no layer of the U-Net ({str(err).splitlines()[0][:120]})") from None
+    return sum(p.numel() for name, p in unet.named_parameters() if "lora_" in name and p.requires_grad)
+
+
+def has_lora(unet: torch.nn.Module) -> bool:
+    return bool(getattr(unet, "_hf_peft_config_loaded", False))
+
+
+def merge_lora(unet: torch.nn.Module) -> torch.nn.Module:
+    """Fold the adapter into the base weights and remove it: a plain U-Net that computes the same."""
+    unet.fuse_lora(lora_scale=1.0, adapter_names=[ADAPTER])
+    unet.unload_lora()
+    return unet
+
+
+def save_lora(unet: torch.nn.Module, directory: str | os.PathLike) -> Path:
+    """The adapter alone, as diffusers writes it (``pytorch_lora_weights.safetensors``, keys
+    ``unet.<module>.lora_A.weight`` / ``lora_B.weight``)."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    state = get_peft_model_state_dict(unet, adapter_name=ADAPTER)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = unet.peft_config[ADAPTER]
+    metadata = {"format": "pt", "lora_rank": str(config.r), "lora_alpha": str(config.lora_alpha)}
+    save_file({f"unet.{k}": v.detach().contiguous().cpu() for k, v in state.items()}, directory / LORA_WEIGHTS,
+              metadata=metadata)
+    return directory / LORA_WEIGHTS
+
+
+def load_lora(unet: torch.nn.Module, path: str | os.PathLike, scale: float = 1.0, name: str = ADAPTER) -> None:
+    """Apply a LoRA file (or a folder holding ``pytorch_lora_weights.safetensors``) to ``unet`` at
+    ``scale`` (0 turns it off)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / LORA_WEIGHTS
+    if not path.is_file():
+        raise FileNotFoundError(f"no LoRA weights at {path}")
+    unet.load_lora_adapter(str(path), prefix="unet", adapter_name=name)
+    unet.set_adapters([name], weights=[float(scale)])
