@@ -8,8 +8,9 @@ from typing import Any, Iterator
 import numpy as np
 from tqdm.auto import tqdm
 
+from infer.camera import CameraBounds, lift_pair
+
 from .build import BuildResult, config_hash, make_filter, make_judge, pair_sample
-from .camera import CameraBounds, draw_path, film, fit_path, homographies
 from .filter import check_pair
 from .image_pairs import UnreadableRow, decode_row, pair_rows, source_name
 from .writer import Outcome, ShardWriter, write_outcomes
@@ -21,16 +22,6 @@ LIFT_SECTIONS = ("camera", "filter", "output")
 def camera_bounds(camera: dict[str, Any]) -> CameraBounds:
     names = ("max_pan", "zoom", "max_rotate", "max_perspective")
     return CameraBounds(**{k: (tuple(camera[k]) if k == "zoom" else float(camera[k])) for k in names if k in camera})
-
-
-def lift_pair(source: np.ndarray, edited: np.ndarray, bounds: CameraBounds, num_frames: int, size: int,
-              rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """The (source, edited) clips one random camera path films of an image pair, and the path. The
-    same per-frame homographies film both images, so the edited clip is exactly the camera's view
-    of the edited image."""
-    path = fit_path(draw_path(bounds, rng), num_frames, source.shape[:2], size)
-    maps = homographies(path, num_frames, source.shape[:2], size)
-    return film(source, maps, size), film(edited, maps, size), path.to_json()
 
 
 def lift(config: dict[str, Any], images: str | Path, out: Path, num_samples: int | None = None,

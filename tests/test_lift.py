@@ -18,9 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from synth.camera import CameraBounds, CameraPath, draw_path, film, fit_path, homographies
+from infer.camera import CameraBounds, CameraPath, draw_path, film, fit_path, homographies, lift_pair
 from synth.cli import main
-from synth.lift import lift_pair
 from synth.writer import read_attempts, read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -285,3 +284,48 @@ def test_weighted_sources_mix_at_their_weights_and_are_counted(tmp_path):
     last = [r for r in rows if r.get("data/samples_video")][-1]
     batch_size = 2  # configs/tiny.yaml
     assert float(last["data/samples_video"]) + float(last["data/samples_lifted"]) == 3 * batch_size
+
+
+def write_image_pair_shard(path: Path, count: int) -> None:
+    """Image-edit pairs as shards: ``src.png`` / ``tgt.png`` and the json, one frame each."""
+    with tarfile.open(path, "w") as tar:
+        for i in range(count):
+            source = scene(64, 80, seed=i)
+            edited, _ = with_patch(source)
+            meta = {"instruction": "paint a red square", "input_caption": None, "output_caption": None,
+                    "num_frames": 1, "height": 64, "width": 80, "fps": 8, "seed": i, "source": "images"}
+            for name, data in ((f"{i:04d}.src.png", encode(source)), (f"{i:04d}.tgt.png", encode(edited)),
+                               (f"{i:04d}.json", json.dumps(meta).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.parametrize("how", ["camera", "repeat"])
+def test_image_pairs_become_clips_and_mix_with_video_pairs(tmp_path, how):
+    from shards import write_shards
+
+    from train import ShardDataModule
+
+    (tmp_path / "images").mkdir()
+    write_image_pair_shard(tmp_path / "images/pairs-000.tar", 4)
+    write_shards(tmp_path / "video", 4, per_shard=2)
+    sources = [{"shards": str(tmp_path / "video"), "weight": 0.5, "name": "video"},
+               {"shards": str(tmp_path / "images"), "weight": 0.5, "name": "images"}]
+    dm = ShardDataModule(sources=sources, num_frames=6, resolution=32, batch_size=4, batches_per_epoch=6, stream_seed=0,
+                         augment=False, shuffle_buffer=2, image_clips=how)
+    dm.setup("fit")
+    seen = 0
+    for batch in dm.train_dataloader():
+        assert batch["source"].shape == batch["target"].shape == (4, 3, 6, 32, 32)
+        for source, target, origin in zip(batch["source"], batch["target"], batch["source_index"]):
+            if origin != 1:
+                continue
+            seen += 1
+            moves = (source[:, 0] - source[:, -1]).abs().mean().item()
+            assert (moves > 0.02) if how == "camera" else (moves == 0)  # a camera moves; a repeat does not
+            same = (source == target).all(0).float().mean().item()
+            assert 0.4 < same < 1.0  # one shared view: only the painted square differs
+    assert seen > 2
+    with pytest.raises(ValueError, match="image_clips must be one of"):
+        ShardDataModule(shards=str(tmp_path / "video"), image_clips="zoom")

@@ -15,7 +15,9 @@ import lightning as L
 import numpy as np
 import torch
 import webdataset as wds
+from PIL import Image, UnidentifiedImageError
 
+from infer.camera import CameraBounds, lift_pair
 from infer.pipeline import to_model_frames
 from infer.video import VideoError, decode_video
 
@@ -41,7 +43,17 @@ def expand_shards(pattern: str) -> list[str]:
     return urls
 
 
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+
+
 def _frames(sample: dict[str, Any], stem: str) -> np.ndarray:
+    for ext in IMAGE_EXTS:  # an image-edit pair: one frame
+        if f"{stem}.{ext}" in sample:
+            try:
+                with Image.open(io.BytesIO(sample[f"{stem}.{ext}"])) as image:
+                    return np.asarray(image.convert("RGB"))[None]
+            except (UnidentifiedImageError, OSError) as err:
+                raise ValueError(f"{stem}.{ext} is not a readable image ({type(err).__name__})") from None
     if f"{stem}.mp4" in sample:
         return decode_video(sample[f"{stem}.mp4"])
     if f"{stem}.npy" in sample:
@@ -49,7 +61,22 @@ def _frames(sample: dict[str, Any], stem: str) -> np.ndarray:
         if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] != 3:
             raise ValueError(f"{stem}.npy must be uint8 (F, H, W, 3), got {array.dtype} {array.shape}")
         return array
-    raise KeyError(f"no {stem}.mp4 or {stem}.npy")
+    raise KeyError(f"no {stem}.mp4, {stem}.npy or {stem} image")
+
+
+IMAGE_CLIPS = ("camera", "repeat")
+
+
+def image_pair_clip(source: np.ndarray, target: np.ndarray, num_frames: int, how: str, rng: np.random.Generator,
+                    bounds: CameraBounds = CameraBounds()) -> tuple[np.ndarray, np.ndarray]:
+    """A single-frame pair (an image edit) as a ``num_frames`` clip pair: the frame repeated
+    (``repeat``: a clip without motion), or filmed by one random camera path shared by source and
+    target (``camera``: the lifting of ``synth lift``, drawn anew each time the sample is read)."""
+    if how == "repeat":
+        return np.repeat(source[:1], num_frames, 0), np.repeat(target[:1], num_frames, 0)
+    size = min(source.shape[1:3])
+    clip_source, clip_target, _ = lift_pair(source[0], target[0], bounds, num_frames, size, rng)
+    return clip_source, clip_target
 
 
 def sample_frames(num_available: int, num_frames: int, stride: int, rng: np.random.Generator) -> np.ndarray:
@@ -63,9 +90,12 @@ def sample_frames(num_available: int, num_frames: int, stride: int, rng: np.rand
 class PairDecoder:
     """Turn a raw shard sample into training tensors; a broken sample becomes ``None`` (counted)."""
 
-    def __init__(self, num_frames: int, frame_stride: int, resolution: int, augment: dict[str, float] | None):
+    def __init__(self, num_frames: int, frame_stride: int, resolution: int, augment: dict[str, float] | None,
+                 image_clips: str = "camera"):
+        if image_clips not in IMAGE_CLIPS:
+            raise ValueError(f"image_clips must be one of {', '.join(IMAGE_CLIPS)}, got {image_clips!r}")
         self.num_frames, self.frame_stride, self.resolution = num_frames, frame_stride, resolution
-        self.augment = augment
+        self.augment, self.image_clips = augment, image_clips
         self.skipped = 0
 
     def __call__(self, sample: dict[str, Any], rng: np.random.Generator) -> dict[str, Any] | None:
@@ -81,6 +111,8 @@ class PairDecoder:
             self.skipped += 1
             log.warning("skipping corrupt sample %s (%s); %d skipped so far", key, err, self.skipped)
             return None
+        if len(source) == 1 and self.num_frames > 1:
+            source, target = image_pair_clip(source, target, self.num_frames, self.image_clips, rng)
         index = sample_frames(len(source), self.num_frames, self.frame_stride, rng)
         source, target = source[index], target[index]
         h, w = source.shape[1:3]
@@ -196,6 +228,10 @@ class ShardDataModule(L.LightningDataModule):
         val_batches: validation batches per validation run.
         augment: identical moving-crop/zoom augmentation of source and target.
         translate_prob, max_translate, zoom_prob, max_zoom: its parameters (SPEC §5).
+        image_clips: how a single-frame pair (an image edit: ``src.png``/``tgt.png``, or a one-frame
+            clip) becomes a training clip: ``camera`` (a random camera path filming both, drawn
+            per read) or ``repeat`` (the frame repeated). Mix image and video shard sets with
+            ``sources`` and their weights.
         stream_seed: makes the stream replayable (shard draws, shuffle, frames, crops; each rank and
             worker its own). ``None`` takes Lightning's global seed (``seed_everything``) when one
             is set, else the stream is fresh on every run. A run resumed from a checkpoint goes on
@@ -220,6 +256,7 @@ class ShardDataModule(L.LightningDataModule):
         max_translate: float = 0.2,
         zoom_prob: float = 0.2,
         max_zoom: float = 1.25,
+        image_clips: str = "camera",
         stream_seed: int | None = None,
     ):
         super().__init__()
@@ -228,6 +265,8 @@ class ShardDataModule(L.LightningDataModule):
         self._consumed: dict[str, Any] = {}
         self._resuming = False
         self.source_counts: dict[str, int] = {name: 0 for name, _, _ in self._sources()}
+        if image_clips not in IMAGE_CLIPS:
+            raise ValueError(f"data.image_clips must be one of {', '.join(IMAGE_CLIPS)}, got {image_clips!r}")
 
     def _sources(self) -> list[tuple[str, str, float]]:
         """``(name, shards, weight)`` of each training source."""
@@ -271,7 +310,7 @@ class ShardDataModule(L.LightningDataModule):
         seed = self._seed()
         if seed is None:  # a fresh stream, still consistent across this run's workers and epochs
             seed = random.SystemRandom().randrange(2**31)
-        decoder = PairDecoder(hp.num_frames, hp.frame_stride, hp.resolution, augment)
+        decoder = PairDecoder(hp.num_frames, hp.frame_stride, hp.resolution, augment, hp.image_clips)
         self.decoders.append(decoder)
         trainer = getattr(self, "trainer", None)
         start_epoch = trainer.current_epoch if trainer is not None else 0

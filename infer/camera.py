@@ -1,4 +1,4 @@
-"""Virtual camera paths over a still image: smooth pan, zoom, rotation and mild perspective, as per-frame homographies."""
+"""Virtual camera paths over a still image (pan, zoom, rotation, mild perspective as per-frame homographies), filming image-edit pairs as clips."""
 
 from __future__ import annotations
 
@@ -130,3 +130,13 @@ def film(image: np.ndarray, maps: np.ndarray, size: int) -> np.ndarray:
     frames = [cv2.warpPerspective(image, m, (size, size), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                                   borderMode=cv2.BORDER_REFLECT_101) for m in maps]
     return np.stack(frames)
+
+
+def lift_pair(source: np.ndarray, edited: np.ndarray, bounds: CameraBounds, num_frames: int, size: int,
+              rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """The (source, edited) clips one random camera path films of an image pair, and the path. The
+    same per-frame homographies film both images, so the edited clip is exactly the camera's view
+    of the edited image."""
+    path = fit_path(draw_path(bounds, rng), num_frames, source.shape[:2], size)
+    maps = homographies(path, num_frames, source.shape[:2], size)
+    return film(source, maps, size), film(edited, maps, size), path.to_json()
