@@ -205,12 +205,8 @@ def evaluate_command(args: argparse.Namespace) -> None:
         if not found:
             raise ValueError(f"none of the {len({i[0] for i in instructions})} videos named in {args.instructions} is in {videos}")
         notes = []
-        if args.model is None:
-            notes.append("editor: the embedded tiny editor (random weights)")
-            pipe = InsV2VPipeline.from_pretrained("tiny")
-        else:
-            pipe = (InsV2VPipeline.from_checkpoint if args.model.endswith(".ckpt") else InsV2VPipeline.from_pretrained)(args.model)
-            notes.append(f"editor: {args.model}")
+        pipe = InsV2VPipeline.load(args.model)
+        notes.append(f"editor: {args.model}" if args.model else "editor: the embedded tiny editor (random weights)")
         clip = ClipScorer.from_pretrained(args.clip_model) if args.clip_model else ClipScorer.tiny()
         if not args.clip_model:
             notes.append("CLIP metrics use the embedded tiny CLIP (random weights): pass --clip-model for meaningful scores")
@@ -277,7 +273,7 @@ def edit(args: argparse.Namespace) -> Path:
             raise UsageError("output would overwrite the input")
         resolution = args.resolution
         # everything knowable before editing is checked before the model is even loaded
-        seconds = info.duration or (info.num_frames / info.fps if info.num_frames else 0)
+        seconds = info.seconds
         seconds = max(0.0, min(args.end or seconds, seconds) - (args.start or 0.0)) if seconds else 0.0
         expected = int(seconds * info.fps / args.stride) if seconds else 0
         if args.max_frames:
@@ -291,11 +287,7 @@ def edit(args: argparse.Namespace) -> Path:
     try:
         if args.model is None:
             print("infer: no --model given; using the embedded tiny editor (random weights)", file=sys.stderr)
-            pipe = InsV2VPipeline.from_pretrained("tiny", scheduler=args.scheduler)
-        elif args.model.endswith(".ckpt"):
-            pipe = InsV2VPipeline.from_checkpoint(args.model, scheduler=args.scheduler)
-        else:
-            pipe = InsV2VPipeline.from_pretrained(args.model, scheduler=args.scheduler)
+        pipe = InsV2VPipeline.load(args.model, scheduler=args.scheduler)
     except (EditorLoadError, ValueError, FileNotFoundError) as err:
         raise UsageError(str(err)) from None
     pipe.to(device, getattr(torch, args.dtype) if args.dtype else None)

@@ -121,8 +121,8 @@ class ClipScorer:
 
 
 def pair_scores(
-    source: torch.Tensor, edited: torch.Tensor, input_text: torch.Tensor, output_text: torch.Tensor
-) -> dict[str, float]:
+    source: torch.Tensor, edited: torch.Tensor, input_text: torch.Tensor | None, output_text: torch.Tensor | None
+) -> dict[str, float | None]:
     """The four CLIP scores of a (source, edited) clip pair, each averaged over frames ``f``::
 
         sim_src_text  = mean_f cos(S_f, T_in)
@@ -130,12 +130,14 @@ def pair_scores(
         sim_direction = mean_f cos(E_f - S_f, T_out - T_in)
         sim_frames    = mean_f cos(S_f, E_f)
 
-    ``source``/``edited``: frame embeddings ``(F, d)``; ``input_text``/``output_text``: ``(d,)``.
+    ``source``/``edited``: frame embeddings ``(F, d)``; ``input_text``/``output_text``: ``(d,)``,
+    or ``None`` when the pair has no captions (then only ``sim_frames`` is defined, the rest ``None``).
     """
     cos = lambda a, b: F.cosine_similarity(a, b.expand_as(a), dim=-1).mean().item()  # noqa: E731
+    captioned = input_text is not None and output_text is not None
     return {
-        "sim_src_text": cos(source, input_text),
-        "sim_tgt_text": cos(edited, output_text),
-        "sim_direction": cos(edited - source, output_text - input_text),
+        "sim_src_text": cos(source, input_text) if captioned else None,
+        "sim_tgt_text": cos(edited, output_text) if captioned else None,
+        "sim_direction": cos(edited - source, output_text - input_text) if captioned else None,
         "sim_frames": cos(source, edited),
     }

@@ -159,6 +159,16 @@ class InsV2VPipeline:
         load_lora(self.editor.unet, path, scale)
         return self
 
+    @classmethod
+    def load(cls, model: str | os.PathLike | None, scheduler: str | None = None) -> "InsV2VPipeline":
+        """What the commands' ``--model`` names: a training checkpoint (``.ckpt``), an editor
+        folder, or ``None`` for the embedded tiny editor (random weights)."""
+        if model is None:
+            return cls.from_pretrained("tiny", scheduler=scheduler)
+        if str(model).endswith(".ckpt"):
+            return cls.from_checkpoint(model, scheduler=scheduler)
+        return cls.from_pretrained(model, scheduler=scheduler)
+
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         replace(self.editor, scheduler=self.scheduler).save_pretrained(directory)
 

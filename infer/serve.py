@@ -53,7 +53,7 @@ class Editing:
             info = probe_video(video)
         except VideoError as err:
             raise ValueError(f"this file is not a video this page can read ({err})") from None
-        seconds = info.duration or (info.num_frames / float(info.fps) if info.num_frames else 0.0)
+        seconds = info.seconds
         if seconds > self.max_seconds:
             raise ValueError(f"the video is {seconds:.1f} s long; this page edits videos of at most {self.max_seconds:g} s")
         settings = self.pipe.settings(instruction.strip(), num_inference_steps=int(steps), text_guidance=float(text_guidance),
@@ -122,12 +122,7 @@ def build_app(pipeline: InsV2VPipeline, max_seconds: float = MAX_SECONDS, title:
 
 def load_pipeline(model: str | None, device: str | None = None, dtype: str | None = None) -> InsV2VPipeline:
     """The editor ``infer serve`` shows: a folder, a ``.ckpt``, or the tiny random one."""
-    if model is None:
-        pipe = InsV2VPipeline.from_pretrained("tiny")
-    elif model.endswith(".ckpt"):
-        pipe = InsV2VPipeline.from_checkpoint(model)
-    else:
-        pipe = InsV2VPipeline.from_pretrained(model)
+    pipe = InsV2VPipeline.load(model)
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return pipe.to(target, getattr(torch, dtype) if dtype else None)
 

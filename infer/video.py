@@ -39,6 +39,11 @@ class VideoInfo:
     duration: float | None = None  # seconds, when the container knows
     audio_codec: str | None = None
 
+    @property
+    def seconds(self) -> float | Fraction:
+        """The video's length: the container's duration, else frames / rate (exact), else 0 (unknown)."""
+        return self.duration or (self.num_frames / self.fps if self.num_frames else 0.0)
+
 
 def is_image_sequence(path: str | os.PathLike) -> bool:
     """``frames/%05d.png``-style patterns (printf-style frame numbers)."""

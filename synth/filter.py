@@ -36,13 +36,8 @@ class ClipFilter:
     def scores(self, source: np.ndarray, edited: np.ndarray, input_caption: str | None,
                output_caption: str | None) -> dict[str, float | None]:
         """The four scores of a pair; without both captions only ``sim_frames`` is defined."""
-        source_emb, edited_emb = self.scorer.image_embeds(source), self.scorer.image_embeds(edited)
-        if input_caption and output_caption:
-            text = self.scorer.text_embeds([input_caption, output_caption])
-            return pair_scores(source_emb, edited_emb, text[0], text[1])
-        text = source_emb.new_zeros(source_emb.shape[-1])
-        return {**dict.fromkeys(("sim_src_text", "sim_tgt_text", "sim_direction")),
-                "sim_frames": pair_scores(source_emb, edited_emb, text, text)["sim_frames"]}
+        text = self.scorer.text_embeds([input_caption, output_caption]) if input_caption and output_caption else (None, None)
+        return pair_scores(self.scorer.image_embeds(source), self.scorer.image_embeds(edited), text[0], text[1])
 
     def __call__(self, source: np.ndarray, edited: np.ndarray, input_caption: str | None,
                  output_caption: str | None) -> tuple[dict[str, float | None], str | None]:
