@@ -1,8 +1,10 @@
-"""Training benchmark: clips/s and peak memory of a training step, data-loader throughput, and on a
-GPU the SD 1.5-size step time and MFU against the reference recipe.
+"""Training benchmark: clips/s and peak memory of a training step, data-loader throughput, raw clips
+against a latent cache (`synth cache`), and on a GPU the SD 1.5-size step time and MFU against the
+reference recipe.
 
-    python bench/train.py                      # tiny editor on CPU + loader with 2 workers
-    python bench/train.py --sd --device cuda   # SD 1.5 size, 16x256², bf16 vs the reference recipe
+    python bench/train.py                      # tiny editor on CPU + loaders with 2 workers, raw vs cached
+    python bench/train.py --sd-flops           # SD 1.5 size, FLOPs of a step's parts (meta device: any machine)
+    python bench/train.py --sd --device cuda   # SD 1.5 size, 16x256², bf16 vs the reference recipe, cached
 """
 
 from __future__ import annotations
@@ -21,8 +23,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from model import set_trainable, shipped_config  # noqa: E402
+from infer.latent_cache import encode_pair  # noqa: E402
+from model import build_editor, set_trainable, shipped_config  # noqa: E402
 from train import EditorModule, ShardDataModule  # noqa: E402
+
+
+def cached_batch(module: EditorModule, batch: dict) -> dict:
+    """``batch`` as a latent cache holds it (what `synth cache` writes for these clips)."""
+    encoded = encode_pair(module.editor, batch["source"], batch["target"], batch["instruction"])
+    empty = module.editor.encode_text([""]).float().detach().expand(len(batch["instruction"]), -1, -1)
+    return {"target_mean": encoded["tgt_mean"], "target_logvar": encoded["tgt_logvar"],
+            "source_latent": encoded["src_latent"], "text_states": encoded["text"], "empty_text": empty,
+            "instruction": batch["instruction"]}
 
 
 def fake_batch(batch: int, frames: int, resolution: int, device) -> dict:
@@ -61,33 +73,77 @@ def time_steps(module: EditorModule, batch: dict, iters: int, precision: str, de
     return statistics.median(times), counter.get_total_flops()
 
 
-def loader_throughput(workers: int, batches: int, frames: int, resolution: int) -> float:
+def loader_throughput(workers: int, batches: int, frames: int, resolution: int) -> tuple[float, float]:
+    """Clips/s of the raw loader (mp4 decode + motion augmentation) and of the cached one."""
     from shards import write_shards
 
+    from synth.cache import cache
+
+    rates = []
     with tempfile.TemporaryDirectory() as tmp:
-        write_shards(Path(tmp), 16, per_shard=4, frames=16, size=64)
-        dm = ShardDataModule(shards=tmp, num_frames=frames, resolution=resolution, batch_size=4, num_workers=workers,
-                             batches_per_epoch=batches, shuffle_buffer=8)
-        dm.setup("fit")
-        it = iter(dm.train_dataloader())
-        next(it)  # worker start-up
-        start = time.perf_counter()
-        clips = sum(len(b["instruction"]) for b in it)
-        return clips / (time.perf_counter() - start)
+        write_shards(Path(tmp) / "raw", 16, per_shard=4, frames=16, size=64)
+        cache(str(Path(tmp) / "raw"), "tiny", Path(tmp) / "cached", num_frames=16, resolution=resolution, progress=False)
+        for source in ({"shards": str(Path(tmp) / "raw")}, {"cached": str(Path(tmp) / "cached")}):
+            dm = ShardDataModule(**source, num_frames=frames, resolution=resolution, batch_size=4, num_workers=workers,
+                                 batches_per_epoch=batches, shuffle_buffer=8)
+            dm.setup("fit")
+            it = iter(dm.train_dataloader())
+            next(it)  # worker start-up
+            start = time.perf_counter()
+            clips = sum(len(b["instruction"]) for b in it)
+            rates.append(clips / (time.perf_counter() - start))
+    return rates[0], rates[1]
 
 
 def tiny_cpu(args) -> None:
     device = torch.device("cpu")
+    torch.set_num_threads(args.threads) if args.threads else None
     module = EditorModule(editor="tiny", trainable="all")
-    batch = fake_batch(args.batch, args.frames, 32, device)
+    batch = fake_batch(args.batch, args.frames, args.resolution, device)
     seconds, flops = time_steps(module, batch, args.iters, "32-true", device)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     step_rate = args.batch / seconds
-    print(f"tiny CPU train step: batch {args.batch} x {args.frames} frames at 32px: {seconds * 1e3:.0f} ms/step, "
-          f"{step_rate:.2f} clips/s, {flops / 1e9:.1f} GFLOP/step, peak RSS {rss:.0f} MiB")
-    loader = loader_throughput(args.workers, 10, args.frames, 32)
-    print(f"data loader ({args.workers} workers, mp4 decode + motion augmentation): {loader:.1f} clips/s "
-          f"= {loader / step_rate:.1f}x what a training step consumes")
+    print(f"tiny CPU train step: batch {args.batch} x {args.frames} frames at {args.resolution}px: "
+          f"{seconds * 1e3:.0f} ms/step, {step_rate:.2f} clips/s, {flops / 1e9:.1f} GFLOP/step, peak RSS {rss:.0f} MiB")
+    with torch.no_grad():
+        latents = cached_batch(module, batch)
+    cached = EditorModule(editor="tiny", trainable="all", cached_latents=True)
+    cached_seconds, cached_flops = time_steps(cached, latents, args.iters, "32-true", device)
+    print(f"  on a latent cache: {cached_seconds * 1e3:.0f} ms/step, {args.batch / cached_seconds:.2f} clips/s, "
+          f"{cached_flops / 1e9:.1f} GFLOP/step: x{seconds / cached_seconds:.2f} the raw step")
+    raw_rate, cached_rate = loader_throughput(args.workers, 10, args.frames, args.resolution)
+    print(f"data loader ({args.workers} workers): raw (mp4 decode + motion augmentation) {raw_rate:.1f} clips/s "
+          f"= {raw_rate / step_rate:.1f}x what a raw step consumes; cached {cached_rate:.1f} clips/s "
+          f"= {cached_rate / (args.batch / cached_seconds):.1f}x what a cached step consumes")
+
+
+def sd_flops(args) -> None:
+    """FLOPs of one SD 1.5-size training step's parts, counted on the meta device (no memory, any machine)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        editor = build_editor(shipped_config("model/sd15-random.yaml"))
+    set_trainable(editor.unet, "motion")
+    b, f, r = args.batch, 16, 256
+    parts = {}
+    with FlopCounterMode(display=False) as counter:
+        editor.vae.encode(torch.empty(2 * b * f, 3, r, r, device="meta"))  # target and source clips
+    parts["VAE encode (source + target)"] = counter.get_total_flops()
+    with FlopCounterMode(display=False) as counter:
+        editor.text_encoder(torch.zeros(b + 1, 77, dtype=torch.long, device="meta"))  # prompts + the empty one
+    parts["text encoder"] = counter.get_total_flops()
+    noisy = torch.empty(b, 8, f, r // 8, r // 8, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        out = editor.unet(noisy, torch.zeros(b, dtype=torch.long, device="meta"),
+                          encoder_hidden_states=torch.empty(b * f, 77, 768, device="meta")).sample
+        out.float().pow(2).mean().backward()
+    parts["U-Net forward + backward (motion grads)"] = counter.get_total_flops()
+    total = sum(parts.values())
+    print(f"SD 1.5 size, batch {b} x {f} frames at {r}², FLOPs per training step:")
+    for name, value in parts.items():
+        print(f"  {name:42s} {value / 1e12:7.2f} TFLOP  {value / total:6.1%}")
+    unet = parts["U-Net forward + backward (motion grads)"]
+    print(f"  a latent cache leaves the U-Net alone: at most x{total / unet:.2f} fewer FLOPs per step")
 
 
 def sd_gpu(args) -> None:
@@ -116,6 +172,15 @@ def sd_gpu(args) -> None:
         print(f"  {label:40s} {seconds * 1e3:8.0f} ms/step  {args.batch / seconds:6.2f} clips/s  "
               f"MFU {mfu:.1%}  peak {peak:.1f} GiB")
     print(f"  speed-up over the reference: x{rows[1][1] / rows[0][1]:.2f}")
+    module = EditorModule(editor=config, trainable="motion", gradient_checkpointing=args.checkpointing,
+                          cached_latents=True).to(device)
+    with torch.no_grad():
+        full = EditorModule(editor=config, trainable="motion").to(device)
+        latents = cached_batch(full, batch)
+        del full
+    seconds, _ = time_steps(module, latents, args.iters, "bf16-mixed", device)
+    print(f"  this recipe on a latent cache: {seconds * 1e3:.0f} ms/step, {args.batch / seconds:.2f} clips/s, "
+          f"x{rows[0][1] / seconds:.2f} the raw bf16 step")
 
 
 def main() -> None:
@@ -124,12 +189,20 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=8)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--resolution", type=int, default=32, help="tiny run: frame size in pixels")
+    ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--sd", action="store_true")
+    ap.add_argument("--sd-flops", action="store_true", help="SD 1.5 size: FLOPs of a step's parts, on the meta device")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--checkpointing", action="store_true")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="device peak bf16 dense TFLOP/s (H100 SXM: 989)")
     args = ap.parse_args()
-    sd_gpu(args) if args.sd else tiny_cpu(args)
+    if args.sd_flops:
+        sd_flops(args)
+    elif args.sd:
+        sd_gpu(args)
+    else:
+        tiny_cpu(args)
 
 
 if __name__ == "__main__":

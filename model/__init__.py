@@ -1,11 +1,12 @@
 """The video editor's networks: inflation, norm layout, freezing, tiny configs, load and save."""
 
-from .config import build_editor, load_editor, shipped_config, tiny_config
+from .config import build_editor, load_editor, load_vae, shipped_config, tiny_config
 from .editor import (
     SAMPLING_KEYS,
     Editor,
     EditorLoadError,
     pooled_text,
+    posterior_sample,
     scheduler_class,
     source_prior_estimate,
     source_prior_posterior_std,
@@ -23,10 +24,12 @@ __all__ = [
     "count_parameters",
     "inflate",
     "load_editor",
+    "load_vae",
     "motion_modules",
     "NORM_LAYOUTS",
     "norm_layout_of",
     "pooled_text",
+    "posterior_sample",
     "scheduler_class",
     "set_norm_layout",
     "set_trainable",

@@ -11,7 +11,16 @@ import torch
 import yaml
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
-from .editor import Editor, EditorLoadError, build_text_encoder, check_sampling, scheduler_class
+from .editor import (
+    INDEX_FILE,
+    Editor,
+    EditorLoadError,
+    build_text_encoder,
+    check_sampling,
+    load_vae_folder,
+    scheduler_class,
+    vae_without_weights,
+)
 from .inflate import MIN_TEMPORAL_POSITIONS, inflate
 from .norm_layout import set_norm_layout
 from .tokenizer import tiny_clip_tokenizer
@@ -82,7 +91,7 @@ def build_editor(config: Mapping[str, Any]) -> Editor:
                   sampling=check_sampling(config.get("sampling"), "editor config"))
 
 
-def load_editor(spec: EditorSpec = None, torch_dtype: torch.dtype | None = None) -> Editor:
+def load_editor(spec: EditorSpec = None, torch_dtype: torch.dtype | None = None, vae_weights: bool = True) -> Editor:
     """Build or load an editor from a spec.
 
     * ``None`` or ``"tiny"`` / ``"tiny-pixel"``: the embedded tiny configuration;
@@ -91,7 +100,17 @@ def load_editor(spec: EditorSpec = None, torch_dtype: torch.dtype | None = None)
       DIR|FILE|null, scheduler: NAME, norm_layout: diffusers|insv2v}`` (Stable Diffusion /
       InstructPix2Pix + AnimateDiff; FILE is an original-format motion-module checkpoint) or
       component configs (random initialisation, as ``configs/model/tiny.yaml``).
+
+    ``vae_weights=False`` leaves the VAE's weights unread (it is built on the meta device, from its
+    config): for training on cached latents, where only its scaling factor and shapes are used.
+    :func:`load_vae` loads it in full from the same spec.
     """
+    if not vae_weights:
+        editor = load_editor(spec, torch_dtype) if not _vae_folder(spec) else None
+        if editor is not None:  # built from configs: the real VAE costs nothing to build
+            if editor.vae is not None:
+                editor.vae = vae_without_weights(editor.vae.config, editor.vae.dtype)
+            return editor
     if spec is None or spec == "tiny":
         return build_editor(tiny_config())
     if spec == "tiny-pixel":
@@ -99,7 +118,7 @@ def load_editor(spec: EditorSpec = None, torch_dtype: torch.dtype | None = None)
     if isinstance(spec, (str, os.PathLike)):
         path = Path(spec)
         if path.is_dir():
-            return Editor.from_pretrained(path, torch_dtype=torch_dtype)
+            return Editor.from_pretrained(path, torch_dtype=torch_dtype, vae_weights=vae_weights)
         if path.suffix in (".yaml", ".yml") and path.is_file():
             spec = yaml.safe_load(path.read_text())
             if not isinstance(spec, Mapping):
@@ -108,7 +127,7 @@ def load_editor(spec: EditorSpec = None, torch_dtype: torch.dtype | None = None)
             raise EditorLoadError(f"no editor at {path}: expected a folder or a .yaml file")
     spec = dict(spec)
     if "pretrained" in spec:
-        return Editor.from_pretrained(_path_value(spec, "pretrained"), torch_dtype=torch_dtype)
+        return Editor.from_pretrained(_path_value(spec, "pretrained"), torch_dtype=torch_dtype, vae_weights=vae_weights)
     if "base_model" in spec:
         return Editor.from_stable_diffusion(
             _path_value(spec, "base_model"),
@@ -117,8 +136,41 @@ def load_editor(spec: EditorSpec = None, torch_dtype: torch.dtype | None = None)
             torch_dtype=torch_dtype,
             min_temporal_positions=int(spec.get("min_temporal_positions", MIN_TEMPORAL_POSITIONS)),
             norm_layout=spec.get("norm_layout", "diffusers"),
+            vae_weights=vae_weights,
         )
     return build_editor(spec)
+
+
+def _spec_mapping(spec: EditorSpec) -> Mapping[str, Any] | None:
+    if isinstance(spec, Mapping):
+        return spec
+    if isinstance(spec, (str, os.PathLike)) and Path(spec).suffix in (".yaml", ".yml") and Path(spec).is_file():
+        loaded = yaml.safe_load(Path(spec).read_text())
+        return loaded if isinstance(loaded, Mapping) else None
+    return None
+
+
+def _vae_folder(spec: EditorSpec) -> Path | None:
+    """Where a spec's VAE weights are read from (``None``: the spec builds it from a config, or has none)."""
+    if isinstance(spec, (str, os.PathLike)) and spec not in ("tiny", "tiny-pixel") and Path(spec).is_dir():
+        return Path(spec) / "vae"
+    mapping = _spec_mapping(spec)
+    if mapping is not None and mapping.get("pretrained"):
+        return _path_value(mapping, "pretrained") / "vae"
+    if mapping is not None and mapping.get("base_model"):
+        return _path_value(mapping, "base_model") / "vae"
+    return None
+
+
+def load_vae(spec: EditorSpec = None, torch_dtype: torch.dtype | None = None) -> AutoencoderKL | None:
+    """The VAE of an editor spec alone (``None`` for a pixel-space editor), read from its folder
+    without the other components; a spec of configs is built whole, as :func:`load_editor` would."""
+    folder = _vae_folder(spec)
+    if folder is None:
+        return load_editor(spec, torch_dtype).vae
+    if folder.parent.joinpath(INDEX_FILE).is_file() and not folder.is_dir():
+        return None  # a pixel-space editor folder
+    return load_vae_folder(folder, torch_dtype)
 
 
 PLACEHOLDER_PREFIX = "FILL_ME"

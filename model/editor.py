@@ -132,6 +132,24 @@ class Editor:
         ).input_ids.to(self.text_encoder.device)
         return self.text_encoder(ids).last_hidden_state.to(self.dtype)
 
+    def encode_distribution(self, video: torch.Tensor, chunk: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE posterior of frames ``(B, 3, F, H, W)`` in [-1, 1]: its mean and log-variance,
+        each ``(B, c, F, h, w)``, **unscaled**, in float32. Frames are encoded ``chunk`` at a time
+        to bound memory."""
+        b, _, f, h, w = video.shape
+        frames = video.permute(0, 2, 1, 3, 4).reshape(b * f, 3, h, w).to(self.vae.device, self.vae.dtype)
+        means, logvars = [], []
+        for part in frames.split(chunk):
+            dist = self.vae.encode(part).latent_dist
+            means.append(dist.mean.float())
+            logvars.append(dist.logvar.float())
+
+        def video_layout(parts: list[torch.Tensor]) -> torch.Tensor:
+            flat = torch.cat(parts)
+            return flat.reshape(b, f, *flat.shape[1:]).permute(0, 2, 1, 3, 4)
+
+        return video_layout(means), video_layout(logvars)
+
     def encode_video(
         self,
         video: torch.Tensor,
@@ -141,20 +159,14 @@ class Editor:
     ) -> torch.Tensor:
         """Latents ``(B, c, F, h, w)`` of frames ``(B, 3, F, H, W)`` in [-1, 1], **unscaled**.
 
-        ``sample=True`` draws from the VAE posterior (the training target, to be multiplied by
-        :attr:`scaling_factor`); ``False`` takes its mode (the source condition, InstructPix2Pix
-        convention). Frames are encoded ``chunk`` at a time to bound memory.
+        ``sample=True`` draws from the VAE posterior (:func:`posterior_sample`: the training
+        target, to be multiplied by :attr:`scaling_factor`); ``False`` takes its mode (the source
+        condition, InstructPix2Pix convention).
         """
         if self.vae is None:
             return video.to(self.dtype)
-        b, _, f, h, w = video.shape
-        frames = video.permute(0, 2, 1, 3, 4).reshape(b * f, 3, h, w).to(self.vae.device, self.vae.dtype)
-        parts = []
-        for part in frames.split(chunk):
-            dist = self.vae.encode(part).latent_dist
-            parts.append(dist.sample(generator) if sample else dist.mode())
-        latents = torch.cat(parts)
-        return latents.reshape(b, f, *latents.shape[1:]).permute(0, 2, 1, 3, 4).to(self.dtype)
+        mean, logvar = self.encode_distribution(video, chunk)
+        return (posterior_sample(mean, logvar, generator) if sample else mean).to(self.dtype)
 
     def decode_latents(self, latents: torch.Tensor, chunk: int = 16) -> torch.Tensor:
         """Frames ``(B, 3, F, H, W)`` in [-1, 1] from **scaled** latents ``(B, c, F, h, w)``."""
@@ -233,8 +245,10 @@ class Editor:
         (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, torch_dtype: torch.dtype | None = None) -> "Editor":
-        """Load a folder written by :meth:`save_pretrained`; a missing or unreadable part is named."""
+    def from_pretrained(cls, directory: str | os.PathLike, torch_dtype: torch.dtype | None = None,
+                        vae_weights: bool = True) -> "Editor":
+        """Load a folder written by :meth:`save_pretrained`; a missing or unreadable part is named.
+        ``vae_weights=False`` builds the VAE from its config alone (:func:`vae_without_weights`)."""
         directory = Path(directory)
         if not directory.is_dir():
             raise EditorLoadError(f"editor folder not found: {directory}")
@@ -265,12 +279,7 @@ class Editor:
                 "text_encoder",
                 lambda: CLIPTextModel.from_pretrained(directory / "text_encoder", use_safetensors=True, dtype=torch_dtype),
             ),
-            vae=None
-            if pixel_space
-            else _load(
-                "vae",
-                lambda: AutoencoderKL.from_pretrained(directory / "vae", use_safetensors=True, torch_dtype=torch_dtype),
-            ),
+            vae=None if pixel_space else load_vae_folder(directory / "vae", torch_dtype, vae_weights),
             unet=_load(
                 "unet",
                 lambda: UNetMotionModel.from_pretrained(directory / "unet", use_safetensors=True, torch_dtype=torch_dtype),
@@ -292,6 +301,7 @@ class Editor:
         torch_dtype: torch.dtype | None = None,
         min_temporal_positions: int = MIN_TEMPORAL_POSITIONS,
         norm_layout: str = "diffusers",
+        vae_weights: bool = True,
     ) -> "Editor":
         """The paper's initialisation: a Stable Diffusion 1.5 or InstructPix2Pix folder, inflated.
 
@@ -329,12 +339,19 @@ class Editor:
                 "text_encoder",
                 lambda: CLIPTextModel.from_pretrained(base / "text_encoder", use_safetensors=True, dtype=torch_dtype),
             ),
-            vae=_load(
-                "vae", lambda: AutoencoderKL.from_pretrained(base / "vae", use_safetensors=True, torch_dtype=torch_dtype)
-            ),
+            vae=load_vae_folder(base / "vae", torch_dtype, vae_weights),
             unet=set_norm_layout(inflate(unet2d, adapter, min_temporal_positions=min_temporal_positions), norm_layout),
             scheduler=schedule,
         )
+
+
+def posterior_sample(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A draw from the VAE's diagonal Gaussian posterior: ``z = mean + exp(logvar / 2) * n``,
+    ``n ~ N(0, I)`` of ``mean``'s shape, with ``logvar`` clamped to [-30, 20] as the VAE does.
+    The training target is drawn this way both from freshly encoded clips and from cached
+    posteriors, so the two consume ``generator`` identically."""
+    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise
 
 
 def pooled_text(text_states: torch.Tensor) -> torch.Tensor:
@@ -430,6 +447,21 @@ def _own_memory(module: torch.nn.Module) -> None:
     """
     for tensor in (*module.parameters(), *module.buffers()):
         tensor.data = tensor.data.clone()
+
+
+def load_vae_folder(folder: Path, torch_dtype: torch.dtype | None = None, weights: bool = True) -> AutoencoderKL:
+    """A VAE folder's autoencoder; with ``weights=False`` only its config is read (:func:`vae_without_weights`)."""
+    if not weights:
+        return _load("vae", lambda: vae_without_weights(AutoencoderKL.load_config(folder), torch_dtype))
+    return _load("vae", lambda: AutoencoderKL.from_pretrained(folder, use_safetensors=True, torch_dtype=torch_dtype))
+
+
+def vae_without_weights(config: Mapping[str, Any], torch_dtype: torch.dtype | None = None) -> AutoencoderKL:
+    """The autoencoder of ``config`` on the meta device: no memory and no weights read, only what its
+    config says (scaling factor, channels, downsampling). Training on cached latents needs no more."""
+    with torch.device("meta"):
+        vae = AutoencoderKL.from_config(config)
+    return vae.to(dtype=torch_dtype) if torch_dtype not in (None, vae.dtype) else vae
 
 
 def build_text_encoder(tokenizer: CLIPTokenizer, config: Mapping[str, Any]) -> CLIPTextModel:

@@ -1,4 +1,4 @@
-"""The `synth` command: `synth build`, `synth lift`, `synth prompts`, `synth report`."""
+"""The `synth` command: `synth build`, `synth lift`, `synth cache`, `synth prompts`, `synth report`."""
 
 from __future__ import annotations
 
@@ -74,6 +74,24 @@ def cmd_lift(args) -> None:
               f"{result.unreadable} unreadable rows skipped)", file=sys.stderr)
 
 
+def cmd_cache(args) -> None:
+    from .cache import cache
+    from .ranks import DTYPES, rank_and_world, render_device, render_dtype
+
+    rank, world = rank_and_world(args.shard_index, args.num_shards)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file")
+    device = render_device(args.device)
+    compute = render_dtype(args.compute_dtype, device) if args.compute_dtype else DTYPES["float32"]
+    result = cache(args.shards, args.editor, out, args.num_frames, args.frame_stride, args.resolution,
+                   args.image_clips, not args.no_text_states, args.dtype, args.samples_per_shard, args.resume,
+                   rank, world, device, compute, args.num_samples, progress=not args.quiet)
+    if not args.quiet:
+        print(f"rank {rank}/{world}: {result.cached} cached clips in {out} ({len(result.shards)} new shards, "
+              f"{result.skipped} unreadable samples skipped)", file=sys.stderr)
+
+
 def cmd_prompts(args) -> None:
     import itertools
 
@@ -129,6 +147,27 @@ def build_parser() -> argparse.ArgumentParser:
     lf.add_argument("--shard-index", type=int, default=None, help="this rank (default: $RANK or $SLURM_PROCID)")
     lf.add_argument("--num-shards", type=_positive, default=None, help="ranks in all (default: $WORLD_SIZE)")
     lf.add_argument("--quiet", action="store_true")
+    c = sub.add_parser("cache", help="encode training shards once: latents and text states for lightning fit --data.cached")
+    c.add_argument("shards", help="training shards: a .tar, a folder of them, a glob or a brace pattern")
+    c.add_argument("--editor", default="tiny",
+                   help="the editor whose VAE and text encoder encode (a spec as model.editor; default: tiny)")
+    c.add_argument("--out", required=True, help="output folder of latent shards")
+    c.add_argument("--num-frames", type=_positive, default=16, help="frames cached per clip (training draws a window of them)")
+    c.add_argument("--frame-stride", type=_positive, default=1)
+    c.add_argument("--resolution", type=_positive, default=256, help="square training size in pixels (default 256)")
+    c.add_argument("--image-clips", choices=["camera", "repeat"], default="camera",
+                   help="how a single-frame pair becomes a clip (as data.image_clips)")
+    c.add_argument("--no-text-states", action="store_true", help="leave out text states (runs that train the text encoder)")
+    c.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="storage precision (default float32)")
+    c.add_argument("--compute-dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="encoder precision (default float32)")
+    c.add_argument("--samples-per-shard", type=_positive, default=64)
+    c.add_argument("--num-samples", type=_positive, default=None, help="stop after this many clips on this rank")
+    c.add_argument("--resume", action="store_true", help="continue a cache in --out")
+    c.add_argument("--shard-index", type=int, default=None, help="this rank (default: $RANK or $SLURM_PROCID)")
+    c.add_argument("--num-shards", type=_positive, default=None, help="ranks in all (default: $WORLD_SIZE)")
+    c.add_argument("--device", default=None, help="encoding device (default: cuda:$LOCAL_RANK when CUDA is there, else cpu)")
+    c.add_argument("--quiet", action="store_true")
     p = sub.add_parser("prompts", help="only write triplets")
     p.add_argument("--config", default=None)
     p.add_argument("--out", required=True, help="triplets.jsonl to write")
@@ -148,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     try:
         args = build_parser().parse_args(argv)
-        {"build": cmd_build, "lift": cmd_lift, "prompts": cmd_prompts, "report": cmd_report}[args.command](args)
+        {"build": cmd_build, "lift": cmd_lift, "cache": cmd_cache, "prompts": cmd_prompts, "report": cmd_report}[args.command](args)
         return 0
     except UsageError as err:
         print(f"synth: error: {err}", file=sys.stderr)

@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from infer import InsV2VPipeline, write_video
 from infer.pipeline import to_uint8_frames
@@ -50,6 +51,11 @@ class EditSamples(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
         if not self.every_n_steps or step % self.every_n_steps or step == self._done_step:
+            return
+        if "source" not in batch:  # a latent cache holds no frames to edit
+            if self._done_step == -1:
+                rank_zero_info("EditSamples: the batches are cached latents, without frames to edit; no samples logged")
+            self._done_step = step
             return
         self._done_step = step
         folder = Path(trainer.log_dir or trainer.default_root_dir) / "samples"  # a collective: all ranks

@@ -28,6 +28,10 @@ class EditorCLI(LightningCLI):
     so a resubmitted job finds ``--ckpt_path last``; runs with other roots never share it), and a
     logger's ``save_dir: "{default_root_dir}"`` becomes that root."""
 
+    def add_arguments_to_parser(self, parser) -> None:
+        # a latent cache (data.cached) means the module need not load the VAE's weights
+        parser.link_arguments("data.cached", "model.cached_latents", compute_fn=_is_set)
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.trainer
@@ -40,6 +44,10 @@ class EditorCLI(LightningCLI):
             init_args = getattr(logger, "init_args", None)
             if init_args is not None and isinstance(init_args.get("save_dir"), str):
                 init_args["save_dir"] = init_args["save_dir"].replace(ROOT_PLACEHOLDER, root)
+
+
+def _is_set(value) -> bool:
+    return bool(value)
 
 
 def main(args: list[str] | None = None) -> int:

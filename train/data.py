@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import glob
-import io
 import itertools
-import json
 import logging
 import os
 import random
@@ -15,129 +12,25 @@ import lightning as L
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image, UnidentifiedImageError
 
-from infer.camera import CameraBounds, lift_pair
-from infer.pipeline import to_model_frames
-from infer.video import VideoError, decode_video
-
-from .augment import apply_windows, crop_windows
+from infer.clip_pairs import IMAGE_CLIPS, PairDecoder, expand_shards
+from infer.latent_cache import CachedDecoder
 
 log = logging.getLogger(__name__)
 
 
-def expand_shards(pattern: str) -> list[str]:
-    """Shard paths from a file, a folder (its ``*.tar``), a glob or a brace pattern ``a-{000..009}.tar``."""
-    if not pattern:
-        raise ValueError("no shards given: set data.shards to a path, glob or brace pattern of .tar files")
-    urls: list[str] = []
-    for part in wds.shardlists.expand_urls(pattern):
-        if os.path.isdir(part):
-            urls += sorted(glob.glob(os.path.join(part, "*.tar")))
-        elif any(c in part for c in "*?["):
-            urls += sorted(glob.glob(part))
-        elif os.path.isfile(part) or "://" in part or part.startswith("pipe:"):
-            urls.append(part)
-    if not urls:
-        raise ValueError(f"no shards match {pattern!r}")
-    return urls
-
-
-IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
-
-
-def _frames(sample: dict[str, Any], stem: str) -> np.ndarray:
-    for ext in IMAGE_EXTS:  # an image-edit pair: one frame
-        if f"{stem}.{ext}" in sample:
-            try:
-                with Image.open(io.BytesIO(sample[f"{stem}.{ext}"])) as image:
-                    return np.asarray(image.convert("RGB"))[None]
-            except (UnidentifiedImageError, OSError) as err:
-                raise ValueError(f"{stem}.{ext} is not a readable image ({type(err).__name__})") from None
-    if f"{stem}.mp4" in sample:
-        return decode_video(sample[f"{stem}.mp4"])
-    if f"{stem}.npy" in sample:
-        array = np.load(io.BytesIO(sample[f"{stem}.npy"]), allow_pickle=False)
-        if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] != 3:
-            raise ValueError(f"{stem}.npy must be uint8 (F, H, W, 3), got {array.dtype} {array.shape}")
-        return array
-    raise KeyError(f"no {stem}.mp4, {stem}.npy or {stem} image")
-
-
-IMAGE_CLIPS = ("camera", "repeat")
-
-
-def image_pair_clip(source: np.ndarray, target: np.ndarray, num_frames: int, how: str, rng: np.random.Generator,
-                    bounds: CameraBounds = CameraBounds()) -> tuple[np.ndarray, np.ndarray]:
-    """A single-frame pair (an image edit) as a ``num_frames`` clip pair: the frame repeated
-    (``repeat``: a clip without motion), or filmed by one random camera path shared by source and
-    target (``camera``: the lifting of ``synth lift``, drawn anew each time the sample is read)."""
-    if how == "repeat":
-        return np.repeat(source[:1], num_frames, 0), np.repeat(target[:1], num_frames, 0)
-    size = min(source.shape[1:3])
-    clip_source, clip_target, _ = lift_pair(source[0], target[0], bounds, num_frames, size, rng)
-    return clip_source, clip_target
-
-
-def sample_frames(num_available: int, num_frames: int, stride: int, rng: np.random.Generator) -> np.ndarray:
-    """Indices of ``num_frames`` frames ``stride`` apart from a random start; a clip too short
-    repeats its last frame (so every clip trains, at its native motion)."""
-    span = (num_frames - 1) * stride + 1
-    start = int(rng.integers(0, num_available - span + 1)) if num_available >= span else 0
-    return np.minimum(start + np.arange(num_frames) * stride, num_available - 1)
-
-
-class PairDecoder:
-    """Turn a raw shard sample into training tensors; a broken sample becomes ``None`` (counted)."""
-
-    def __init__(self, num_frames: int, frame_stride: int, resolution: int, augment: dict[str, float] | None,
-                 image_clips: str = "camera"):
-        if image_clips not in IMAGE_CLIPS:
-            raise ValueError(f"image_clips must be one of {', '.join(IMAGE_CLIPS)}, got {image_clips!r}")
-        self.num_frames, self.frame_stride, self.resolution = num_frames, frame_stride, resolution
-        self.augment, self.image_clips = augment, image_clips
-        self.skipped = 0
-
-    def __call__(self, sample: dict[str, Any], rng: np.random.Generator) -> dict[str, Any] | None:
-        """``rng`` draws the frames and the crop."""
-        key = sample.get("__key__", "?")
-        try:
-            meta = json.loads(sample["json"])
-            instruction = str(meta["instruction"])
-            source, target = _frames(sample, "src"), _frames(sample, "tgt")
-            if source.shape != target.shape:
-                raise ValueError(f"source {source.shape} and target {target.shape} differ")
-        except (KeyError, ValueError, VideoError, json.JSONDecodeError, UnicodeDecodeError) as err:
-            self.skipped += 1
-            log.warning("skipping corrupt sample %s (%s); %d skipped so far", key, err, self.skipped)
-            return None
-        if len(source) == 1 and self.num_frames > 1:
-            source, target = image_pair_clip(source, target, self.num_frames, self.image_clips, rng)
-        index = sample_frames(len(source), self.num_frames, self.frame_stride, rng)
-        source, target = source[index], target[index]
-        h, w = source.shape[1:3]
-        if self.augment:
-            boxes = crop_windows(self.num_frames, h, w, rng, **self.augment)
-        else:  # centred square
-            side = min(h, w)
-            x0, y0 = (w - side) / 2, (h - side) / 2
-            boxes = np.tile([x0, y0, x0 + side, y0 + side], (self.num_frames, 1))
-        return {
-            "source": to_model_frames(apply_windows(source, boxes, self.resolution))[0],
-            "target": to_model_frames(apply_windows(target, boxes, self.resolution))[0],
-            "instruction": instruction,
-            "key": key,
-        }
-
-
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "source": torch.stack([s["source"] for s in samples]),
-        "target": torch.stack([s["target"] for s in samples]),
-        "instruction": [s["instruction"] for s in samples],
-        "key": [s["key"] for s in samples],
-        "source_index": torch.tensor([s.get("source_index", 0) for s in samples]),
-    }
+    """One batch of decoded samples: tensors stacked, numbers as a tensor, texts as lists."""
+    batch: dict[str, Any] = {}
+    for name in samples[0]:
+        values = [s[name] for s in samples]
+        if isinstance(values[0], torch.Tensor):
+            batch[name] = torch.stack(values)
+        elif isinstance(values[0], int):
+            batch[name] = torch.tensor(values)
+        else:
+            batch[name] = values
+    return batch
 
 
 class PairStream(torch.utils.data.IterableDataset):
@@ -232,6 +125,12 @@ class ShardDataModule(L.LightningDataModule):
             clip) becomes a training clip: ``camera`` (a random camera path filming both, drawn
             per read) or ``repeat`` (the frame repeated). Mix image and video shard sets with
             ``sources`` and their weights.
+        cached: a latent cache folder made by ``synth cache`` to train on instead of ``shards``: the
+            target's VAE posterior, the source latent and the text states of every clip, encoded
+            once, so no step runs the VAE or the text encoder (and ``lightning fit`` does not load
+            the VAE). Clips were cropped and sized when cached: ``resolution`` must be the cache's,
+            ``num_frames`` at most its frames (a random window of them is drawn per read), and the
+            motion augmentation (a pixel-space crop) does not apply.
         stream_seed: makes the stream replayable (shard draws, shuffle, frames, crops; each rank and
             worker its own). ``None`` takes Lightning's global seed (``seed_everything``) when one
             is set, else the stream is fresh on every run. A run resumed from a checkpoint goes on
@@ -257,6 +156,7 @@ class ShardDataModule(L.LightningDataModule):
         zoom_prob: float = 0.2,
         max_zoom: float = 1.25,
         image_clips: str = "camera",
+        cached: str | None = None,
         stream_seed: int | None = None,
     ):
         super().__init__()
@@ -267,10 +167,30 @@ class ShardDataModule(L.LightningDataModule):
         self.source_counts: dict[str, int] = {name: 0 for name, _, _ in self._sources()}
         if image_clips not in IMAGE_CLIPS:
             raise ValueError(f"data.image_clips must be one of {', '.join(IMAGE_CLIPS)}, got {image_clips!r}")
+        self.cache_info = self._check_cache() if cached else None
+
+    def _check_cache(self):
+        """The cache's settings, checked against this module's (one line for what does not fit)."""
+        from infer.latent_cache import CacheInfo
+
+        hp = self.hparams
+        if hp.shards or hp.sources or hp.val_shards:
+            raise ValueError("data.cached replaces data.shards, data.sources and data.val_shards: set only data.cached")
+        info = CacheInfo.read(hp.cached)
+        if hp.resolution != info.resolution:
+            raise ValueError(f"data.resolution is {hp.resolution} but {hp.cached} was cached at {info.resolution}: "
+                             f"set data.resolution {info.resolution}")
+        if hp.num_frames > info.num_frames:
+            raise ValueError(f"data.num_frames {hp.num_frames} exceeds the {info.num_frames} frames cached in {hp.cached}")
+        if hp.augment:
+            log.info("data.cached: clips were cropped when cached; motion augmentation does not apply")
+        return info
 
     def _sources(self) -> list[tuple[str, str, float]]:
         """``(name, shards, weight)`` of each training source."""
         hp = self.hparams
+        if hp.cached:
+            return [("cached", hp.cached, 1.0)]
         if not hp.sources:
             return [("shards", hp.shards, 1.0)]
         if hp.shards:
@@ -310,7 +230,10 @@ class ShardDataModule(L.LightningDataModule):
         seed = self._seed()
         if seed is None:  # a fresh stream, still consistent across this run's workers and epochs
             seed = random.SystemRandom().randrange(2**31)
-        decoder = PairDecoder(hp.num_frames, hp.frame_stride, hp.resolution, augment, hp.image_clips)
+        if hp.cached:
+            decoder = CachedDecoder(hp.cached, hp.num_frames)
+        else:
+            decoder = PairDecoder(hp.num_frames, hp.frame_stride, hp.resolution, augment, hp.image_clips)
         self.decoders.append(decoder)
         trainer = getattr(self, "trainer", None)
         start_epoch = trainer.current_epoch if trainer is not None else 0

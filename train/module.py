@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from infer.pipeline import CHECKPOINT_KEY
-from model import EditorLoadError, load_editor, set_trainable
+from model import EditorLoadError, load_editor, load_vae, posterior_sample, set_trainable
 from model.lora import DEFAULT_TARGETS, add_lora, merge_lora, save_lora
 from model.trainable import count_parameters
 
@@ -44,6 +44,9 @@ class EditorModule(L.LightningModule):
             (for a preconditioned editor: each timestep's error in units of the U-Net's own output);
             see :func:`train.objective.loss_weights`.
         train_text_encoder: also train the CLIP text encoder (for editors trained from scratch).
+        cached_latents: train on a latent cache (``data.cached``, linked by ``lightning fit``): the
+            VAE's weights are not loaded (it is read in full only to export the editor), and cached
+            text states replace the text encoder's (unless it trains).
         gradient_checkpointing: recompute U-Net activations in backward.
         ema_decay: keep an exponential moving average of the trainable weights (exported).
         seed: base of the per-step random streams (noise, timesteps, dropout): a resumed run
@@ -71,6 +74,7 @@ class EditorModule(L.LightningModule):
         loss_weighting: str = "uniform",
         min_snr_gamma: float = 5.0,
         train_text_encoder: bool = False,
+        cached_latents: bool = False,
         gradient_checkpointing: bool = False,
         ema_decay: float | None = None,
         seed: int = 0,
@@ -89,7 +93,7 @@ class EditorModule(L.LightningModule):
             editor = yaml.safe_load(open(editor))
             self.hparams.editor = editor
         try:
-            self.editor = load_editor(editor)
+            self.editor = load_editor(editor, vae_weights=not cached_latents)
         except EditorLoadError as err:
             raise EditorLoadError(f"model.editor: {err}") from None
         if loss_weighting == "preconditioned" and not self.editor.preconditioned:
@@ -97,7 +101,9 @@ class EditorModule(L.LightningModule):
         # registered here so Lightning moves, casts and checkpoints them
         self.unet = self.editor.unet
         self.text_encoder = self.editor.text_encoder.requires_grad_(train_text_encoder)
-        self.vae = self.editor.vae.requires_grad_(False).eval() if self.editor.vae is not None else None
+        # without weights (cached latents) the VAE stays out of the module: nothing moves or saves it
+        has_vae = self.editor.vae is not None and not cached_latents
+        self.vae = self.editor.vae.requires_grad_(False).eval() if has_vae else None
         if trainable == "lora":
             add_lora(self.unet, lora_rank, lora_alpha, tuple(lora_targets or DEFAULT_TARGETS))
             self.counts = count_parameters(self.unet)
@@ -132,21 +138,37 @@ class EditorModule(L.LightningModule):
         seed = int(np.random.SeedSequence([self.hparams.seed, step, self._micro_batch, self.global_rank]).generate_state(1, np.uint64)[0])
         return torch.Generator(device=self.device).manual_seed(seed)
 
+    def setup(self, stage: str) -> None:
+        info = getattr(getattr(self._trainer, "datamodule", None), "cache_info", None)
+        if info is not None:  # a latent cache must come from an editor with these shapes
+            encoder = self.text_encoder.config
+            info.check_editor(self.editor.latent_channels, self.editor.scaling_factor, encoder.hidden_size,
+                              self.editor.tokenizer.model_max_length)
+
     # ---------------------------------------------------------------- objective
     def loss(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
         """MSE of the U-Net's prediction on one batch (SPEC §5), read top to bottom."""
         editor, scheduler = self.editor, self.editor.scheduler
-        source, target = batch["source"], batch["target"]
-        b = source.shape[0]
-        with torch.no_grad():
-            clean = editor.encode_video(target, sample=True, generator=generator) * editor.scaling_factor
-            condition = editor.encode_video(source)  # unscaled mode: InstructPix2Pix convention
-        with torch.set_grad_enabled(self.hparams.train_text_encoder and torch.is_grad_enabled()):
-            text = editor.encode_text(batch["instruction"])
-            empty = editor.encode_text([""])
+        b = len(batch["instruction"])
+        if "target_mean" in batch:  # a latent cache (synth cache): the encoders ran once, beforehand
+            clean = posterior_sample(batch["target_mean"], batch["target_logvar"], generator).to(editor.dtype)
+            clean = clean * editor.scaling_factor
+            condition = batch["source_latent"].to(editor.dtype)
+        elif self.hparams.cached_latents:
+            raise ValueError("this module was built for cached latents (model.cached_latents) but got raw clips")
+        else:
+            with torch.no_grad():
+                clean = editor.encode_video(batch["target"], sample=True, generator=generator) * editor.scaling_factor
+                condition = editor.encode_video(batch["source"])  # unscaled mode: InstructPix2Pix convention
+        if "text_states" in batch and not self.hparams.train_text_encoder:
+            text, empty = batch["text_states"].to(editor.dtype), batch["empty_text"].to(editor.dtype)
+        else:
+            with torch.set_grad_enabled(self.hparams.train_text_encoder and torch.is_grad_enabled()):
+                text = editor.encode_text(batch["instruction"])
+                empty = editor.encode_text([""])
         u = torch.rand(b, device=self.device, generator=generator)
         drop_text, drop_video = dropout_masks(u, self.hparams.drop_text, self.hparams.drop_both, self.hparams.drop_video)
-        text = torch.where(drop_text[:, None, None], empty.to(text.dtype), text)
+        text = torch.where(drop_text[:, None, None], empty.to(text.dtype), text)  # empty: (1 or B, seq, dim)
         condition = torch.where(drop_video[:, None, None, None, None], torch.zeros_like(condition), condition)
 
         u_t = torch.rand(b, device=self.device, generator=generator)
@@ -163,8 +185,8 @@ class EditorModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch, self._step_generator())
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["source"].shape[0])
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch["source"].shape[0])
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["instruction"]))
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=len(batch["instruction"]))
         counts = getattr(getattr(self._trainer, "datamodule", None), "source_counts", None)
         if counts and len(counts) > 1:  # a mixed stream: samples trained on per source, this rank
             self.log_dict({f"data/samples_{name}": float(n) for name, n in counts.items()}, batch_size=1)
@@ -173,7 +195,7 @@ class EditorModule(L.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         generator = torch.Generator(device=self.device).manual_seed(self.hparams.seed + batch_idx)
         loss = self.loss(batch, generator)
-        self.log("val/loss", loss, prog_bar=True, batch_size=batch["source"].shape[0], sync_dist=True)
+        self.log("val/loss", loss, prog_bar=True, batch_size=len(batch["instruction"]), sync_dist=True)
         return loss
 
     # ---------------------------------------------------------------- optimisation
@@ -262,12 +284,20 @@ class EditorModule(L.LightningModule):
             if self.hparams.trainable == "lora":
                 self._export_lora(directory)
             else:
-                self.editor.save_pretrained(directory)
+                self._complete_editor().save_pretrained(directory)
         finally:
             if saved:
                 for k, p in params.items():
                     p.copy_(saved[k])
         return Path(directory)
+
+    def _complete_editor(self):
+        """The editor with every weight: a run on cached latents reads its VAE now, from the spec."""
+        if not self.hparams.cached_latents or self.editor.vae is None:
+            return self.editor
+        from dataclasses import replace
+
+        return replace(self.editor, vae=load_vae(self.hparams.editor))
 
     def _export_lora(self, directory: str | os.PathLike) -> None:
         """The adapter alone, or a copy of the editor with the adapter merged (training goes on
@@ -279,5 +309,5 @@ class EditorModule(L.LightningModule):
             return
         from dataclasses import replace
 
-        merged = replace(self.editor, unet=merge_lora(copy.deepcopy(self.unet)))
+        merged = replace(self._complete_editor(), unet=merge_lora(copy.deepcopy(self.unet)))
         merged.save_pretrained(directory)
