@@ -55,6 +55,15 @@ def main() -> None:
         print(f"parameters        total {counts.total / 1e6:.2f}M  trainable {counts.trainable / 1e6:.2f}M  motion {motion / 1e6:.1f}M")
         print(f"checkpoint        {counts.trainable * 4 / 2**20:.1f} MiB fp32 / {counts.trainable * 2 / 2**20:.1f} MiB bf16 "
               f"(a motion-module checkpoint: {motion * 4 / 2**20:.0f} MiB fp32)")
+        # what a run holds besides activations: every weight, and per trainable weight a gradient and
+        # AdamW's two moments (fp32); mixed precision keeps fp32 weights, "true" half keeps half ones
+        others = sum(p.numel() for p in editor.text_encoder.parameters())
+        vae = sum(p.numel() for p in editor.vae.parameters()) if editor.vae is not None else 0
+        gib = 2**30
+        for label, weight_bytes in (("fp32 / bf16-mixed", 4), ("bf16-true", 2)):
+            state = counts.trainable * (4 + 8) + (counts.total + others) * weight_bytes
+            print(f"training state    {label:17s} {(state + vae * weight_bytes) / gib:.2f} GiB "
+                  f"(weights, grads, AdamW; before activations); on cached latents (no VAE) {state / gib:.2f} GiB")
         return
     unet.to(device=device).train()
     if dtype != unet.dtype:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import cv2
 import numpy as np
@@ -95,6 +95,27 @@ def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
     return ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
 
 
+def editor_from_weights(spec: Any, lora: dict[str, Any] | None, weights: dict[str, torch.Tensor],
+                        where: str = "checkpoint") -> Editor:
+    """The editor a spec builds, with trained weights (``unet.*``, ``text_encoder.*``) loaded over it
+    and, given a LoRA spec (rank, alpha, targets), the adapters they belong to (unmerged)."""
+    editor = load_editor(spec)
+    if lora:
+        add_lora(editor.unet, lora["rank"], lora["alpha"], tuple(lora["targets"]))
+    for prefix, module in (("unet.", editor.unet), ("text_encoder.", editor.text_encoder)):
+        part = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+        shapes = module.state_dict()
+        wrong = [f"{k} {tuple(v.shape)} vs {tuple(shapes[k].shape)}" for k, v in part.items()
+                 if k in shapes and v.shape != shapes[k].shape]
+        if wrong:  # e.g. a tiny vocabulary that has grown since the checkpoint was written
+            raise ValueError(f"{where}: {prefix[:-1]} weights do not fit the editor its spec builds "
+                             f"(checkpoint vs built: {wrong[0]}); export editors with save_pretrained to keep them")
+        _, unexpected = module.load_state_dict(part, strict=False)
+        if unexpected:
+            raise ValueError(f"{where}: weights for unknown {prefix[:-1]} parameters, e.g. {unexpected[:3]}")
+    return editor
+
+
 class InsV2VPipeline:
     """An editor plus a sampling scheduler; call it on frames with an instruction."""
 
@@ -131,24 +152,11 @@ class InsV2VPipeline:
         meta = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
         if not isinstance(meta, dict) or "editor" not in meta:
             raise ValueError(f"{path} is not an editor training checkpoint (no '{CHECKPOINT_KEY}' entry)")
-        editor = load_editor(meta["editor"])
-        lora = meta.get("lora")
-        if lora:  # the adapters the trained weights belong to
-            add_lora(editor.unet, lora["rank"], lora["alpha"], tuple(lora["targets"]))
         weights = dict(checkpoint.get("state_dict", {}))
         if use_ema and meta.get("ema"):
             weights.update(meta["ema"])
-        for prefix, module in (("unet.", editor.unet), ("text_encoder.", editor.text_encoder)):
-            part = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
-            shapes = module.state_dict()
-            wrong = [f"{k} {tuple(v.shape)} vs {tuple(shapes[k].shape)}" for k, v in part.items()
-                     if k in shapes and v.shape != shapes[k].shape]
-            if wrong:  # e.g. a tiny vocabulary that has grown since the checkpoint was written
-                raise ValueError(f"{path}: {prefix[:-1]} weights do not fit the editor its spec builds "
-                                 f"(checkpoint vs built: {wrong[0]}); export editors with save_pretrained to keep them")
-            missing, unexpected = module.load_state_dict(part, strict=False)
-            if unexpected:
-                raise ValueError(f"{path}: weights for unknown {prefix[:-1]} parameters, e.g. {unexpected[:3]}")
+        lora = meta.get("lora")
+        editor = editor_from_weights(meta["editor"], lora, weights, where=str(path))
         if lora:
             merge_lora(editor.unet)  # sampling then costs what the base U-Net costs
         return cls(editor, scheduler=scheduler)

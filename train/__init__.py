@@ -5,9 +5,11 @@ from .callbacks import EditSamples, Throughput
 from .data import ShardDataModule, expand_shards
 from .module import EditorModule
 from .objective import dropout_masks, regression_target
+from .strategies import EditorFSDPStrategy
 
 __all__ = [
     "EditSamples",
+    "EditorFSDPStrategy",
     "EditorModule",
     "ShardDataModule",
     "Throughput",

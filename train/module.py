@@ -11,12 +11,13 @@ import lightning as L
 import numpy as np
 import torch
 
-from infer.pipeline import CHECKPOINT_KEY
+from infer.pipeline import CHECKPOINT_KEY, editor_from_weights
 from model import EditorLoadError, load_editor, load_vae, posterior_sample, set_trainable
 from model.lora import DEFAULT_TARGETS, add_lora, merge_lora, save_lora
 from model.trainable import count_parameters
 
 from .objective import LOSS_WEIGHTINGS, dropout_masks, loss_weights, regression_target, sample_timesteps
+from .strategies import is_sharded, shard_editor
 
 EditorSpec = Union[str, dict]
 
@@ -137,6 +138,15 @@ class EditorModule(L.LightningModule):
         # hashed, not a linear formula: generators seeded with nearby integers draw alike
         seed = int(np.random.SeedSequence([self.hparams.seed, step, self._micro_batch, self.global_rank]).generate_state(1, np.uint64)[0])
         return torch.Generator(device=self.device).manual_seed(seed)
+
+    def configure_model(self) -> None:
+        """Shard the U-Net when the strategy gives a device mesh (``editor_fsdp``); else nothing."""
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is None or is_sharded(self.unet):
+            return
+        if self.hparams.ema_decay:
+            raise ValueError("model.ema_decay is not supported with sharded training (editor_fsdp): use ddp")
+        shard_editor(self.unet, self.text_encoder if self.hparams.train_text_encoder else None, mesh["data_parallel"])
 
     def setup(self, stage: str) -> None:
         info = getattr(getattr(self._trainer, "datamodule", None), "cache_info", None)
@@ -262,7 +272,13 @@ class EditorModule(L.LightningModule):
     # ---------------------------------------------------------------- export
     def on_fit_end(self) -> None:
         path = self.export_path()  # on every rank: trainer.log_dir is a collective under DDP
-        if self.trainer.is_global_zero:
+        if is_sharded(self.unet):  # gather the trained weights whole (a collective: every rank)
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            full = get_model_state_dict(self, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if self.trainer.is_global_zero:
+                self.export(path, trained={k: v for k, v in full.items() if k in self.trainable_parameters()})
+        elif self.trainer.is_global_zero:
             self.export(path)
 
     def export_path(self) -> Path:
@@ -272,8 +288,13 @@ class EditorModule(L.LightningModule):
         return Path(root) / "editor"
 
     @torch.no_grad()
-    def export(self, directory: str | os.PathLike) -> Path:
-        """Write the editor as a pipeline folder (EMA weights when EMA is on)."""
+    def export(self, directory: str | os.PathLike, trained: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write the editor as a pipeline folder (EMA weights when EMA is on). ``trained``: the
+        trained weights, gathered, when this module's are sharded; a whole editor is then rebuilt
+        from the spec to hold them, as ``InsV2VPipeline.from_checkpoint`` does."""
+        if trained is not None:
+            self._save_editor(editor_from_weights(self.hparams.editor, self._lora_spec(), trained), directory)
+            return Path(directory)
         params = self.trainable_parameters()
         saved = None
         if self.ema:
@@ -281,10 +302,7 @@ class EditorModule(L.LightningModule):
             for k, p in params.items():
                 p.copy_(self.ema[k].to(p.device, p.dtype))
         try:
-            if self.hparams.trainable == "lora":
-                self._export_lora(directory)
-            else:
-                self._complete_editor().save_pretrained(directory)
+            self._save_editor(self._complete_editor(), directory)
         finally:
             if saved:
                 for k, p in params.items():
@@ -299,15 +317,16 @@ class EditorModule(L.LightningModule):
 
         return replace(self.editor, vae=load_vae(self.hparams.editor))
 
-    def _export_lora(self, directory: str | os.PathLike) -> None:
-        """The adapter alone, or a copy of the editor with the adapter merged (training goes on
-        with the adapter unmerged)."""
-        import copy
-
-        if self.hparams.export_lora_only:
-            save_lora(self.unet, directory)
+    def _save_editor(self, editor, directory: str | os.PathLike) -> None:
+        """With LoRA, the adapter alone or a copy of the editor with the adapter merged (training
+        goes on with the adapter unmerged); else the editor as it is."""
+        if self.hparams.trainable != "lora":
+            editor.save_pretrained(directory)
             return
+        if self.hparams.export_lora_only:
+            save_lora(editor.unet, directory)
+            return
+        import copy
         from dataclasses import replace
 
-        merged = replace(self._complete_editor(), unet=merge_lora(copy.deepcopy(self.unet)))
-        merged.save_pretrained(directory)
+        replace(editor, unet=merge_lora(copy.deepcopy(editor.unet))).save_pretrained(directory)
