@@ -3,6 +3,7 @@ batched guidance, half precision and LVSC at SD 1.5 size.
 
     python bench/infer.py                       # tiny editor on CPU: s/frame, peak RSS 32 vs 320 frames
     python bench/infer.py --sd --device cuda    # SD 1.5 size, 16 frames at 384², 20 steps
+    python bench/infer.py --sd-flops            # SD 1.5 size: FLOPs of an edit's parts (meta device: any machine)
 """
 
 from __future__ import annotations
@@ -113,12 +114,40 @@ def sd_gpu(args) -> None:
     print(f"  LVSC overhead: {rows[2][1] / no_lvsc - 1:+.1%}")
 
 
+def sd_flops(args) -> None:
+    """FLOPs of editing one SD 1.5-size clip, counted on the meta device (no memory, any machine)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        editor = build_editor(shipped_config("model/sd15-random.yaml"))
+    f, r, steps = args.sd_frames, args.sd_resolution, args.sd_steps
+    side = r // editor.vae_scale_factor
+
+    def count(run) -> int:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            run()
+        return counter.get_total_flops()
+
+    step = count(lambda: editor.unet(torch.empty(3, 8, f, side, side, device="meta"),  # 3-way guidance batch
+                                     torch.zeros(3, dtype=torch.long, device="meta"),
+                                     encoder_hidden_states=torch.empty(3 * f, 77, 768, device="meta")))
+    encode = count(lambda: editor.vae.encode(torch.empty(f, 3, r, r, device="meta")))
+    decode = count(lambda: editor.vae.decode(torch.empty(f, 4, side, side, device="meta")))
+    total = steps * step + encode + decode
+    print(f"SD 1.5 size, one clip of {f} frames at {r}², {steps} steps, text + video guidance (U-Net batch 3):")
+    for name, value in (("U-Net, all steps", steps * step), ("VAE encode", encode), ("VAE decode", decode)):
+        print(f"  {name:18s} {value / 1e12:8.2f} TFLOP  {value / total:6.1%}")
+    print(f"  per frame {total / f / 1e12:.2f} TFLOP; at 40 % of an H100's 989 bf16 TFLOP/s: "
+          f"{total / f / (0.4 * 989e12):.3f} s/frame")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--frames", type=int, default=32)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--memory-run", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--sd", action="store_true", help="SD 1.5-size comparisons (meant for a GPU)")
+    ap.add_argument("--sd-flops", action="store_true", help="SD 1.5 size: FLOPs of an edit's parts, on the meta device")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--half", choices=["float16", "bfloat16"], default="float16")
     ap.add_argument("--sd-frames", type=int, default=16)
@@ -128,6 +157,8 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.memory_run:
         memory_run(args.memory_run, args.steps)
+    elif args.sd_flops:
+        sd_flops(args)
     elif args.sd:
         sd_gpu(args)
     else:

@@ -9,7 +9,7 @@ from typing import Any, Mapping, Union
 
 import torch
 import yaml
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, MotionAdapter, UNet2DConditionModel
 
 from .editor import (
     INDEX_FILE,
@@ -42,13 +42,16 @@ def tiny_config(pixel_space: bool = False) -> dict[str, Any]:
 
 def build_editor(config: Mapping[str, Any]) -> Editor:
     """A randomly initialised editor from component configs (the layout of ``configs/model/*.yaml``).
+    ``motion_adapter`` (``MotionAdapter`` arguments, e.g. ``use_motion_mid_block: false`` for the
+    AnimateDiff v1 layout) inflates with a random adapter of that layout instead of the default
+    one with zeroed outputs.
 
     The U-Net is built 2D and inflated exactly as a pretrained one would be, so the tiny editor
     starts as its 2D U-Net applied per frame.
     """
     config = dict(config)
     unknown = set(config) - {"seed", "tokenizer", "text_encoder", "vae", "unet", "scheduler", "min_temporal_positions",
-                            "source_prior_std", "preconditioned", "sampling", "norm_layout"}
+                            "source_prior_std", "preconditioned", "sampling", "norm_layout", "motion_adapter"}
     if unknown:
         raise ValueError(f"unknown editor config keys: {sorted(unknown)}")
     for key in ("tokenizer", "text_encoder", "unet", "scheduler"):
@@ -68,7 +71,14 @@ def build_editor(config: Mapping[str, Any]) -> Editor:
             raise ValueError(f"unet.time_cond_proj_dim ({pooled_dim}) must equal the text encoder's hidden_size "
                              f"({text_encoder.config.hidden_size}): it takes the pooled prompt")
         unet2d = UNet2DConditionModel(**unet_cfg)
-        unet = inflate(unet2d, min_temporal_positions=int(config.get("min_temporal_positions", MIN_TEMPORAL_POSITIONS)))
+        adapter = None
+        if config.get("motion_adapter") is not None:  # a random adapter of a given layout (AnimateDiff v1: no mid block)
+            adapter = MotionAdapter(block_out_channels=unet_cfg["block_out_channels"],
+                                    motion_layers_per_block=unet_cfg.get("layers_per_block", 2),
+                                    motion_norm_num_groups=unet_cfg.get("norm_num_groups", 32),
+                                    **config["motion_adapter"])
+        unet = inflate(unet2d, adapter,
+                       min_temporal_positions=int(config.get("min_temporal_positions", MIN_TEMPORAL_POSITIONS)))
         set_norm_layout(unet, config.get("norm_layout", "diffusers"))
     sched_cfg = dict(config["scheduler"])
     scheduler = scheduler_class(sched_cfg.pop("class", "DDPMScheduler"))(**sched_cfg)
