@@ -2,6 +2,7 @@
 
     python bench/synth.py                      # tiny config on CPU
     python bench/synth.py --modelscope-size --device cuda   # ModelScope size, 16x256², 30 steps
+    python bench/synth.py --paper-flops        # the same, FLOPs per pair (meta device: any machine)
 """
 
 from __future__ import annotations
@@ -23,17 +24,7 @@ from synth.build import build  # noqa: E402
 from synth.render import PairParams, VideoRenderer  # noqa: E402
 from synth.ranks import DTYPES  # noqa: E402
 
-# ModelScope text-to-video (damo-vilab/text-to-video-ms-1.7b) U-Net layout, random weights
-MODELSCOPE_UNET = dict(
-    sample_size=32, in_channels=4, out_channels=4, block_out_channels=[320, 640, 1280, 1280], layers_per_block=2,
-    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    cross_attention_dim=1024, attention_head_dim=64, norm_num_groups=32,
-)
-SD_VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
-              up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512], layers_per_block=2,
-              latent_channels=4, norm_num_groups=32, sample_size=256)
-OPENCLIP_H_TEXT = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16, projection_dim=1024)
+PAPER_SIZE = ROOT / "configs/synth/modelscope-random.yaml"  # ModelScope at its real size, random weights
 
 
 def tiny_cpu(args) -> None:
@@ -51,7 +42,7 @@ def render_costs(args) -> None:
     tiny = yaml.safe_load((ROOT / "configs/synth/tiny.yaml").read_text())["generator"]["tiny"]
     config = copy.deepcopy(tiny)
     if args.modelscope_size:
-        config.update(unet=MODELSCOPE_UNET, vae=SD_VAE, text_encoder=OPENCLIP_H_TEXT)
+        config = yaml.safe_load(PAPER_SIZE.read_text())["generator"]["tiny"]
     dtype = DTYPES[args.dtype]
     renderer = VideoRenderer.tiny("modelscope", config).to(args.device, dtype)
     frames, size, steps = (16, 256, 30) if args.modelscope_size else (8, 32, 6)
@@ -75,14 +66,51 @@ def render_costs(args) -> None:
           f"plain pair {plain:.2f} s, P2P overhead {p2p / plain - 1:+.1%}")
 
 
+def paper_flops(args) -> None:
+    """FLOPs of one pair at the paper's settings, counted on the meta device (no memory, any machine)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from infer.clip import ClipScorer
+
+    generator = yaml.safe_load(PAPER_SIZE.read_text())["generator"]
+    frames, size, steps = generator["num_frames"], generator["height"], generator["steps"]
+    with torch.device("meta"):
+        renderer = VideoRenderer.tiny("modelscope", generator["tiny"])
+        clip = ClipScorer.load(ROOT / "configs/model/clip-vit-l14-random.yaml").model
+    side = size // 8
+
+    def count(run) -> int:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            run()
+        return counter.get_total_flops()
+
+    # P2P: [uncond_src, uncond_tgt, cond_src, cond_tgt] through the U-Net at every step
+    step = count(lambda: renderer.unet(torch.empty(4, 4, frames, side, side, device="meta"),
+                                       torch.zeros((), dtype=torch.long, device="meta"),
+                                       encoder_hidden_states=torch.empty(4, 77, 1024, device="meta")))
+    decode = count(lambda: renderer.vae.decode(torch.empty(2 * frames, 4, side, side, device="meta")))
+    embed = count(lambda: clip.get_image_features(pixel_values=torch.empty(2 * frames, 3, 224, 224, device="meta")))
+    total = steps * step + decode + embed
+    print(f"ModelScope size, one P2P pair of {frames}x{size}², {steps} DDIM steps, ViT-L/14 filter:")
+    for name, value in (("U-Net, all steps", steps * step), ("VAE decode", decode), ("CLIP ViT-L/14", embed)):
+        print(f"  {name:18s} {value / 1e12:8.2f} TFLOP  {value / total:6.1%}")
+    rate = 0.4 * 989e12 / total * 3600
+    print(f"  {total / 1e12:.1f} TFLOP a pair: {rate:,.0f} rendered pairs per H100-hour at 40 % MFU "
+          f"(kept pairs: times the filter's keep rate)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--num-samples", type=int, default=8)
     ap.add_argument("--modelscope-size", action="store_true")
+    ap.add_argument("--paper-flops", action="store_true", help="FLOPs of a pair at paper settings, on the meta device")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=list(DTYPES), default=None,
                     help="renderer precision (default: float16 on CUDA, float32 on CPU, as synth build)")
     args = ap.parse_args()
+    if args.paper_flops:
+        paper_flops(args)
+        return
     if args.dtype is None:
         args.dtype = "float16" if args.device.startswith("cuda") else "float32"
     if not args.modelscope_size:

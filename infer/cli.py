@@ -207,7 +207,7 @@ def evaluate_command(args: argparse.Namespace) -> None:
         notes = []
         pipe = InsV2VPipeline.load(args.model)
         notes.append(f"editor: {args.model}" if args.model else "editor: the embedded tiny editor (random weights)")
-        clip = ClipScorer.from_pretrained(args.clip_model) if args.clip_model else ClipScorer.tiny()
+        clip = ClipScorer.load(args.clip_model)
         if not args.clip_model:
             notes.append("CLIP metrics use the embedded tiny CLIP (random weights): pass --clip-model for meaningful scores")
         pick = ClipScorer.from_pretrained(args.pickscore_model) if args.pickscore_model else None

@@ -67,16 +67,35 @@ class ClipScorer:
         return cls(model, CLIPTokenizer.from_pretrained(path), name=str(path), processor=processor)
 
     @classmethod
+    def load(cls, spec: str | os.PathLike | None) -> "ClipScorer":
+        """What ``filter.clip_model`` names: a model folder, a YAML of CLIPConfig arguments (random
+        weights at that size, e.g. ``configs/model/clip-vit-l14-random.yaml``), or ``None`` (tiny)."""
+        if spec is None:
+            return cls.tiny()
+        path = Path(spec)
+        if path.suffix in (".yaml", ".yml") and path.is_file():
+            import yaml
+
+            config = yaml.safe_load(path.read_text())
+            return cls.random(config, seed=int(config.pop("seed", 0)), name=f"{path.name} (random weights)")
+        return cls.from_pretrained(path)
+
+    @classmethod
     def tiny(cls, seed: int = 0) -> "ClipScorer":
         """Random-weight offline CLIP: scores are well defined but carry no meaning."""
+        return cls.random(TINY_CLIP, seed, name="tiny-clip (random weights)")
+
+    @classmethod
+    def random(cls, config: dict, seed: int = 0, name: str = "clip (random weights)") -> "ClipScorer":
+        """A CLIP of ``config`` (``CLIPConfig`` arguments) with random weights and the offline tokenizer."""
         tokenizer = tiny_clip_tokenizer()
         ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        config = CLIPConfig(**{**TINY_CLIP, "text_config": {**TINY_CLIP["text_config"], **ids}})
+        config = CLIPConfig(**{**config, "text_config": {**config["text_config"], **ids}})
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = CLIPModel(config)
-        return cls(model, tokenizer, name="tiny-clip (random weights)")
+        return cls(model, tokenizer, name=name)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         self.model.save_pretrained(path)

@@ -143,7 +143,7 @@ def make_filter(filter_cfg: dict[str, Any]) -> ClipFilter | None:
     if not filter_cfg.get("enabled", True):
         return None
     clip_model = filter_cfg.get("clip_model")
-    scorer = ClipScorer.from_pretrained(_folder("filter", "clip_model", clip_model)) if clip_model else ClipScorer.tiny()
+    scorer = ClipScorer.load(_folder("filter", "clip_model", clip_model) if clip_model else None)
     names = ("sim_src_text", "sim_tgt_text", "sim_direction", "sim_frames")
     return ClipFilter(scorer, Thresholds(**{k: float(filter_cfg[k]) for k in names if k in filter_cfg}))
 

@@ -18,6 +18,7 @@ from train import EditorModule
 
 ROOT_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SD_V1, SD_V2 = "model/sd15-random-v1.yaml", "model/sd15-random.yaml"
+VIT_L14 = "model/clip-vit-l14-random.yaml"
 
 
 def motion_parameters(unet: torch.nn.Module) -> set[str]:
@@ -50,23 +51,13 @@ def test_the_paper_size_layouts_have_the_real_shapes():
         renderer = VideoRenderer.tiny("animatediff", generator["tiny"])
     motion = sum(p.numel() for n, p in renderer.unet.named_parameters() if "motion_modules." in n)
     assert round(motion / 1e6, 1) == 417.1 and not renderer.unet.config.use_motion_mid_block
-    from transformers import CLIPModel
+    from transformers import CLIPConfig, CLIPModel
 
+    config = yaml.safe_load((ROOT_CONFIGS / VIT_L14).read_text())
+    config.pop("seed")
     with torch.device("meta"):
-        clip = CLIPModel(vit_l14_config())
-    assert round(sum(p.numel() for p in clip.parameters()) / 1e6) == 428
-
-
-def vit_l14_config():
-    from transformers import CLIPConfig
-
-    return CLIPConfig(
-        text_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                         max_position_embeddings=77, projection_dim=768),
-        vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                           image_size=224, patch_size=14, projection_dim=768),
-        projection_dim=768,
-    )
+        clip = CLIPModel(CLIPConfig(**config))
+    assert round(sum(p.numel() for p in clip.parameters()) / 1e6) == 428  # with the full 49,408-token vocabulary
 
 
 @pytest.mark.slow
@@ -87,22 +78,18 @@ def test_a_real_size_p2p_pair_in_bfloat16(backbone):
 
 
 @pytest.mark.slow
-def test_a_vit_l14_filter_read_from_a_folder(tmp_path):
-    from transformers import CLIPModel
-
+def test_a_vit_l14_filter_from_its_config_and_from_a_folder(tmp_path):
     from infer.clip import ClipScorer
-    from model import tiny_clip_tokenizer
-
-    torch.manual_seed(0)
-    CLIPModel(vit_l14_config()).save_pretrained(tmp_path / "clip")
-    tiny_clip_tokenizer().save_pretrained(tmp_path / "clip")
-    scorer = ClipScorer.from_pretrained(tmp_path / "clip")
-    assert scorer.processor.crop_size["height"] == 224
     from synth.filter import ClipFilter, Thresholds
 
+    scorer = ClipScorer.load(ROOT_CONFIGS / VIT_L14)
+    assert scorer.processor.crop_size["height"] == 224 and scorer.model.config.vision_config.patch_size == 14
+    scorer.save_pretrained(tmp_path / "clip")
+    loaded = ClipScorer.load(tmp_path / "clip")  # the real-weights path, on a folder written here
     frames = np.random.default_rng(0).integers(0, 255, (2, 120, 160, 3), dtype=np.uint8)
-    scores, reason = ClipFilter(scorer, Thresholds(-1, -1, -1, -1))(frames, frames[::-1], "a cat", "a red cat")
+    scores, reason = ClipFilter(loaded, Thresholds(-1, -1, -1, -1))(frames, frames[::-1], "a cat", "a red cat")
     assert reason is None and all(np.isfinite(v) for v in scores.values())
+    assert scores == ClipFilter(scorer, Thresholds(-1, -1, -1, -1))(frames, frames[::-1], "a cat", "a red cat")[0]
 
 
 @pytest.fixture(scope="module")
