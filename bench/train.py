@@ -97,7 +97,8 @@ def loader_throughput(workers: int, batches: int, frames: int, resolution: int) 
 
 def tiny_cpu(args) -> None:
     device = torch.device("cpu")
-    torch.set_num_threads(args.threads) if args.threads else None
+    if args.threads:
+        torch.set_num_threads(args.threads)
     module = EditorModule(editor="tiny", trainable="all")
     batch = fake_batch(args.batch, args.frames, args.resolution, device)
     seconds, flops = time_steps(module, batch, args.iters, "32-true", device)

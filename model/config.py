@@ -9,7 +9,7 @@ from typing import Any, Mapping, Union
 
 import torch
 import yaml
-from diffusers import AutoencoderKL, MotionAdapter, UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from .editor import (
     INDEX_FILE,
@@ -21,7 +21,7 @@ from .editor import (
     scheduler_class,
     vae_without_weights,
 )
-from .inflate import MIN_TEMPORAL_POSITIONS, inflate
+from .inflate import MIN_TEMPORAL_POSITIONS, inflate, random_motion_adapter
 from .norm_layout import set_norm_layout
 from .tokenizer import tiny_clip_tokenizer
 
@@ -73,10 +73,7 @@ def build_editor(config: Mapping[str, Any]) -> Editor:
         unet2d = UNet2DConditionModel(**unet_cfg)
         adapter = None
         if config.get("motion_adapter") is not None:  # a random adapter of a given layout (AnimateDiff v1: no mid block)
-            adapter = MotionAdapter(block_out_channels=unet_cfg["block_out_channels"],
-                                    motion_layers_per_block=unet_cfg.get("layers_per_block", 2),
-                                    motion_norm_num_groups=unet_cfg.get("norm_num_groups", 32),
-                                    **config["motion_adapter"])
+            adapter = random_motion_adapter(unet_cfg, config["motion_adapter"])
         unet = inflate(unet2d, adapter,
                        min_temporal_positions=int(config.get("min_temporal_positions", MIN_TEMPORAL_POSITIONS)))
         set_norm_layout(unet, config.get("norm_layout", "diffusers"))
@@ -115,12 +112,11 @@ def load_editor(spec: EditorSpec = None, torch_dtype: torch.dtype | None = None,
     config): for training on cached latents, where only its scaling factor and shapes are used.
     :func:`load_vae` loads it in full from the same spec.
     """
-    if not vae_weights:
-        editor = load_editor(spec, torch_dtype) if not _vae_folder(spec) else None
-        if editor is not None:  # built from configs: the real VAE costs nothing to build
-            if editor.vae is not None:
-                editor.vae = vae_without_weights(editor.vae.config, editor.vae.dtype)
-            return editor
+    if not vae_weights and _vae_folder(spec) is None:  # built from configs: the real VAE costs nothing to build
+        editor = load_editor(spec, torch_dtype)
+        if editor.vae is not None:
+            editor.vae = vae_without_weights(editor.vae.config, editor.vae.dtype)
+        return editor
     if spec is None or spec == "tiny":
         return build_editor(tiny_config())
     if spec == "tiny-pixel":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Any, Mapping
 
 import torch
 from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
@@ -123,3 +124,13 @@ def inflate(
         video.register_to_config(in_channels=2 * latent)
     video.set_attn_processor(AttnProcessor2_0())
     return video
+
+
+def random_motion_adapter(unet_config: Mapping[str, Any], adapter_config: Mapping[str, Any]) -> MotionAdapter:
+    """A randomly initialised motion adapter for a 2D U-Net of ``unet_config``: its block widths,
+    layers per block and norm groups, plus ``adapter_config`` (``MotionAdapter`` arguments, e.g.
+    ``use_motion_mid_block: false`` for the AnimateDiff v1 layout)."""
+    return MotionAdapter(block_out_channels=unet_config["block_out_channels"],
+                         motion_layers_per_block=unet_config.get("layers_per_block", 2),
+                         motion_norm_num_groups=unet_config.get("norm_num_groups", 32),
+                         **adapter_config)

@@ -15,6 +15,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from infer.pipeline import to_uint8_frames
 from model.editor import build_text_encoder
+from model.inflate import random_motion_adapter
 from model.tokenizer import tiny_clip_tokenizer
 
 from .p2p import P2PAttnProcessor, P2PControl, align_tokens
@@ -65,10 +66,7 @@ class VideoRenderer:
                 unet = UNet3DConditionModel(**unet_cfg)
             elif backbone == "animatediff":
                 unet2d = UNet2DConditionModel(**unet_cfg)
-                adapter = MotionAdapter(block_out_channels=unet_cfg["block_out_channels"],
-                                        motion_layers_per_block=unet_cfg["layers_per_block"],
-                                        motion_norm_num_groups=unet_cfg["norm_num_groups"],
-                                        **config.get("motion_adapter", {}))
+                adapter = random_motion_adapter(unet_cfg, config.get("motion_adapter", {}))
                 unet = UNetMotionModel.from_unet2d(unet2d, adapter)
             else:
                 raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")

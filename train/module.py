@@ -277,7 +277,8 @@ class EditorModule(L.LightningModule):
 
             full = get_model_state_dict(self, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             if self.trainer.is_global_zero:
-                self.export(path, trained={k: v for k, v in full.items() if k in self.trainable_parameters()})
+                trained = self.trainable_parameters().keys()
+                self.export(path, trained={k: v for k, v in full.items() if k in trained})
         elif self.trainer.is_global_zero:
             self.export(path)
 
