@@ -434,3 +434,25 @@ def test_loss_weightings():
         assert loss.item() == pytest.approx((raw - unit_target).pow(2).mean().item(), rel=1e-4)
     with pytest.raises(ValueError, match="needs an editor built with preconditioned"):
         EditorModule(editor="tiny", loss_weighting="preconditioned")
+
+
+def test_edit_balance_weighs_the_edited_pixels_as_much_as_the_rest():
+    from train.objective import edit_balanced_weights
+
+    source = torch.zeros(3, 3, 2, 4, 4)
+    target = source.clone()
+    target[0, :, :, :1, :1] = 1.0  # clip 0: 2 of 32 elements edited (a small recolour)
+    target[1] = 0.5  # clip 1: everything edited (a background); clip 2: nothing
+    w = edit_balanced_weights(target, source, balance=1.0)
+    assert w.shape == (3, 1, 2, 4, 4)
+    assert torch.allclose(w.flatten(1).mean(dim=1), torch.ones(3))  # each clip's weights still average to 1
+    edited = (target - source).abs().mean(dim=1, keepdim=True) > 0.05
+    assert w[0][edited[0]].sum() == pytest.approx(w[0][~edited[0]].sum())  # half the weight on 2 of 32 elements
+    assert torch.equal(w[1:], torch.ones_like(w[1:]))  # all or nothing edited: plain mean
+    half = edit_balanced_weights(target, source, balance=0.5)
+    assert torch.allclose(half, 0.5 + 0.5 * w)
+    assert torch.equal(edit_balanced_weights(target, source, balance=0.0), torch.ones_like(w))
+    # small differences (codec noise, a VAE's jitter) are not edits
+    assert torch.equal(edit_balanced_weights(source + 0.01, source, balance=1.0), torch.ones_like(w))
+    with pytest.raises(ValueError, match="edit_balance must be in"):
+        EditorModule(editor="tiny", edit_balance=1.5)

@@ -16,7 +16,7 @@ from model import EditorLoadError, load_editor, load_vae, posterior_sample, set_
 from model.lora import DEFAULT_TARGETS, add_lora, merge_lora, save_lora
 from model.trainable import count_parameters
 
-from .objective import LOSS_WEIGHTINGS, dropout_masks, loss_weights, regression_target, sample_timesteps
+from .objective import LOSS_WEIGHTINGS, dropout_masks, edit_balanced_weights, loss_weights, regression_target, sample_timesteps
 from .strategies import is_sharded, shard_editor
 
 EditorSpec = Union[str, dict]
@@ -44,6 +44,10 @@ class EditorModule(L.LightningModule):
         loss_weighting: ``uniform``, ``min_snr`` (with ``min_snr_gamma``) or ``preconditioned``
             (for a preconditioned editor: each timestep's error in units of the U-Net's own output);
             see :func:`train.objective.loss_weights`.
+        edit_balance: in [0, 1]; 1 weighs each clip's edited pixels (where target and source differ)
+            as much as its unchanged ones; ``edit_threshold`` is the channel-mean absolute difference
+            (at the U-Net's scale) above which an element counts as edited; see
+            :func:`train.objective.edit_balanced_weights`.
         train_text_encoder: also train the CLIP text encoder (for editors trained from scratch).
         cached_latents: train on a latent cache (``data.cached``, linked by ``lightning fit``): the
             VAE's weights are not loaded (it is read in full only to export the editor), and cached
@@ -74,6 +78,8 @@ class EditorModule(L.LightningModule):
         timestep_bias: float = 1.0,
         loss_weighting: str = "uniform",
         min_snr_gamma: float = 5.0,
+        edit_balance: float = 0.0,
+        edit_threshold: float = 0.05,
         train_text_encoder: bool = False,
         cached_latents: bool = False,
         gradient_checkpointing: bool = False,
@@ -87,6 +93,8 @@ class EditorModule(L.LightningModule):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
         if loss_weighting not in LOSS_WEIGHTINGS:
             raise ValueError(f"loss_weighting must be one of {', '.join(LOSS_WEIGHTINGS)}, got {loss_weighting!r}")
+        if not 0.0 <= edit_balance <= 1.0:
+            raise ValueError(f"edit_balance must be in [0, 1], got {edit_balance}")
         if isinstance(editor, str) and editor.endswith((".yaml", ".yml")) and os.path.isfile(editor):
             import yaml
 
@@ -176,6 +184,7 @@ class EditorModule(L.LightningModule):
             with torch.set_grad_enabled(self.hparams.train_text_encoder and torch.is_grad_enabled()):
                 text = editor.encode_text(batch["instruction"])
                 empty = editor.encode_text([""])
+        batch_source = condition
         u = torch.rand(b, device=self.device, generator=generator)
         drop_text, drop_video = dropout_masks(u, self.hparams.drop_text, self.hparams.drop_both, self.hparams.drop_video)
         text = torch.where(drop_text[:, None, None], empty.to(text.dtype), text)  # empty: (1 or B, seq, dim)
@@ -190,7 +199,12 @@ class EditorModule(L.LightningModule):
         prediction = editor.predict(noisy, condition, text, t)
         weights = loss_weights(self.hparams.loss_weighting, alpha_bar.float(), scheduler.config.prediction_type,
                                editor.output_scale(t, clean).float(), self.hparams.min_snr_gamma)
-        per_sample = (prediction.float() - goal.float()).pow(2).flatten(1).mean(dim=1)
+        error = (prediction.float() - goal.float()).pow(2)
+        if self.hparams.edit_balance:  # the source at the target's scale, before any video dropout
+            source = batch_source * editor.scaling_factor
+            error = error * edit_balanced_weights(clean.float(), source.float(), self.hparams.edit_balance,
+                                                  self.hparams.edit_threshold)
+        per_sample = error.flatten(1).mean(dim=1)
         return (weights * per_sample).mean()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:

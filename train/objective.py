@@ -52,6 +52,26 @@ def sample_timesteps(u: torch.Tensor, num_train_timesteps: int, bias: float = 1.
     return t.clamp(0, num_train_timesteps - 1)
 
 
+def edit_balanced_weights(clean: torch.Tensor, source: torch.Tensor, balance: float, threshold: float = 0.05) -> torch.Tensor:
+    """Per-element weights of the squared error that give a clip's edited region as much weight as
+    the rest, however few pixels the edit touches. With ``m = mean_c |z0 - s| > threshold`` (the
+    elements the edit changes; ``z0`` the target, ``s`` the source, both ``(B, C, F, H, W)``) and
+    ``f`` the fraction of ``m`` in each clip::
+
+        balanced = m / (2 f) + (1 - m) / (2 (1 - f))     (1 where f is 0 or 1)
+        w        = (1 - balance) + balance * balanced
+
+    so every clip's weights still average to 1. Without it a recolour that changes 5 % of the
+    pixels weighs a twentieth of a background edit in the loss.
+    """
+    changed = ((clean - source).abs().mean(dim=1, keepdim=True) > threshold).to(clean.dtype)
+    frac = changed.flatten(1).mean(dim=1).reshape(-1, *([1] * (clean.ndim - 1)))
+    mixed = (frac > 0) & (frac < 1)
+    safe = frac.clamp(1e-6, 1 - 1e-6)
+    balanced = torch.where(mixed, changed / (2 * safe) + (1 - changed) / (2 * (1 - safe)), torch.ones_like(changed))
+    return (1 - balance) + balance * balanced
+
+
 LOSS_WEIGHTINGS = ("uniform", "min_snr", "preconditioned")
 
 
