@@ -311,6 +311,30 @@ def test_cli_fit_print_config_and_rerun(tmp_path, shards):
     assert (tmp_path / "outputs/train-tiny/checkpoints/last.ckpt").read_bytes() == before
 
 
+def test_cli_fit_stopped_by_sigterm_exits_non_zero(tmp_path, shards):
+    """A preempted run (SIGTERM) must not exit 0 as if finished: nothing was exported, and a job
+    chained after it (``make demo``) or a scheduler must see that it stopped."""
+    import signal
+    import time
+
+    args = [sys.executable, "-m", "train", "fit", "--config", str(ROOT / "configs" / "tiny.yaml"), "--data.shards",
+            f"{shards}/*.tar", "--trainer.max_steps", "100000", "--trainer.enable_progress_bar", "false",
+            "--data.num_frames", "4"]
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "WANDB_MODE": "offline"})
+    last = tmp_path / "outputs/train-tiny/checkpoints/last.ckpt"
+    deadline = time.monotonic() + 300
+    while not last.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert last.is_file(), "no checkpoint within 300 s"
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "stopped by SIGTERM" in stderr and "--ckpt_path last" in stderr and "Traceback" not in stderr
+    assert not list((tmp_path / "outputs").rglob("model_index.json"))  # nothing exported as if finished
+    assert last.is_file()  # the checkpoint to resume from is kept
+
+
 def test_cli_placeholder_weights_fail_clearly(tmp_path):
     proc = run(["fit", "--config", str(ROOT / "configs" / "insv2v.yaml"), "--data.shards", "x.tar"], cwd=tmp_path)
     assert proc.returncode == 2

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 import warnings
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from model import EditorLoadError
 
@@ -62,6 +64,12 @@ def main(args: list[str] | None = None) -> int:
     except (EditorLoadError, ValueError, FileNotFoundError) as err:
         print(f"lightning: error: {err}", file=sys.stderr)
         return 2
+    except SIGTERMException:
+        # Lightning stops its loops on SIGTERM with a SystemExit of code 0; a preempted run must not
+        # look finished to its scheduler (nothing was exported), so it exits as a terminated process.
+        print("lightning: stopped by SIGTERM before the end of training; nothing was exported. "
+              "Resume with --ckpt_path last", file=sys.stderr)
+        return 128 + signal.SIGTERM
     return 0
 
 
