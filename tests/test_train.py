@@ -480,3 +480,25 @@ def test_edit_balance_weighs_the_edited_pixels_as_much_as_the_rest():
     assert torch.equal(edit_balanced_weights(source + 0.01, source, balance=1.0), torch.ones_like(w))
     with pytest.raises(ValueError, match="edit_balance must be in"):
         EditorModule(editor="tiny", edit_balance=1.5)
+
+
+def test_edit_size_balance_gives_small_and_large_edits_the_same_pull():
+    from train.objective import edit_size_weights
+
+    source = torch.zeros(3, 3, 2, 4, 4)
+    target = source.clone()
+    target[0, :, :, :1, :1] = 1.0  # a small recolour: d = 2/32
+    target[1] = 0.5  # a background: d = 0.25
+    target[2, 0, 0, 0, 0] = 0.1  # a near-identity pair: d = 1e-2 / 96
+    sizes = (target - source).pow(2).flatten(1).mean(dim=1)
+    w = edit_size_weights(target, source, power=1.0, floor=1e-3)
+    assert w.shape == (3,) and w.mean().item() == pytest.approx(1.0)
+    copy_loss = w * (sizes + 1e-3)  # each clip's weighted loss for returning its source
+    assert torch.allclose(copy_loss, copy_loss[0].expand(3))
+    assert w[0] / w[1] == pytest.approx((0.25 + 1e-3) / (2 / 32 + 1e-3))
+    assert w[2] / w[0] == pytest.approx((2 / 32 + 1e-3) / (sizes[2].item() + 1e-3))  # the floor caps it
+    root = edit_size_weights(target, source, power=0.5, floor=1e-3)
+    assert torch.allclose(root, (sizes + 1e-3).rsqrt() / (sizes + 1e-3).rsqrt().mean())
+    assert torch.equal(edit_size_weights(target, source, power=0.0), torch.ones(3))
+    with pytest.raises(ValueError, match="edit_size_balance must be >= 0"):
+        EditorModule(editor="tiny", edit_size_balance=-1.0)

@@ -16,7 +16,7 @@ from model import EditorLoadError, load_editor, load_vae, posterior_sample, set_
 from model.lora import DEFAULT_TARGETS, add_lora, merge_lora, save_lora
 from model.trainable import count_parameters
 
-from .objective import LOSS_WEIGHTINGS, dropout_masks, edit_balanced_weights, loss_weights, regression_target, sample_timesteps
+from .objective import LOSS_WEIGHTINGS, dropout_masks, edit_balanced_weights, edit_size_weights, loss_weights, regression_target, sample_timesteps
 from .strategies import is_sharded, shard_editor
 
 EditorSpec = Union[str, dict]
@@ -48,6 +48,10 @@ class EditorModule(L.LightningModule):
             as much as its unchanged ones; ``edit_threshold`` is the channel-mean absolute difference
             (at the U-Net's scale) above which an element counts as edited; see
             :func:`train.objective.edit_balanced_weights`.
+        edit_size_balance: >= 0; weighs each clip by its edit size (mean squared target - source
+            difference, plus ``edit_size_floor``) to this power's negative, normalised over the batch:
+            1 gives a small edit's clip the same pull as a large one's. See
+            :func:`train.objective.edit_size_weights`.
         train_text_encoder: also train the CLIP text encoder (for editors trained from scratch).
         cached_latents: train on a latent cache (``data.cached``, linked by ``lightning fit``): the
             VAE's weights are not loaded (it is read in full only to export the editor), and cached
@@ -80,6 +84,8 @@ class EditorModule(L.LightningModule):
         min_snr_gamma: float = 5.0,
         edit_balance: float = 0.0,
         edit_threshold: float = 0.05,
+        edit_size_balance: float = 0.0,
+        edit_size_floor: float = 1e-3,
         train_text_encoder: bool = False,
         cached_latents: bool = False,
         gradient_checkpointing: bool = False,
@@ -95,6 +101,9 @@ class EditorModule(L.LightningModule):
             raise ValueError(f"loss_weighting must be one of {', '.join(LOSS_WEIGHTINGS)}, got {loss_weighting!r}")
         if not 0.0 <= edit_balance <= 1.0:
             raise ValueError(f"edit_balance must be in [0, 1], got {edit_balance}")
+        if edit_size_balance < 0 or edit_size_floor <= 0:
+            raise ValueError(f"edit_size_balance must be >= 0 and edit_size_floor > 0, got {edit_size_balance} "
+                             f"and {edit_size_floor}")
         if isinstance(editor, str) and editor.endswith((".yaml", ".yml")) and os.path.isfile(editor):
             import yaml
 
@@ -205,6 +214,10 @@ class EditorModule(L.LightningModule):
             error = error * edit_balanced_weights(clean.float(), source.float(), self.hparams.edit_balance,
                                                   self.hparams.edit_threshold)
         per_sample = error.flatten(1).mean(dim=1)
+        if self.hparams.edit_size_balance:  # per clip, from the undropped source at the target's scale
+            source = batch_source * editor.scaling_factor
+            per_sample = per_sample * edit_size_weights(clean.float(), source.float(), self.hparams.edit_size_balance,
+                                                        self.hparams.edit_size_floor)
         return (weights * per_sample).mean()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:

@@ -72,6 +72,22 @@ def edit_balanced_weights(clean: torch.Tensor, source: torch.Tensor, balance: fl
     return (1 - balance) + balance * balanced
 
 
+def edit_size_weights(clean: torch.Tensor, source: torch.Tensor, power: float, floor: float = 1e-3) -> torch.Tensor:
+    """Per-clip weights that let small edits count as much as large ones. With ``d`` each clip's
+    edit size, the mean squared difference of target ``z0`` and source ``s`` (``(B, C, F, H, W)``)::
+
+        w_i = (d_i + floor)^(-power) / mean_j (d_j + floor)^(-power)
+
+    so the batch's weights average to 1. ``power = 1`` gives every clip the same loss for copying
+    its source: a recolour that changes 5 % of the pixels then pulls as hard as a background edit,
+    which otherwise wins the network's capacity first. ``floor`` keeps near-identity pairs from
+    taking over the batch.
+    """
+    size = (clean - source).pow(2).flatten(1).mean(dim=1)
+    raw = (size + floor).pow(-power)
+    return raw / raw.mean()
+
+
 LOSS_WEIGHTINGS = ("uniform", "min_snr", "preconditioned")
 
 
