@@ -209,14 +209,14 @@ class EditorModule(L.LightningModule):
         weights = loss_weights(self.hparams.loss_weighting, alpha_bar.float(), scheduler.config.prediction_type,
                                editor.output_scale(t, clean).float(), self.hparams.min_snr_gamma)
         error = (prediction.float() - goal.float()).pow(2)
-        if self.hparams.edit_balance:  # the source at the target's scale, before any video dropout
-            source = batch_source * editor.scaling_factor
-            error = error * edit_balanced_weights(clean.float(), source.float(), self.hparams.edit_balance,
+        if self.hparams.edit_balance or self.hparams.edit_size_balance:
+            source = (batch_source * editor.scaling_factor).float()  # at the target's scale, before video dropout
+        if self.hparams.edit_balance:
+            error = error * edit_balanced_weights(clean.float(), source, self.hparams.edit_balance,
                                                   self.hparams.edit_threshold)
         per_sample = error.flatten(1).mean(dim=1)
-        if self.hparams.edit_size_balance:  # per clip, from the undropped source at the target's scale
-            source = batch_source * editor.scaling_factor
-            per_sample = per_sample * edit_size_weights(clean.float(), source.float(), self.hparams.edit_size_balance,
+        if self.hparams.edit_size_balance:
+            per_sample = per_sample * edit_size_weights(clean.float(), source, self.hparams.edit_size_balance,
                                                         self.hparams.edit_size_floor)
         return (weights * per_sample).mean()
 

@@ -79,9 +79,8 @@ def edit_size_weights(clean: torch.Tensor, source: torch.Tensor, power: float, f
         w_i = (d_i + floor)^(-power) / mean_j (d_j + floor)^(-power)
 
     so the batch's weights average to 1. ``power = 1`` gives every clip the same loss for copying
-    its source: a recolour that changes 5 % of the pixels then pulls as hard as a background edit,
-    which otherwise wins the network's capacity first. ``floor`` keeps near-identity pairs from
-    taking over the batch.
+    its source: a recolour that changes 5 % of the pixels then pulls as hard as a background edit.
+    ``floor`` keeps near-identity pairs from taking over the batch.
     """
     size = (clean - source).pow(2).flatten(1).mean(dim=1)
     raw = (size + floor).pow(-power)
