@@ -286,6 +286,35 @@ def test_weighted_sources_mix_at_their_weights_and_are_counted(tmp_path):
     assert float(last["data/samples_video"]) + float(last["data/samples_lifted"]) == 3 * batch_size
 
 
+def test_source_epoch_windows_make_a_curriculum(tmp_path):
+    from shards import write_shards
+
+    from train import ShardDataModule
+
+    for name in ("first", "rest"):
+        write_shards(tmp_path / name, 6, per_shard=3)
+    first, rest = str(tmp_path / "first"), str(tmp_path / "rest")
+
+    def epochs(sources, count=3):
+        dm = ShardDataModule(sources=sources, num_frames=4, resolution=16, batch_size=4, batches_per_epoch=10,
+                             stream_seed=1, augment=False, shuffle_buffer=4)
+        loader = dm.train_dataloader()
+        return [torch.cat([b["source_index"] for b in loader]) for _ in range(count)]
+
+    # one source only in epoch 0, the other from epoch 1 on
+    picked = epochs([{"shards": first, "until_epoch": 1}, {"shards": rest, "from_epoch": 1}])
+    assert picked[0].eq(0).all() and picked[1].eq(1).all() and picked[2].eq(1).all()
+    # a source added to a mixture for the first epoch only: mixed, then the other alone
+    picked = epochs([{"shards": first, "until_epoch": 1}, {"shards": rest}])
+    assert 0 < picked[0].float().mean() < 1 and picked[1].eq(1).all()
+    assert torch.equal(picked[1], epochs([{"shards": first, "until_epoch": 1}, {"shards": rest}])[1])  # replayable
+    for bad, message in [([{"shards": first, "until_epoch": 1}], "no source is drawn in epoch 1"),
+                         ([{"shards": first, "from_epoch": 1}], "no source is drawn in epoch 0"),
+                         ([{"shards": first, "from_epoch": 2, "until_epoch": 2}, {"shards": rest}], "from_epoch < until_epoch")]:
+        with pytest.raises(ValueError, match=message):
+            ShardDataModule(sources=bad)
+
+
 def write_image_pair_shard(path: Path, count: int) -> None:
     """Image-edit pairs as shards: ``src.png`` / ``tgt.png`` and the json, one frame each."""
     with tarfile.open(path, "w") as tar:

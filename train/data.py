@@ -43,7 +43,7 @@ class PairStream(torch.utils.data.IterableDataset):
     ``stream`` = (worker, epoch, raw samples consumed) for that bookkeeping.
     """
 
-    def __init__(self, sources: list[tuple[list[str], float]], decoder: PairDecoder, batch_size: int,
+    def __init__(self, sources: list[tuple[list[str], float, tuple[int, int | None]]], decoder: PairDecoder, batch_size: int,
                  shuffle_buffer: int, seed: int, start_epoch: int = 0, skip: dict[int, int] | None = None,
                  first_pass_batches: int | None = None):
         super().__init__()
@@ -64,15 +64,18 @@ class PairStream(torch.utils.data.IterableDataset):
         return wds.shuffle(self.shuffle_buffer, rng=shuffle_rng)(samples)
 
     def _mixed(self, worker: int, epoch: int):
-        """``(source index, raw sample)``: each sample's source drawn by weight, from its own stream."""
-        streams = [self._source_samples(urls, worker, epoch, i) for i, (urls, _) in enumerate(self.sources)]
-        if len(streams) == 1:
-            yield from ((0, sample) for sample in streams[0])
+        """``(source index, raw sample)``: each sample's source drawn by weight, from its own stream,
+        among the sources whose epoch window holds this epoch."""
+        active = [i for i, (_, _, (first, until)) in enumerate(self.sources)
+                  if first <= epoch and (until is None or epoch < until)]
+        streams = {i: self._source_samples(self.sources[i][0], worker, epoch, i) for i in active}
+        if len(active) == 1:
+            yield from ((active[0], sample) for sample in streams[active[0]])
             return
-        weights = [weight for _, weight in self.sources]
+        weights = [self.sources[i][1] for i in active]
         pick = random.Random(wds.utils.make_seed(self.seed, worker, epoch, 2))
         while True:
-            index = pick.choices(range(len(streams)), weights)[0]
+            index = pick.choices(active, weights)[0]
             yield index, next(streams[index])
 
     def __iter__(self):
@@ -111,6 +114,8 @@ class ShardDataModule(L.LightningDataModule):
             ``[{shards: ..., weight: 0.7, name: video}, {shards: ..., weight: 0.3}]`` (each sample's
             source is drawn by weight; names default to ``source0``, ``source1``...). The samples
             trained on per source are counted (``source_counts``, logged as ``data/samples_<name>``).
+            A curriculum: ``from_epoch`` (default 0) and ``until_epoch`` (exclusive, default never)
+            limit a source to those epochs of ``batches_per_epoch`` batches; every epoch needs one.
         val_shards: optional validation shards (no augmentation).
         num_frames: frames per training clip; frame_stride: step between them.
         resolution: square training size in pixels.
@@ -164,7 +169,7 @@ class ShardDataModule(L.LightningDataModule):
         self.decoders: list[PairDecoder] = []
         self._consumed: dict[str, Any] = {}
         self._resuming = False
-        self.source_counts: dict[str, int] = {name: 0 for name, _, _ in self._sources()}
+        self.source_counts: dict[str, int] = {name: 0 for name, *_ in self._sources()}
         if image_clips not in IMAGE_CLIPS:
             raise ValueError(f"data.image_clips must be one of {', '.join(IMAGE_CLIPS)}, got {image_clips!r}")
         self.cache_info = self._check_cache() if cached else None
@@ -186,28 +191,37 @@ class ShardDataModule(L.LightningDataModule):
             log.info("data.cached: clips were cropped when cached; motion augmentation does not apply")
         return info
 
-    def _sources(self) -> list[tuple[str, str, float]]:
-        """``(name, shards, weight)`` of each training source."""
+    def _sources(self) -> list[tuple[str, str, float, tuple[int, int | None]]]:
+        """``(name, shards, weight, (from_epoch, until_epoch))`` of each training source."""
         hp = self.hparams
+        always = (0, None)
         if hp.cached:
-            return [("cached", hp.cached, 1.0)]
+            return [("cached", hp.cached, 1.0, always)]
         if not hp.sources:
-            return [("shards", hp.shards, 1.0)]
+            return [("shards", hp.shards, 1.0, always)]
         if hp.shards:
             raise ValueError("set data.shards or data.sources, not both")
         out = []
         for i, source in enumerate(hp.sources):
             if not isinstance(source, dict) or not source.get("shards"):
                 raise ValueError(f"data.sources[{i}] must be a mapping with shards (and weight, name)")
-            unknown = set(source) - {"shards", "weight", "name"}
+            unknown = set(source) - {"shards", "weight", "name", "from_epoch", "until_epoch"}
             if unknown:
                 raise ValueError(f"data.sources[{i}] has unknown key(s) {', '.join(sorted(unknown))}")
             weight = float(source.get("weight", 1.0))
             if not weight > 0:
                 raise ValueError(f"data.sources[{i}].weight must be positive, got {weight}")
-            out.append((str(source.get("name") or f"source{i}"), source["shards"], weight))
-        if len({name for name, _, _ in out}) != len(out):
+            first, until = int(source.get("from_epoch") or 0), source.get("until_epoch")
+            if first < 0 or (until is not None and int(until) <= first):
+                raise ValueError(f"data.sources[{i}] needs 0 <= from_epoch < until_epoch, got {first} and {until}")
+            out.append((str(source.get("name") or f"source{i}"), source["shards"], weight,
+                        (first, None if until is None else int(until))))
+        if len({name for name, *_ in out}) != len(out):
             raise ValueError("data.sources names must differ")
+        bounds = {0} | {b for *_, window in out for b in window if b is not None}
+        for epoch in sorted(bounds):  # the active set changes only at a bound: check each
+            if not any(f <= epoch and (u is None or epoch < u) for *_, (f, u) in out):
+                raise ValueError(f"data.sources: no source is drawn in epoch {epoch} (from_epoch/until_epoch leave a gap)")
         return out
 
     def _augment(self) -> dict[str, float] | None:
@@ -224,7 +238,7 @@ class ShardDataModule(L.LightningDataModule):
         global_seed = os.environ.get("PL_GLOBAL_SEED")  # written by lightning.seed_everything
         return int(global_seed) if global_seed is not None else None
 
-    def _loader(self, patterns: list[tuple[str, float]], augment: dict[str, float] | None, batches: int,
+    def _loader(self, patterns: list[tuple[str, float, tuple[int, int | None]]], augment: dict[str, float] | None, batches: int,
                 resume: bool = False) -> wds.WebLoader:
         hp = self.hparams
         seed = self._seed()
@@ -241,7 +255,7 @@ class ShardDataModule(L.LightningDataModule):
         if resume and self._consumed.get("epoch") == start_epoch:  # stopped mid-epoch: skip what was consumed
             skip = {int(w): p for w, p in self._consumed["positions"].items()}
             done = self._consumed["batches"]
-        sources = [(expand_shards(pattern), weight) for pattern, weight in patterns]
+        sources = [(expand_shards(pattern), weight, window) for pattern, weight, window in patterns]
         stream = PairStream(sources, decoder, hp.batch_size, hp.shuffle_buffer, seed, start_epoch, skip,
                             first_pass_batches=max(batches - done, 0) if done else None)
         # persistent workers keep their stream's position: a respawned worker would replay it
@@ -279,16 +293,16 @@ class ShardDataModule(L.LightningDataModule):
         return sum(d.skipped for d in self.decoders)
 
     def setup(self, stage: str | None = None) -> None:
-        for _, pattern, _ in self._sources():  # fail early with a clear message
+        for _, pattern, *_ in self._sources():  # fail early with a clear message
             expand_shards(pattern)
         if self.hparams.val_shards:
             expand_shards(self.hparams.val_shards)
 
     def train_dataloader(self):
-        patterns = [(pattern, weight) for _, pattern, weight in self._sources()]
+        patterns = [(pattern, weight, window) for _, pattern, weight, window in self._sources()]
         return self._loader(patterns, self._augment(), self.hparams.batches_per_epoch, resume=self._resuming)
 
     def val_dataloader(self):
         if not self.hparams.val_shards:
             return []
-        return self._loader([(self.hparams.val_shards, 1.0)], None, self.hparams.val_batches)
+        return self._loader([(self.hparams.val_shards, 1.0, (0, None))], None, self.hparams.val_batches)
