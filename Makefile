@@ -28,7 +28,7 @@ demo: setup
 	$(VENV)/bin/lightning fit --config configs/shapes.yaml
 	$(VENV)/bin/python -m synth.demo --editor outputs/demo/editor --out outputs/demo
 
-# The same recipe trained 3,000 steps instead of 500; writes outputs/demo-long/metrics.json.
+# The same recipe trained 4,000 steps instead of 750; writes outputs/demo-long/metrics.json.
 demo-long: setup
 	$(VENV)/bin/synth build --config configs/synth/shapes.yaml --out outputs/demo/shards \
 		--num-samples $(DEMO_SAMPLES) --resume
