@@ -33,6 +33,13 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
+def drawn_in(window: tuple[int, int | None], epoch: int) -> bool:
+    """Whether a source with epoch window ``(from_epoch, until_epoch)`` is drawn in ``epoch``:
+    from_epoch <= epoch < until_epoch (no upper bound when until_epoch is None)."""
+    first, until = window
+    return first <= epoch and (until is None or epoch < until)
+
+
 class PairStream(torch.utils.data.IterableDataset):
     """Endless batches of decoded pairs, drawn shard by shard through a shuffle buffer.
 
@@ -66,8 +73,7 @@ class PairStream(torch.utils.data.IterableDataset):
     def _mixed(self, worker: int, epoch: int):
         """``(source index, raw sample)``: each sample's source drawn by weight, from its own stream,
         among the sources whose epoch window holds this epoch."""
-        active = [i for i, (_, _, (first, until)) in enumerate(self.sources)
-                  if first <= epoch and (until is None or epoch < until)]
+        active = [i for i, (_, _, window) in enumerate(self.sources) if drawn_in(window, epoch)]
         streams = {i: self._source_samples(self.sources[i][0], worker, epoch, i) for i in active}
         if len(active) == 1:
             yield from ((active[0], sample) for sample in streams[active[0]])
@@ -220,7 +226,7 @@ class ShardDataModule(L.LightningDataModule):
             raise ValueError("data.sources names must differ")
         bounds = {0} | {b for *_, window in out for b in window if b is not None}
         for epoch in sorted(bounds):  # the active set changes only at a bound: check each
-            if not any(f <= epoch and (u is None or epoch < u) for *_, (f, u) in out):
+            if not any(drawn_in(window, epoch) for *_, window in out):
                 raise ValueError(f"data.sources: no source is drawn in epoch {epoch} (from_epoch/until_epoch leave a gap)")
         return out
 
