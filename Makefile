@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX_URL ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup demo demo-long demo-ablation test bench clean
+.PHONY: setup demo demo-long demo-ablation demo-long-ablation test bench clean
 
 setup: $(VENV)/.installed
 
@@ -42,6 +42,17 @@ demo-ablation: setup
 		--num-samples $(DEMO_SAMPLES) --resume
 	$(VENV)/bin/lightning fit --config configs/shapes.yaml --config configs/shapes-ablation.yaml
 	$(VENV)/bin/python -m synth.demo --editor outputs/demo-ablation/editor --out outputs/demo \
+		--report ablation.json --no-one-step --long-clips 0 --picture ablation.png
+
+# The temporal ablation of demo-long: its 4,000-step recipe with the motion modules frozen at zero
+# output; writes outputs/demo-long/ablation.json beside demo-long's metrics.json.
+demo-long-ablation: setup
+	$(VENV)/bin/synth build --config configs/synth/shapes.yaml --out outputs/demo/shards \
+		--num-samples $(DEMO_SAMPLES) --resume
+	$(VENV)/bin/lightning fit --config configs/shapes.yaml --config configs/shapes-long.yaml \
+		--config configs/shapes-ablation.yaml --trainer.default_root_dir outputs/demo-long-ablation/train \
+		--model.export_dir outputs/demo-long-ablation/editor
+	$(VENV)/bin/python -m synth.demo --editor outputs/demo-long-ablation/editor --out outputs/demo-long \
 		--report ablation.json --no-one-step --long-clips 0 --picture ablation.png
 
 test: setup
