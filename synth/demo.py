@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from infer import InsV2VPipeline, clip_plan
 from infer.metrics import pair_warp_errors, seam_pairs, source_pair_flows
 
-from .shapes import EDITS, ShapesWorld
+from .shapes import EDITS, SPEEDS, ShapesWorld
 from .writer import atomic_write
 
 HELD_OUT = 10**7  # scene indices far beyond any training build: unseen clips
@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-clips", type=int, default=64)
     ap.add_argument("--num-frames", type=int, default=8)
     ap.add_argument("--size", type=int, default=16)
+    ap.add_argument("--speeds", type=float, nargs=2, default=SPEEDS, metavar=("LOW", "HIGH"),
+                    help="the moving shapes' per-frame step; match the shards' prompts.speeds")
     # What a user gets: infer edit's code path and the editor's own defaults (scheduler, steps,
     # guidance) unless overridden here.
     ap.add_argument("--steps", type=int, default=None, help="denoising steps (default: the editor's)")
@@ -94,12 +96,12 @@ def main(argv: list[str] | None = None) -> int:
         defaults = pipe.settings("x", num_inference_steps=args.steps, text_guidance=args.text_guidance,
                                  video_guidance=args.video_guidance)
         defaults.validate()
+        world = ShapesWorld(seed=args.seed, num_frames=args.num_frames, size=args.size, speeds=args.speeds)
     except (ValueError, FileNotFoundError) as err:
         print(f"synth.demo: error: {err}", file=sys.stderr)
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    world = ShapesWorld(seed=args.seed, num_frames=args.num_frames, size=args.size)
     guidance = dict(num_inference_steps=defaults.num_inference_steps, text_guidance=defaults.text_guidance,
                     video_guidance=defaults.video_guidance)
 
@@ -149,7 +151,7 @@ def seam_study(pipe: InsV2VPipeline, guidance: dict, args: argparse.Namespace) -
     """Long held-out clips edited clip by clip without LVSC, with LVSC, and with LVSC and motion
     compensation: the warp error of the pairs that cross a clip boundary (seams) next to that of
     every other consecutive pair, on the same seeds."""
-    long_world = ShapesWorld(seed=args.seed, num_frames=args.long_frames, size=args.size)
+    long_world = ShapesWorld(seed=args.seed, num_frames=args.long_frames, size=args.size, speeds=args.speeds)
     plan = clip_plan(args.long_frames, args.clip_frames, args.reference_frames)
     seams = set(seam_pairs([c.new_start for c in plan[1:]], args.long_frames))
     options = {"no-lvsc": dict(lvsc=0.0), "lvsc": dict(lvsc=0.5), "lvsc+mc": dict(lvsc=0.5, motion_compensation=True)}

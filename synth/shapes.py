@@ -17,6 +17,9 @@ COLORS = {
 BACKGROUNDS = {"gray": (128, 128, 128), "black": (15, 15, 15), "white": (235, 235, 235), "blue": (60, 90, 200),
                "green": (60, 150, 80), "pink": (230, 150, 180), "brown": (130, 90, 50)}
 SHAPES = ("circle", "square", "triangle")
+# Per-frame speed of a moving shape, as a fraction of the frame (low, high). Faster shapes
+# (0.08-0.14) were tried to make the motion plainer; they did not help the moving-shape edit.
+SPEEDS = (0.03, 0.08)
 MOTION_WORDS = {True: ["bouncing around", "moving", "gliding", "sliding"], False: ["resting", "standing still", "sitting"]}
 
 
@@ -95,7 +98,7 @@ def caption(scene: Scene, rng: random.Random) -> str:
 EDITS = ("recolor", "background", "swap", "recolor_moving")
 
 
-def random_scene(rng: random.Random, need_static: bool = False) -> Scene:
+def random_scene(rng: random.Random, need_static: bool = False, speeds: tuple[float, float] = SPEEDS) -> Scene:
     count = 2 if need_static else rng.choice([1, 1, 2])
     kinds = rng.sample(SHAPES, count)
     background = rng.choice(list(BACKGROUNDS))
@@ -104,7 +107,7 @@ def random_scene(rng: random.Random, need_static: bool = False) -> Scene:
     for i, kind in enumerate(kinds):
         size = rng.uniform(0.12, 0.22)
         moving = not (need_static and i == 1)
-        speed = rng.uniform(0.03, 0.08) if moving else 0.0
+        speed = rng.uniform(*speeds) if moving else 0.0
         angle = rng.uniform(0, 2 * np.pi)
         shapes.append(Shape(kind, rng.choice(palette), rng.uniform(size, 1 - size), rng.uniform(size, 1 - size),
                             size, speed * np.cos(angle), speed * np.sin(angle)))
@@ -139,16 +142,20 @@ def edit_scene(scene: Scene, kind: str, rng: random.Random) -> tuple[Scene, str]
 class ShapesWorld:
     """Triplets and exact (source, edited) clips as a pure function of (seed, index)."""
 
-    def __init__(self, seed: int = 0, num_frames: int = 8, size: int = 16, edits: tuple[str, ...] = EDITS):
+    def __init__(self, seed: int = 0, num_frames: int = 8, size: int = 16, edits: tuple[str, ...] = EDITS,
+                 speeds: tuple[float, float] = SPEEDS):
         unknown = set(edits) - set(EDITS)
         if unknown:
             raise ValueError(f"unknown shapes edits {sorted(unknown)}; choose from {EDITS}")
+        if len(speeds) != 2 or not 0 < speeds[0] <= speeds[1] < 0.5:
+            raise ValueError(f"shapes speeds must be [low, high] with 0 < low <= high < 0.5, got {list(speeds)}")
         self.seed, self.num_frames, self.size, self.edits = seed, num_frames, size, tuple(edits)
+        self.speeds = (float(speeds[0]), float(speeds[1]))
 
     def sample(self, index: int) -> tuple[Triplet, np.ndarray, np.ndarray]:
         rng = random.Random(self.seed * 1_000_003 + index)
         kind = rng.choice(self.edits)
-        scene = random_scene(rng, need_static=kind == "recolor_moving")
+        scene = random_scene(rng, need_static=kind == "recolor_moving", speeds=self.speeds)
         edited, instruction = edit_scene(scene, kind, rng)
         words = random.Random(rng.random())  # same wording for both captions' motion words
         state = words.getstate()

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import yaml
 
-from synth.shapes import EDITS, ShapesWorld, positions, Shape
+from synth.build import shapes_world
+from synth.shapes import EDITS, SPEEDS, Shape, ShapesWorld, positions, random_scene
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,6 +52,25 @@ def test_all_edit_kinds_and_bouncing():
     with pytest.raises(ValueError, match="unknown shapes edits"):
         ShapesWorld(edits=("explode",))
     assert set(EDITS) == {"recolor", "background", "swap", "recolor_moving"}
+
+
+def test_speeds_set_how_far_a_moving_shape_travels():
+    import random
+
+    for low, high in [(0.02, 0.04), SPEEDS]:
+        for i in range(40):
+            scene = random_scene(random.Random(i), need_static=True, speeds=(low, high))
+            moving, still = scene.shapes
+            assert low - 1e-9 <= np.hypot(moving.vx, moving.vy) <= high + 1e-9 and not still.moving
+    # the synth config's prompts.speeds reaches the world, and it changes the clips it renders
+    fast = shapes_world({"speeds": [0.3, 0.4], "edits": ["recolor_moving"]}, seed=5)
+    slow = shapes_world({"speeds": [0.01, 0.02], "edits": ["recolor_moving"]}, seed=5)
+    assert fast.speeds == (0.3, 0.4) and shapes_world({}, seed=5).speeds == SPEEDS
+    motion = lambda clip: np.abs(np.diff(clip.astype(int), axis=0)).mean()  # noqa: E731
+    assert motion(fast.sample(0)[1]) > 3 * motion(slow.sample(0)[1])
+    for bad in [(0.1,), (0.2, 0.1), (0.0, 0.1), (0.1, 0.6)]:
+        with pytest.raises(ValueError, match="shapes speeds must be"):
+            ShapesWorld(speeds=bad)
 
 
 @pytest.mark.slow
