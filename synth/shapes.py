@@ -147,10 +147,14 @@ class ShapesWorld:
         unknown = set(edits) - set(EDITS)
         if unknown:
             raise ValueError(f"unknown shapes edits {sorted(unknown)}; choose from {EDITS}")
-        if len(speeds) != 2 or not 0 < speeds[0] <= speeds[1] < 0.5:
-            raise ValueError(f"shapes speeds must be [low, high] with 0 < low <= high < 0.5, got {list(speeds)}")
+        try:  # from a config: anything but two numbers gets the same one-line error
+            low, high = (float(v) for v in speeds)
+        except (TypeError, ValueError):
+            low = high = float("nan")
+        if not 0 < low <= high < 0.5:
+            raise ValueError(f"shapes speeds must be [low, high] with 0 < low <= high < 0.5, got {speeds!r}")
         self.seed, self.num_frames, self.size, self.edits = seed, num_frames, size, tuple(edits)
-        self.speeds = (float(speeds[0]), float(speeds[1]))
+        self.speeds = (low, high)
 
     def sample(self, index: int) -> tuple[Triplet, np.ndarray, np.ndarray]:
         rng = random.Random(self.seed * 1_000_003 + index)

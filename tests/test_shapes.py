@@ -68,7 +68,7 @@ def test_speeds_set_how_far_a_moving_shape_travels():
     assert fast.speeds == (0.3, 0.4) and shapes_world({}, seed=5).speeds == SPEEDS
     motion = lambda clip: np.abs(np.diff(clip.astype(int), axis=0)).mean()  # noqa: E731
     assert motion(fast.sample(0)[1]) > 3 * motion(slow.sample(0)[1])
-    for bad in [(0.1,), (0.2, 0.1), (0.0, 0.1), (0.1, 0.6)]:
+    for bad in [(0.1,), (0.2, 0.1), (0.0, 0.1), (0.1, 0.6), ("fast", 0.1), 0.1]:
         with pytest.raises(ValueError, match="shapes speeds must be"):
             ShapesWorld(speeds=bad)
 
