@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from infer import InsV2VPipeline, clip_plan
 from infer.metrics import pair_warp_errors, seam_pairs, source_pair_flows
 
-from .shapes import EDITS, SPEEDS, ShapesWorld
+from .shapes import EDITS, RADII, SPEEDS, ShapesWorld
 from .writer import atomic_write
 
 HELD_OUT = 10**7  # scene indices far beyond any training build: unseen clips
@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=16)
     ap.add_argument("--speeds", type=float, nargs=2, default=SPEEDS, metavar=("LOW", "HIGH"),
                     help="the moving shapes' per-frame step; match the shards' prompts.speeds")
+    ap.add_argument("--radii", type=float, nargs=2, default=RADII, metavar=("LOW", "HIGH"),
+                    help="the shapes' radius; match the shards' prompts.radii")
     # What a user gets: infer edit's code path and the editor's own defaults (scheduler, steps,
     # guidance) unless overridden here.
     ap.add_argument("--steps", type=int, default=None, help="denoising steps (default: the editor's)")
@@ -96,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         defaults = pipe.settings("x", num_inference_steps=args.steps, text_guidance=args.text_guidance,
                                  video_guidance=args.video_guidance)
         defaults.validate()
-        world = ShapesWorld(seed=args.seed, num_frames=args.num_frames, size=args.size, speeds=args.speeds)
+        world = ShapesWorld(seed=args.seed, num_frames=args.num_frames, size=args.size, speeds=args.speeds,
+                            radii=args.radii)
     except (ValueError, FileNotFoundError) as err:
         print(f"synth.demo: error: {err}", file=sys.stderr)
         return 2
@@ -151,7 +154,8 @@ def seam_study(pipe: InsV2VPipeline, guidance: dict, args: argparse.Namespace) -
     """Long held-out clips edited clip by clip without LVSC, with LVSC, and with LVSC and motion
     compensation: the warp error of the pairs that cross a clip boundary (seams) next to that of
     every other consecutive pair, on the same seeds."""
-    long_world = ShapesWorld(seed=args.seed, num_frames=args.long_frames, size=args.size, speeds=args.speeds)
+    long_world = ShapesWorld(seed=args.seed, num_frames=args.long_frames, size=args.size, speeds=args.speeds,
+                            radii=args.radii)
     plan = clip_plan(args.long_frames, args.clip_frames, args.reference_frames)
     seams = set(seam_pairs([c.new_start for c in plan[1:]], args.long_frames))
     options = {"no-lvsc": dict(lvsc=0.0), "lvsc": dict(lvsc=0.5), "lvsc+mc": dict(lvsc=0.5, motion_compensation=True)}

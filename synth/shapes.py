@@ -20,6 +20,9 @@ SHAPES = ("circle", "square", "triangle")
 # Per-frame speed of a moving shape, as a fraction of the frame (low, high). Faster shapes
 # (0.08-0.14) were tried to make the motion plainer; they did not help the moving-shape edit.
 SPEEDS = (0.03, 0.08)
+# A shape's radius, as a fraction of the frame (low, high): 2-3.5 px at 16 px, where a circle and a
+# square of the same size differ in a few corner pixels.
+RADII = (0.12, 0.22)
 MOTION_WORDS = {True: ["bouncing around", "moving", "gliding", "sliding"], False: ["resting", "standing still", "sitting"]}
 
 
@@ -98,14 +101,15 @@ def caption(scene: Scene, rng: random.Random) -> str:
 EDITS = ("recolor", "background", "swap", "recolor_moving")
 
 
-def random_scene(rng: random.Random, need_static: bool = False, speeds: tuple[float, float] = SPEEDS) -> Scene:
+def random_scene(rng: random.Random, need_static: bool = False, speeds: tuple[float, float] = SPEEDS,
+                 radii: tuple[float, float] = RADII) -> Scene:
     count = 2 if need_static else rng.choice([1, 1, 2])
     kinds = rng.sample(SHAPES, count)
     background = rng.choice(list(BACKGROUNDS))
     palette = [c for c in COLORS if c != background]  # a shape never vanishes into its background
     shapes = []
     for i, kind in enumerate(kinds):
-        size = rng.uniform(0.12, 0.22)
+        size = rng.uniform(*radii)
         moving = not (need_static and i == 1)
         speed = rng.uniform(*speeds) if moving else 0.0
         angle = rng.uniform(0, 2 * np.pi)
@@ -139,27 +143,33 @@ def edit_scene(scene: Scene, kind: str, rng: random.Random) -> tuple[Scene, str]
     return replace(scene, shapes=tuple(shapes)), text
 
 
+def _range(name: str, pair) -> tuple[float, float]:
+    """``(low, high)`` as floats with 0 < low <= high < 0.5 (of the frame), else one clear ValueError."""
+    try:  # from a config: anything but two numbers gets the same one-line error
+        low, high = (float(v) for v in pair)
+    except (TypeError, ValueError):
+        low = high = float("nan")
+    if not 0 < low <= high < 0.5:
+        raise ValueError(f"shapes {name} must be [low, high] with 0 < low <= high < 0.5, got {pair!r}")
+    return low, high
+
+
 class ShapesWorld:
     """Triplets and exact (source, edited) clips as a pure function of (seed, index)."""
 
     def __init__(self, seed: int = 0, num_frames: int = 8, size: int = 16, edits: tuple[str, ...] = EDITS,
-                 speeds: tuple[float, float] = SPEEDS):
+                 speeds: tuple[float, float] = SPEEDS, radii: tuple[float, float] = RADII):
         unknown = set(edits) - set(EDITS)
         if unknown:
             raise ValueError(f"unknown shapes edits {sorted(unknown)}; choose from {EDITS}")
-        try:  # from a config: anything but two numbers gets the same one-line error
-            low, high = (float(v) for v in speeds)
-        except (TypeError, ValueError):
-            low = high = float("nan")
-        if not 0 < low <= high < 0.5:
-            raise ValueError(f"shapes speeds must be [low, high] with 0 < low <= high < 0.5, got {speeds!r}")
         self.seed, self.num_frames, self.size, self.edits = seed, num_frames, size, tuple(edits)
-        self.speeds = (low, high)
+        self.speeds = _range("speeds", speeds)
+        self.radii = _range("radii", radii)
 
     def sample(self, index: int) -> tuple[Triplet, np.ndarray, np.ndarray]:
         rng = random.Random(self.seed * 1_000_003 + index)
         kind = rng.choice(self.edits)
-        scene = random_scene(rng, need_static=kind == "recolor_moving", speeds=self.speeds)
+        scene = random_scene(rng, need_static=kind == "recolor_moving", speeds=self.speeds, radii=self.radii)
         edited, instruction = edit_scene(scene, kind, rng)
         words = random.Random(rng.random())  # same wording for both captions' motion words
         state = words.getstate()

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from synth.build import shapes_world
-from synth.shapes import EDITS, SPEEDS, Shape, ShapesWorld, positions, random_scene
+from synth.shapes import EDITS, RADII, SPEEDS, Shape, ShapesWorld, positions, random_scene
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,6 +71,29 @@ def test_speeds_set_how_far_a_moving_shape_travels():
     for bad in [(0.1,), (0.2, 0.1), (0.0, 0.1), (0.1, 0.6), ("fast", 0.1), 0.1]:
         with pytest.raises(ValueError, match="shapes speeds must be"):
             ShapesWorld(speeds=bad)
+        with pytest.raises(ValueError, match="shapes speeds must be"):
+            shapes_world({"speeds": bad}, seed=0)
+
+
+def test_radii_set_how_large_the_shapes_are():
+    import random
+
+    for low, high in [(0.25, 0.3), RADII]:
+        for i in range(40):
+            scene = random_scene(random.Random(i), radii=(low, high))
+            assert all(low - 1e-9 <= s.size <= high + 1e-9 for s in scene.shapes)
+    # the synth config's prompts.radii reaches the world; larger shapes cover more of the frame,
+    # and a shape edit changes more pixels
+    large = shapes_world({"radii": [0.28, 0.3], "edits": ["swap"]}, seed=5)
+    small = shapes_world({"radii": [0.1, 0.12], "edits": ["swap"]}, seed=5)
+    assert large.radii == (0.28, 0.3) and shapes_world({}, seed=5).radii == RADII
+    changed = lambda world: np.mean([np.any(s != t, axis=-1).mean() for _, s, t in map(world.sample, range(8))])  # noqa: E731
+    assert changed(large) > 2 * changed(small)
+    for bad in [(0.1,), (0.3, 0.2), (-0.1, 0.1), (0.2, 0.5), ("big", 0.3), 0.2]:
+        with pytest.raises(ValueError, match="shapes radii must be"):
+            ShapesWorld(radii=bad)
+        with pytest.raises(ValueError, match="shapes radii must be"):
+            shapes_world({"radii": bad}, seed=0)
 
 
 @pytest.mark.slow
