@@ -23,6 +23,9 @@ SPEEDS = (0.03, 0.08)
 # A shape's radius, as a fraction of the frame (low, high): 2-3.5 px at 16 px, where a circle and a
 # square of the same size differ in a few corner pixels.
 RADII = (0.12, 0.22)
+# How many shapes a scene has, drawn from this list (a recolour-the-moving-shape scene always has
+# two): one in two of three scenes by default.
+SHAPE_COUNTS = (1, 1, 2)
 MOTION_WORDS = {True: ["bouncing around", "moving", "gliding", "sliding"], False: ["resting", "standing still", "sitting"]}
 
 
@@ -90,6 +93,24 @@ def render(scene: Scene, frames: int, size: int, supersample: int = 4) -> np.nda
     return video
 
 
+def edited_regions(scene: Scene, edited: Scene, frames: int, size: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Where an object edit belongs and where it does not: bool ``(F, size, size)`` masks of the
+    pixels the edit changes, and of the other shapes' pixels outside them. ``None`` for a background
+    edit, or a scene with no other shape in sight that could be edited by mistake."""
+    index = [i for i, (a, b) in enumerate(zip(scene.shapes, edited.shapes)) if a != b]
+    if len(scene.shapes) < 2 or not index:
+        return None
+    before, after = render(scene, frames, size).astype(int), render(edited, frames, size).astype(int)
+    right = np.abs(before - after).max(axis=-1) > 0
+    empty = render(replace(scene, shapes=()), frames, size).astype(int)
+    wrong = np.zeros_like(right)
+    for i, shape in enumerate(scene.shapes):
+        if i != index[0]:  # anti-aliased rims of a few levels are not the shape
+            wrong |= np.abs(render(replace(scene, shapes=(shape,)), frames, size).astype(int) - empty).max(axis=-1) > 8
+    wrong &= ~right
+    return (right, wrong) if wrong.any() else None  # the other shape hidden throughout
+
+
 def caption(scene: Scene, rng: random.Random) -> str:
     parts = []
     for s in scene.shapes:
@@ -102,8 +123,8 @@ EDITS = ("recolor", "background", "swap", "recolor_moving")
 
 
 def random_scene(rng: random.Random, need_static: bool = False, speeds: tuple[float, float] = SPEEDS,
-                 radii: tuple[float, float] = RADII) -> Scene:
-    count = 2 if need_static else rng.choice([1, 1, 2])
+                 radii: tuple[float, float] = RADII, counts: tuple[int, ...] = SHAPE_COUNTS) -> Scene:
+    count = 2 if need_static else rng.choice(counts)
     kinds = rng.sample(SHAPES, count)
     background = rng.choice(list(BACKGROUNDS))
     palette = [c for c in COLORS if c != background]  # a shape never vanishes into its background
@@ -154,29 +175,53 @@ def _range(name: str, pair) -> tuple[float, float]:
     return low, high
 
 
+def _counts(counts) -> tuple[int, ...]:
+    """Shape counts to draw from: a non-empty list of 1, 2 or 3, else one clear ValueError."""
+    try:
+        out = tuple(int(c) for c in counts)
+        ok = bool(out) and all(c in (1, 2, 3) and c == v for c, v in zip(out, counts))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"shapes counts must be a list of 1, 2 or 3 (shapes per scene), got {counts!r}")
+    return out
+
+
 class ShapesWorld:
     """Triplets and exact (source, edited) clips as a pure function of (seed, index)."""
 
     def __init__(self, seed: int = 0, num_frames: int = 8, size: int = 16, edits: tuple[str, ...] = EDITS,
-                 speeds: tuple[float, float] = SPEEDS, radii: tuple[float, float] = RADII):
+                 speeds: tuple[float, float] = SPEEDS, radii: tuple[float, float] = RADII,
+                 counts: tuple[int, ...] = SHAPE_COUNTS):
         unknown = set(edits) - set(EDITS)
         if unknown:
             raise ValueError(f"unknown shapes edits {sorted(unknown)}; choose from {EDITS}")
         self.seed, self.num_frames, self.size, self.edits = seed, num_frames, size, tuple(edits)
         self.speeds = _range("speeds", speeds)
         self.radii = _range("radii", radii)
+        self.counts = _counts(counts)
 
-    def sample(self, index: int) -> tuple[Triplet, np.ndarray, np.ndarray]:
+    def scenes(self, index: int) -> tuple[Triplet, Scene, Scene]:
+        """The triplet and the (source, edited) scenes behind clip ``index``."""
         rng = random.Random(self.seed * 1_000_003 + index)
         kind = rng.choice(self.edits)
-        scene = random_scene(rng, need_static=kind == "recolor_moving", speeds=self.speeds, radii=self.radii)
+        scene = random_scene(rng, need_static=kind == "recolor_moving", speeds=self.speeds, radii=self.radii,
+                             counts=self.counts)
         edited, instruction = edit_scene(scene, kind, rng)
         words = random.Random(rng.random())  # same wording for both captions' motion words
         state = words.getstate()
         source_caption = caption(scene, words)
         words.setstate(state)
-        triplet = Triplet(source_caption, instruction, caption(edited, words))
+        return Triplet(source_caption, instruction, caption(edited, words)), scene, edited
+
+    def sample(self, index: int) -> tuple[Triplet, np.ndarray, np.ndarray]:
+        triplet, scene, edited = self.scenes(index)
         return triplet, render(scene, self.num_frames, self.size), render(edited, self.num_frames, self.size)
+
+    def regions(self, index: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Clip ``index``'s :func:`edited_regions`."""
+        _, scene, edited = self.scenes(index)
+        return edited_regions(scene, edited, self.num_frames, self.size)
 
 
 class ShapesSource:

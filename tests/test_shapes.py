@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from synth.build import shapes_world
-from synth.shapes import EDITS, RADII, SPEEDS, Shape, ShapesWorld, positions, random_scene
+from synth.shapes import COLORS, EDITS, RADII, SHAPE_COUNTS, SPEEDS, Shape, ShapesWorld, positions, random_scene
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,6 +94,75 @@ def test_radii_set_how_large_the_shapes_are():
             ShapesWorld(radii=bad)
         with pytest.raises(ValueError, match="shapes radii must be"):
             shapes_world({"radii": bad}, seed=0)
+
+
+def test_counts_set_how_many_shapes_a_scene_has():
+    two = shapes_world({"counts": [2], "edits": ["recolor", "swap"]}, seed=1)
+    assert two.counts == (2,) and shapes_world({}, seed=1).counts == SHAPE_COUNTS
+    assert all(len(two.scenes(i)[1].shapes) == 2 for i in range(20))
+    default = [len(ShapesWorld(seed=1).scenes(i)[1].shapes) for i in range(200)]
+    assert set(default) == {1, 2} and 0.3 < default.count(2) / len(default) < 0.6  # 1/3 drawn, plus the moving-shape edit's
+    # a moving-shape edit needs its second, static shape whatever the counts
+    assert len(ShapesWorld(counts=[1], edits=("recolor_moving",)).scenes(0)[1].shapes) == 2
+    for bad in [[], [0, 1], [4], 2, ["two"], [1.5]]:
+        with pytest.raises(ValueError, match="shapes counts must be"):
+            shapes_world({"counts": bad}, seed=0)
+
+
+def test_right_shape_share_tells_the_named_shape_from_a_hedge():
+    """The demo's which-shape score: the exact edit scores 1, an edit that also changes the other
+    shape scores less, a copy of the source has no score; the regions are the changed pixels and
+    the other shape's pixels."""
+    from synth.demo import region_changes, right_shape_shares
+
+    world = ShapesWorld(seed=2, edits=("recolor_moving", "background"), size=32)
+    changes, kinds, hedged, copies = [], [], [], []
+    for i in range(12):
+        triplet, source, target = world.sample(i)
+        regions = world.regions(i)
+        kind = "background" if "background" in triplet.edit else "recolor_moving"
+        if kind == "background":
+            assert regions is None
+            continue
+        right, wrong = regions
+        assert np.array_equal(right, np.any(source != target, axis=-1)) and not (right & wrong).any()
+        # the other region is the static shape: its colour, mostly (its rim is blended)
+        still = world.scenes(i)[1].shapes[1]
+        assert not still.moving and wrong.any()
+        assert (np.abs(source[wrong].astype(int) - COLORS[still.color]).max(axis=-1) < 40).mean() > 0.7
+        both = target.copy()
+        both[wrong] = 255 - source[wrong]  # the other shape changed as well
+        changes.append(region_changes(target, source, regions))
+        hedged.append(region_changes(both, source, regions))
+        copies.append(region_changes(source, source, regions))
+        kinds.append(kind)
+    assert len(kinds) >= 3
+    exact = right_shape_shares(changes, kinds)["recolor_moving"]
+    assert exact["two_shape_clips"] == len(kinds) and exact["right_shape_share"] == 1.0 and exact["change_wrong"] == 0
+    assert 0 < right_shape_shares(hedged, kinds)["recolor_moving"]["right_shape_share"] < 0.8
+    assert right_shape_shares(copies, kinds)["recolor_moving"]["right_shape_share"] is None
+    one_shape = ShapesWorld(seed=0, edits=("recolor",))
+    assert any(len(one_shape.scenes(i)[1].shapes) == 1 and one_shape.regions(i) is None for i in range(10))
+
+
+def test_demo_report_fields_and_an_untrained_editor_edits_both_shapes_alike(tmp_path):
+    """synth.demo's report on the held-out clips of the kinds asked for; the untrained editor only
+    adds noise around the source, the same on both shapes: a which-shape score near one half."""
+    from model import load_editor
+    from synth.demo import main
+
+    load_editor(str(ROOT / "configs/model/shapes-pixel.yaml")).save_pretrained(tmp_path / "editor")
+    code = main(["--editor", str(tmp_path / "editor"), "--out", str(tmp_path / "demo"), "--num-clips", "8",
+                 "--steps", "2", "--edits", "recolor_moving", "swap", "--no-one-step", "--long-clips", "0",
+                 "--picture", "", "--quiet"])
+    assert code == 0
+    report = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    assert report["steps"] == 2 and report["num_clips"] == 8 and report["edits"] == ["recolor_moving", "swap"]
+    assert set(report["by_edit"]) == {"recolor_moving", "swap"}
+    assert sum(v["clips"] for v in report["by_edit"].values()) == 8
+    moving = report["by_edit"]["recolor_moving"]
+    assert moving["two_shape_clips"] == moving["clips"] and moving["ratio"] > 1  # noise: worse than the source
+    assert 0.35 < moving["right_shape_share"] < 0.65
 
 
 @pytest.mark.slow
