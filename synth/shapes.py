@@ -24,7 +24,7 @@ SPEEDS = (0.03, 0.08)
 # square of the same size differ in a few corner pixels.
 RADII = (0.12, 0.22)
 # How many shapes a scene has, drawn from this list (a recolour-the-moving-shape scene always has
-# two): one in two of three scenes by default.
+# two): by default one shape in two scenes of three.
 SHAPE_COUNTS = (1, 1, 2)
 MOTION_WORDS = {True: ["bouncing around", "moving", "gliding", "sliding"], False: ["resting", "standing still", "sitting"]}
 
