@@ -5,6 +5,7 @@ reference recipe.
     python bench/train.py                      # tiny editor on CPU + loaders with 2 workers, raw vs cached
     python bench/train.py --sd-flops           # SD 1.5 size, FLOPs of a step's parts (meta device: any machine)
     python bench/train.py --sd --device cuda   # SD 1.5 size, 16x256², bf16 vs the reference recipe, cached
+    python bench/train.py --shapes-heads 8 2 1 # the shapes demo's step against its temporal attention heads
 """
 
 from __future__ import annotations
@@ -194,6 +195,27 @@ def sd_gpu(args) -> None:
           f"x{rows[0][1] / seconds:.2f} the raw bf16 step")
 
 
+def shapes_heads(args) -> None:
+    """The shapes demo's training step (batch 8 x 4 frames x 16 px) with each number of temporal
+    attention heads: same parameters and FLOPs, but at 32-64 channels 8 heads are 4-8 wide, and the
+    fused attention kernel's cost follows the number of (tiny) heads, not the FLOPs."""
+    import copy
+
+    import yaml
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cpu")
+    base = yaml.safe_load((ROOT / "configs/model/shapes-pixel.yaml").read_text())
+    batch = fake_batch(8, 4, 16, device)
+    for heads in args.shapes_heads:
+        config = copy.deepcopy(base)
+        config["motion_adapter"] = {**(config.get("motion_adapter") or {}), "motion_num_attention_heads": heads}
+        module = EditorModule(editor=config, trainable="all", loss_weighting="preconditioned")
+        seconds, flops = time_steps(module, batch, args.iters, "32-true", device)
+        print(f"shapes editor, {heads} temporal head(s): {seconds * 1e3:.0f} ms/step, {flops / 1e9:.1f} GFLOP/step")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=2)
@@ -207,8 +229,12 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--checkpointing", action="store_true")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="device peak bf16 dense TFLOP/s (H100 SXM: 989)")
+    ap.add_argument("--shapes-heads", type=int, nargs="+", default=None, metavar="N",
+                    help="time the shapes demo's training step with N temporal attention heads (each N given)")
     args = ap.parse_args()
-    if args.sd_flops:
+    if args.shapes_heads:
+        shapes_heads(args)
+    elif args.sd_flops:
         sd_flops(args)
     elif args.sd:
         sd_gpu(args)

@@ -16,7 +16,7 @@ from model import Editor, load_editor, scheduler_class
 from model.lora import add_lora, load_lora, merge_lora
 
 from .flow import clip_flows
-from .sampling import guided_noise, lvsc_correct, lvsc_correct_warped, stream_clips, to_epsilon, from_epsilon
+from .sampling import guidance_weights, lvsc_correct, lvsc_correct_warped, stream_clips, to_epsilon, from_epsilon
 
 
 # The entry a training checkpoint keeps its editor spec (and EMA weights) under.
@@ -304,8 +304,9 @@ class InsV2VPipeline:
     ) -> torch.Tensor:
         """Sample one clip's clean (scaled) latents from ``noise`` given the source latents.
 
-        Each step makes the three guidance predictions (no video/no text, video/no text,
-        video/text) and, while ``i < lvsc * steps`` on a clip with references, applies LVSC.
+        Each step makes the guidance predictions (no video/no text, video/no text, video/text)
+        that :func:`guidance_weights` weighs, and while ``i < lvsc * steps`` on a clip with
+        references applies LVSC.
         """
         ed, sch = self.editor, self.scheduler
         sch.set_timesteps(settings.num_inference_steps, device=condition.device)
@@ -315,19 +316,18 @@ class InsV2VPipeline:
         zero = torch.zeros_like(condition)
         z = noise * sch.init_noise_sigma
         correct_until = settings.lvsc * len(sch.timesteps) if z_ref is not None else 0
+        weights = guidance_weights(settings.text_guidance, settings.video_guidance)
         steps = tqdm(sch.timesteps, desc="steps", leave=False, disable=not progress)
         for i, t in enumerate(steps):
             z_in = sch.scale_model_input(z, t)
+            # only the predictions guidance weighs (at video guidance 1 the unconditional one has weight 0)
+            weighted = [(w, c, s) for w, c, s in zip(weights, (zero, condition, condition), (uncond, uncond, cond)) if w]
             if settings.batched_guidance:
-                out = ed.predict(
-                    torch.cat([z_in] * 3), torch.cat([zero, condition, condition]), torch.cat([uncond, uncond, cond]), t
-                )
-                o_uu, o_vu, o_vt = out.chunk(3)
+                outs = ed.predict(torch.cat([z_in] * len(weighted)), torch.cat([c for _, c, _ in weighted]),
+                                  torch.cat([s for _, _, s in weighted]), t).chunk(len(weighted))
             else:
-                o_uu = ed.predict(z_in, zero, uncond, t)
-                o_vu = ed.predict(z_in, condition, uncond, t)
-                o_vt = ed.predict(z_in, condition, cond, t)
-            output = guided_noise(o_uu, o_vu, o_vt, settings.text_guidance, settings.video_guidance)
+                outs = [ed.predict(z_in, c, s, t) for _, c, s in weighted]
+            output = sum(w * o for (w, _, _), o in zip(weighted, outs))
             if i < correct_until:
                 a = alphas[int(t)]
                 eps = to_epsilon(output, z_in, a, prediction_type)

@@ -22,6 +22,17 @@ def guided_noise(
     return e_uu + video_guidance * (e_vu - e_uu) + text_guidance * (e_vt - e_vu)
 
 
+def guidance_weights(text_guidance: float, video_guidance: float) -> tuple[float, float, float]:
+    """The weights of ``(e_uu, e_vu, e_vt)`` in :func:`guided_noise`, which is a weighted sum::
+
+        eps = (1 - s_V) * e_uu + (s_V - s_T) * e_vu + s_T * e_vt
+
+    The weights sum to 1. A prediction whose weight is 0 need not be made: at ``s_V = 1`` (the
+    usual video guidance) ``e_uu`` drops out, a third of each step's U-Net work.
+    """
+    return 1.0 - video_guidance, video_guidance - text_guidance, text_guidance
+
+
 def to_epsilon(output: torch.Tensor, z_t: torch.Tensor, alpha_bar_t: torch.Tensor | float, prediction_type: str):
     """The noise implied by a model output, for ``z_t = sqrt(a) z0 + sqrt(1 - a) eps``::
 

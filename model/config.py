@@ -21,7 +21,7 @@ from .editor import (
     scheduler_class,
     vae_without_weights,
 )
-from .inflate import MIN_TEMPORAL_POSITIONS, inflate, random_motion_adapter
+from .inflate import MIN_TEMPORAL_POSITIONS, inflate, random_motion_adapter, zero_motion_outputs
 from .norm_layout import set_norm_layout
 from .tokenizer import tiny_clip_tokenizer
 
@@ -44,14 +44,16 @@ def build_editor(config: Mapping[str, Any]) -> Editor:
     """A randomly initialised editor from component configs (the layout of ``configs/model/*.yaml``).
     ``motion_adapter`` (``MotionAdapter`` arguments, e.g. ``use_motion_mid_block: false`` for the
     AnimateDiff v1 layout) inflates with a random adapter of that layout instead of the default
-    one with zeroed outputs.
+    one with zeroed outputs; ``zero_motion_outputs: true`` zeroes that adapter's outputs too, so a
+    custom layout (e.g. fewer temporal heads) still starts as the 2D U-Net applied per frame.
 
     The U-Net is built 2D and inflated exactly as a pretrained one would be, so the tiny editor
     starts as its 2D U-Net applied per frame.
     """
     config = dict(config)
     unknown = set(config) - {"seed", "tokenizer", "text_encoder", "vae", "unet", "scheduler", "min_temporal_positions",
-                            "source_prior_std", "preconditioned", "sampling", "norm_layout", "motion_adapter"}
+                            "source_prior_std", "preconditioned", "sampling", "norm_layout", "motion_adapter",
+                            "zero_motion_outputs"}
     if unknown:
         raise ValueError(f"unknown editor config keys: {sorted(unknown)}")
     for key in ("tokenizer", "text_encoder", "unet", "scheduler"):
@@ -76,6 +78,8 @@ def build_editor(config: Mapping[str, Any]) -> Editor:
             adapter = random_motion_adapter(unet_cfg, config["motion_adapter"])
         unet = inflate(unet2d, adapter,
                        min_temporal_positions=int(config.get("min_temporal_positions", MIN_TEMPORAL_POSITIONS)))
+        if adapter is not None and config.get("zero_motion_outputs", False):
+            zero_motion_outputs(unet)
         set_norm_layout(unet, config.get("norm_layout", "diffusers"))
     sched_cfg = dict(config["scheduler"])
     scheduler = scheduler_class(sched_cfg.pop("class", "DDPMScheduler"))(**sched_cfg)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from infer import EditSettings, InsV2VPipeline, probe_video, read_video, write_video
+from infer import EditSettings, InsV2VPipeline, guided_noise, probe_video, read_video, write_video
 from infer.cli import main
 from model import load_editor, motion_modules
 
@@ -57,6 +57,52 @@ def test_batched_guidance_equals_three_calls(pipe):
     a = pipe(video, "make it red", generator=gen(), **FAST).frames
     b = pipe(video, "make it red", generator=gen(), batched_guidance=False, **FAST).frames
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_video_guidance_one_skips_the_unconditional_prediction(pipe, batched):
+    """At video guidance 1 the no-video/no-text prediction weighs nothing: each step makes two
+    predictions instead of three (the next test: with the same result)."""
+    video = moving_square(6)
+    editor = pipe.editor
+    calls, rows = [], []
+    predict = editor.predict
+
+    def counting(noisy, *args, **kwargs):
+        calls.append(1)
+        rows.append(noisy.shape[0])
+        return predict(noisy, *args, **kwargs)
+
+    settings = dict(FAST, reference_frames=0, text_guidance=2.0, batched_guidance=batched)
+    editor.predict = counting
+    try:
+        pipe(video, "make it red", generator=gen(), video_guidance=1.0, **settings)
+        assert sum(rows) == 2 * FAST["num_inference_steps"]
+        assert len(calls) == FAST["num_inference_steps"] * (1 if batched else 2)
+        rows.clear()
+        pipe(video, "make it red", generator=gen(), video_guidance=1.2, **settings)
+        assert sum(rows) == 3 * FAST["num_inference_steps"]
+    finally:
+        del editor.predict
+
+
+@torch.no_grad()
+def test_two_prediction_steps_equal_the_three_prediction_formula(pipe):
+    """The sampler with the unconditional prediction skipped (video guidance 1) ends where the
+    three predictions combined by guided_noise end, step for step."""
+    editor, sch = pipe.editor, pipe.scheduler
+    source = torch.rand(1, 3, 6, 32, 32, generator=gen(7)) * 2 - 1
+    condition, text = editor.encode_video(source), editor.encode_text(["", "make it red"])
+    noise = torch.randn(condition.shape, generator=gen(3))
+    settings = EditSettings(prompt="make it red", num_inference_steps=4, text_guidance=2.5, video_guidance=1.0)
+    got = pipe.denoise(condition, text, noise, settings, generator=gen(4))
+    sch.set_timesteps(4)
+    z, zero, g = noise * sch.init_noise_sigma, torch.zeros_like(condition), gen(4)
+    for t in sch.timesteps:
+        z_in = sch.scale_model_input(z, t)
+        e = [editor.predict(z_in, c, s, t) for c, s in ((zero, text[:1]), (condition, text[:1]), (condition, text[1:]))]
+        z = sch.step(guided_noise(*e, 2.5, 1.0), t, z, generator=g).prev_sample
+    assert torch.allclose(got, z, atol=1e-4)
 
 
 def test_iterable_input_is_consumed_clip_by_clip(pipe):

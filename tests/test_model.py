@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -239,6 +240,32 @@ def test_from_stable_diffusion_errors(tmp_path):
     (tmp_path / "adapter").mkdir()
     with pytest.raises(EditorLoadError, match="motion adapter folder .* is missing config.json"):
         load_editor({"base_model": str(tmp_path / "sd"), "motion_adapter": str(tmp_path / "adapter")})
+
+
+@torch.no_grad()
+def test_custom_motion_layout_with_zeroed_outputs_starts_per_frame():
+    """The shapes editor's one-head motion modules (a random adapter of that layout) start with
+    zero output when `zero_motion_outputs` is set, so it begins as its 2D U-Net per frame and its
+    spatial-only ablation stays a per-frame editor; without the key the random adapter mixes frames."""
+    import yaml
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/model/shapes-pixel.yaml").read_text())
+    assert config["motion_adapter"]["motion_num_attention_heads"] == 1 and config["zero_motion_outputs"]
+    torch.manual_seed(0)
+    sample = torch.randn(1, 6, 4, 16, 16)
+    text = torch.randn(1, 10, 64)
+
+    def frames_mixed(unet):
+        torch.nn.init.normal_(unet.conv_out.weight, std=0.1)  # the prior editor starts with a zero correction
+        whole = unet(sample, 10, encoder_hidden_states=text.repeat_interleave(4, 0)).sample
+        alone = torch.cat([unet(sample[:, :, i:i + 1], 10, encoder_hidden_states=text).sample for i in range(4)], 2)
+        assert whole.abs().mean() > 1e-2
+        return (whole - alone).abs().max().item()
+
+    unet = build_editor(config).unet
+    assert {m.transformer_blocks[0].attn1.heads for m in motion_modules(unet)} == {1}
+    assert frames_mixed(unet) < 1e-5
+    assert frames_mixed(build_editor({**config, "zero_motion_outputs": False}).unet) > 1e-3
 
 
 def test_build_editor_rejects_bad_configs():

@@ -8,6 +8,7 @@ import torch
 from infer import (
     clip_plan,
     from_epsilon,
+    guidance_weights,
     guided_noise,
     lvsc_correct,
     lvsc_correct_warped,
@@ -27,6 +28,18 @@ def test_guided_noise_formula():
     assert torch.allclose(guided_noise(e_uu, e_vu, e_vt, 1.0, 1.0), e_vt, atol=1e-6)
     # s_T = 0: only video guidance; s_V = 0 too: the unconditional prediction
     assert torch.allclose(guided_noise(e_uu, e_vu, e_vt, 0.0, 0.0), e_uu)
+
+
+@pytest.mark.parametrize("scales", [(7.5, 1.2), (1.5, 1.0), (1.0, 1.0), (0.0, 0.0), (3.0, 3.0)])
+def test_guidance_weights_are_the_formula_as_a_weighted_sum(scales):
+    torch.manual_seed(0)
+    e = torch.randn(3, 2, 4, 3, 5, 5)
+    weights = guidance_weights(*scales)
+    assert sum(weights) == pytest.approx(1.0)
+    got = sum(w * x for w, x in zip(weights, e))
+    assert torch.allclose(got, guided_noise(*e, *scales), atol=1e-5)
+    # at video guidance 1 the unconditional prediction has no weight: the sampler skips it
+    assert (weights[0] == 0) == (scales[1] == 1.0)
 
 
 @pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])

@@ -182,7 +182,7 @@ def test_demo_path_learns_briefly(tmp_path):
     run = lambda *a: subprocess.run([sys.executable, "-m", *map(str, a)], cwd=tmp_path, capture_output=True, text=True, timeout=900)  # noqa: E731
     proc = run("synth", "build", "--config", ROOT / "configs/synth/shapes.yaml", "--out", shards, "--num-samples", 400, "--quiet")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    proc = run("train", "fit", "--config", ROOT / "configs/shapes.yaml", "--data.shards", shards, "--trainer.max_steps", 400,
+    proc = run("train", "fit", "--config", ROOT / "configs/shapes.yaml", "--data.shards", shards, "--trainer.max_steps", 550,
                "--model.editor", ROOT / "configs/model/shapes-pixel.yaml", "--model.export_dir", tmp_path / "editor",
                "--trainer.log_every_n_steps", 10, "--trainer.enable_progress_bar", "false")
     assert proc.returncode == 0, proc.stderr[-3000:]
