@@ -32,7 +32,7 @@ demo: setup
 # 64-clip mix holds about a quarter of them): its ratio and which-shape score, video against 2D.
 MOVING_ONLY = $(VENV)/bin/python -m synth.demo --edits recolor_moving --no-one-step --long-clips 0 --picture '' --quiet
 
-# The same recipe trained 4,000 steps instead of 750; writes outputs/demo-long/metrics.json (and
+# The same recipe trained 4,000 steps instead of 900; writes outputs/demo-long/metrics.json (and
 # moving.json).
 demo-long: setup
 	$(VENV)/bin/synth build --config configs/synth/shapes.yaml --out outputs/demo/shards \
