@@ -199,17 +199,12 @@ def shapes_heads(args) -> None:
     """The shapes demo's training step (batch 8 x 4 frames x 16 px) with each number of temporal
     attention heads: same parameters and FLOPs, but at 32-64 channels 8 heads are 4-8 wide, and the
     fused attention kernel's cost follows the number of (tiny) heads, not the FLOPs."""
-    import copy
-
-    import yaml
-
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cpu")
-    base = yaml.safe_load((ROOT / "configs/model/shapes-pixel.yaml").read_text())
     batch = fake_batch(8, 4, 16, device)
     for heads in args.shapes_heads:
-        config = copy.deepcopy(base)
+        config = shipped_config("model/shapes-pixel.yaml")
         config["motion_adapter"] = {**(config.get("motion_adapter") or {}), "motion_num_attention_heads": heads}
         module = EditorModule(editor=config, trainable="all", loss_weighting="preconditioned")
         seconds, flops = time_steps(module, batch, args.iters, "32-true", device)
@@ -233,6 +228,9 @@ def main() -> None:
                     help="time the shapes demo's training step with N temporal attention heads (each N given)")
     args = ap.parse_args()
     if args.shapes_heads:
+        widths = shipped_config("model/shapes-pixel.yaml")["unet"]["block_out_channels"]
+        if any(n < 1 or any(w % n for w in widths) for n in args.shapes_heads):
+            ap.error(f"--shapes-heads: each N must divide the shapes editor's block widths {widths}")
         shapes_heads(args)
     elif args.sd_flops:
         sd_flops(args)

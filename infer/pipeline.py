@@ -316,15 +316,16 @@ class InsV2VPipeline:
         zero = torch.zeros_like(condition)
         z = noise * sch.init_noise_sigma
         correct_until = settings.lvsc * len(sch.timesteps) if z_ref is not None else 0
-        weights = guidance_weights(settings.text_guidance, settings.video_guidance)
+        # only the predictions guidance weighs (at video guidance 1 the unconditional one has weight 0)
+        weighted = [(w, c, s) for w, c, s in zip(guidance_weights(settings.text_guidance, settings.video_guidance),
+                                                  (zero, condition, condition), (uncond, uncond, cond)) if w]
+        if settings.batched_guidance:  # one U-Net batch a step: its conditions are the same at every step
+            conditions, texts = torch.cat([c for _, c, _ in weighted]), torch.cat([s for _, _, s in weighted])
         steps = tqdm(sch.timesteps, desc="steps", leave=False, disable=not progress)
         for i, t in enumerate(steps):
             z_in = sch.scale_model_input(z, t)
-            # only the predictions guidance weighs (at video guidance 1 the unconditional one has weight 0)
-            weighted = [(w, c, s) for w, c, s in zip(weights, (zero, condition, condition), (uncond, uncond, cond)) if w]
             if settings.batched_guidance:
-                outs = ed.predict(torch.cat([z_in] * len(weighted)), torch.cat([c for _, c, _ in weighted]),
-                                  torch.cat([s for _, _, s in weighted]), t).chunk(len(weighted))
+                outs = ed.predict(torch.cat([z_in] * len(weighted)), conditions, texts, t).chunk(len(weighted))
             else:
                 outs = [ed.predict(z_in, c, s, t) for _, c, s in weighted]
             output = sum(w * o for (w, _, _), o in zip(weighted, outs))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +20,7 @@ from model import (
     motion_modules,
     pooled_text,
     set_trainable,
+    shipped_config,
     source_prior_estimate,
     source_prior_posterior_std,
     tiny_config,
@@ -247,9 +247,7 @@ def test_custom_motion_layout_with_zeroed_outputs_starts_per_frame():
     """The shapes editor's one-head motion modules (a random adapter of that layout) start with
     zero output when `zero_motion_outputs` is set, so it begins as its 2D U-Net per frame and its
     spatial-only ablation stays a per-frame editor; without the key the random adapter mixes frames."""
-    import yaml
-
-    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/model/shapes-pixel.yaml").read_text())
+    config = shipped_config("model/shapes-pixel.yaml")
     assert config["motion_adapter"]["motion_num_attention_heads"] == 1 and config["zero_motion_outputs"]
     torch.manual_seed(0)
     sample = torch.randn(1, 6, 4, 16, 16)
