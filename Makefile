@@ -22,11 +22,13 @@ $(VENV)/.installed: pyproject.toml
 # lightning fit trains a pixel-space editor from scratch, synth.demo edits held-out clips and
 # writes outputs/demo/metrics.json and outputs/demo/samples.png.
 DEMO_SAMPLES ?= 4000
+# The held-out clips follow the shards' own synth config (frames, size, speeds, radii, edits).
+WORLD = --world configs/synth/shapes.yaml
 demo: setup
 	$(VENV)/bin/synth build --config configs/synth/shapes.yaml --out outputs/demo/shards \
 		--num-samples $(DEMO_SAMPLES) --resume
 	$(VENV)/bin/lightning fit --config configs/shapes.yaml
-	$(VENV)/bin/python -m synth.demo --editor outputs/demo/editor --out outputs/demo
+	$(VENV)/bin/python -m synth.demo $(WORLD) --editor outputs/demo/editor --out outputs/demo
 
 # 64 held-out clips of the moving-shape edit alone, the one edit a single frame cannot settle (a
 # 64-clip mix holds about a quarter of them): its ratio and which-shape score, video against 2D.
@@ -38,8 +40,8 @@ demo-long: setup
 	$(VENV)/bin/synth build --config configs/synth/shapes.yaml --out outputs/demo/shards \
 		--num-samples $(DEMO_SAMPLES) --resume
 	$(VENV)/bin/lightning fit --config configs/shapes.yaml --config configs/shapes-long.yaml
-	$(VENV)/bin/python -m synth.demo --editor outputs/demo-long/editor --out outputs/demo-long
-	$(MOVING_ONLY) --editor outputs/demo-long/editor --out outputs/demo-long --report moving.json
+	$(VENV)/bin/python -m synth.demo $(WORLD) --editor outputs/demo-long/editor --out outputs/demo-long
+	$(MOVING_ONLY) $(WORLD) --editor outputs/demo-long/editor --out outputs/demo-long --report moving.json
 
 # The temporal ablation: the same recipe and sampler with the motion modules frozen at their
 # zero-initialised output (a per-frame 2D editor); writes outputs/demo/ablation.json.
@@ -47,7 +49,7 @@ demo-ablation: setup
 	$(VENV)/bin/synth build --config configs/synth/shapes.yaml --out outputs/demo/shards \
 		--num-samples $(DEMO_SAMPLES) --resume
 	$(VENV)/bin/lightning fit --config configs/shapes.yaml --config configs/shapes-ablation.yaml
-	$(VENV)/bin/python -m synth.demo --editor outputs/demo-ablation/editor --out outputs/demo \
+	$(VENV)/bin/python -m synth.demo $(WORLD) --editor outputs/demo-ablation/editor --out outputs/demo \
 		--report ablation.json --no-one-step --long-clips 0 --picture ablation.png
 
 # The temporal ablation of demo-long: its 4,000-step recipe with the motion modules frozen at zero
@@ -59,13 +61,13 @@ demo-long-ablation: setup
 	$(VENV)/bin/lightning fit --config configs/shapes.yaml --config configs/shapes-long.yaml \
 		--config configs/shapes-ablation.yaml --trainer.default_root_dir outputs/demo-long-ablation/train \
 		--model.export_dir outputs/demo-long-ablation/editor
-	$(VENV)/bin/python -m synth.demo --editor outputs/demo-long-ablation/editor --out outputs/demo-long \
+	$(VENV)/bin/python -m synth.demo $(WORLD) --editor outputs/demo-long-ablation/editor --out outputs/demo-long \
 		--report ablation.json --no-one-step --long-clips 0 --picture ablation.png
-	$(MOVING_ONLY) --editor outputs/demo-long-ablation/editor --out outputs/demo-long --report ablation-moving.json
+	$(MOVING_ONLY) $(WORLD) --editor outputs/demo-long-ablation/editor --out outputs/demo-long --report ablation-moving.json
 
 # demo-long's recipe on the larger-shapes world (radius 20-30 % of the frame), where the temporal
 # ablation is measured on 64 moving-shape clips; writes outputs/demo-large/metrics.json and moving.json.
-LARGE = --radii 0.20 0.30
+LARGE = --world configs/synth/shapes-large.yaml
 demo-large: setup
 	$(VENV)/bin/synth build --config configs/synth/shapes-large.yaml --out outputs/demo-large/shards \
 		--num-samples $(DEMO_SAMPLES) --resume

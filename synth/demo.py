@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from infer import InsV2VPipeline, clip_plan
 from infer.metrics import pair_warp_errors, seam_pairs, source_pair_flows
 
-from .shapes import EDITS, RADII, SPEEDS, ShapesWorld
+from .shapes import EDITS, RADII, SHAPE_COUNTS, SPEEDS, ShapesWorld
 from .writer import atomic_write
 
 HELD_OUT = 10**7  # scene indices far beyond any training build: unseen clips
@@ -93,14 +93,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="outputs/demo")
     ap.add_argument("--report", default="metrics.json", help="file name of the report in --out")
     ap.add_argument("--num-clips", type=int, default=64)
-    ap.add_argument("--num-frames", type=int, default=8)
-    ap.add_argument("--size", type=int, default=16)
-    ap.add_argument("--speeds", type=float, nargs=2, default=SPEEDS, metavar=("LOW", "HIGH"),
-                    help="the moving shapes' per-frame step; match the shards' prompts.speeds")
-    ap.add_argument("--edits", nargs="+", default=list(EDITS), choices=EDITS, metavar="KIND",
+    ap.add_argument("--world", default=None, metavar="CONFIG",
+                    help="the synth build config the editor's shards came from: the held-out clips follow its "
+                         "prompts section (frames, size, speeds, radii, shape counts, edits); flags below override it")
+    ap.add_argument("--num-frames", type=int, default=None, help="frames of a held-out clip (default 8)")
+    ap.add_argument("--size", type=int, default=None, help="frame size in pixels (default 16)")
+    ap.add_argument("--speeds", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                    help=f"the moving shapes' per-frame step (default {SPEEDS[0]} {SPEEDS[1]})")
+    ap.add_argument("--edits", nargs="+", default=None, choices=EDITS, metavar="KIND",
                     help=f"edit kinds of the held-out clips (default: all of {', '.join(EDITS)})")
-    ap.add_argument("--radii", type=float, nargs=2, default=RADII, metavar=("LOW", "HIGH"),
-                    help="the shapes' radius; match the shards' prompts.radii")
+    ap.add_argument("--radii", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                    help=f"the shapes' radius (default {RADII[0]} {RADII[1]})")
     # What a user gets: infer edit's code path and the editor's own defaults (scheduler, steps,
     # guidance) unless overridden here.
     ap.add_argument("--steps", type=int, default=None, help="denoising steps (default: the editor's)")
@@ -118,13 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     try:
+        world_settings(args)
         load = InsV2VPipeline.from_checkpoint if args.editor.endswith(".ckpt") else InsV2VPipeline.from_pretrained
         pipe = load(args.editor, scheduler=args.scheduler)
         defaults = pipe.settings("x", num_inference_steps=args.steps, text_guidance=args.text_guidance,
                                  video_guidance=args.video_guidance)
         defaults.validate()
         world = ShapesWorld(seed=args.seed, num_frames=args.num_frames, size=args.size, speeds=args.speeds,
-                            radii=args.radii, edits=tuple(args.edits))
+                            radii=args.radii, counts=args.counts, edits=tuple(args.edits))
     except (ValueError, FileNotFoundError) as err:
         print(f"synth.demo: error: {err}", file=sys.stderr)
         return 2
@@ -187,12 +191,29 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def world_settings(args: argparse.Namespace) -> None:
+    """Fill the held-out world's settings: a flag given wins, then ``--world``'s ``prompts`` section
+    (the shards' own synth config, so a world is written down once), then the world's defaults."""
+    prompts: dict = {}
+    if args.world is not None:
+        from .build import load_config  # the same reader synth build uses
+
+        prompts = load_config(args.world, sections=("prompts",))["prompts"]
+        if prompts.get("source") != "shapes":
+            raise ValueError(f"{args.world} is not a shapes-world config (prompts.source: shapes)")
+    for name, key, default in (("num_frames", "num_frames", 8), ("size", "size", 16), ("speeds", "speeds", SPEEDS),
+                               ("radii", "radii", RADII), ("edits", "edits", list(EDITS))):
+        if getattr(args, name) is None:
+            setattr(args, name, prompts.get(key, default))
+    args.counts = prompts.get("counts", SHAPE_COUNTS)  # ShapesWorld checks every setting
+
+
 def seam_study(pipe: InsV2VPipeline, guidance: dict, args: argparse.Namespace) -> dict:
     """Long held-out clips edited clip by clip without LVSC, with LVSC, and with LVSC and motion
     compensation: the warp error of the pairs that cross a clip boundary (seams) next to that of
     every other consecutive pair, on the same seeds."""
     long_world = ShapesWorld(seed=args.seed, num_frames=args.long_frames, size=args.size, speeds=args.speeds,
-                            radii=args.radii)
+                             radii=args.radii, counts=args.counts)
     plan = clip_plan(args.long_frames, args.clip_frames, args.reference_frames)
     seams = set(seam_pairs([c.new_start for c in plan[1:]], args.long_frames))
     options = {"no-lvsc": dict(lvsc=0.0), "lvsc": dict(lvsc=0.5), "lvsc+mc": dict(lvsc=0.5, motion_compensation=True)}

@@ -145,6 +145,43 @@ def test_right_shape_share_tells_the_named_shape_from_a_hedge():
     assert any(len(one_shape.scenes(i)[1].shapes) == 1 and one_shape.regions(i) is None for i in range(10))
 
 
+def test_demo_world_follows_the_shards_config_and_flags_override_it(tmp_path, capsys):
+    """synth.demo --world reads the synth config's prompts section (a world is written down once);
+    a flag given wins; a config that is not a shapes world gets one line and exit 2 before any
+    editor is loaded."""
+    import argparse
+
+    from synth.demo import main, world_settings
+
+    def settings(*flags: str) -> argparse.Namespace:
+        names = ("world", "num_frames", "size", "speeds", "radii", "edits")
+        args = argparse.Namespace(**dict.fromkeys(names))
+        for flag, value in zip(flags[::2], flags[1::2]):
+            setattr(args, flag, value)
+        world_settings(args)
+        return args
+
+    large = settings("world", str(ROOT / "configs/synth/shapes-large.yaml"))
+    assert tuple(large.radii) == (0.20, 0.30) and large.speeds == SPEEDS and large.size == 16
+    assert list(large.edits) == list(EDITS) and large.counts == SHAPE_COUNTS
+    config = yaml.safe_load((ROOT / "configs/synth/shapes.yaml").read_text())
+    config["prompts"].update(radii=[0.15, 0.25], counts=[2], num_frames=6, edits=["swap"])
+    (tmp_path / "world.yaml").write_text(yaml.safe_dump(config))
+    mine = settings("world", str(tmp_path / "world.yaml"), "edits", ["recolor_moving"])
+    assert mine.radii == [0.15, 0.25] and mine.counts == [2] and mine.num_frames == 6
+    assert mine.edits == ["recolor_moving"]  # the flag wins
+    plain = settings()
+    assert plain.radii == RADII and plain.num_frames == 8 and plain.counts == SHAPE_COUNTS
+
+    config["prompts"] = {"source": "template"}
+    (tmp_path / "template.yaml").write_text(yaml.safe_dump(config))
+    for world, message in ((tmp_path / "template.yaml", "not a shapes-world config"), (tmp_path / "none.yaml", "no config")):
+        code = main(["--editor", str(tmp_path / "no-editor"), "--world", str(world), "--out", str(tmp_path / "out"), "--quiet"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and message in err
+        assert not (tmp_path / "out").exists()
+
+
 def test_demo_report_fields_and_an_untrained_editor_edits_both_shapes_alike(tmp_path):
     """synth.demo's report on the held-out clips of the kinds asked for; the untrained editor only
     adds noise around the source, the same on both shapes: a which-shape score near one half."""
