@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 from infer import InsV2VPipeline, clip_plan
 from infer.metrics import pair_warp_errors, seam_pairs, source_pair_flows
 
-from .shapes import EDITS, RADII, SHAPE_COUNTS, SPEEDS, ShapesWorld
+from .build import load_config, shapes_world
+from .shapes import EDITS, RADII, SPEEDS
 from .writer import atomic_write
 
 HELD_OUT = 10**7  # scene indices far beyond any training build: unseen clips
@@ -121,14 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     try:
-        world_settings(args)
+        prompts = held_out_prompts(args)
         load = InsV2VPipeline.from_checkpoint if args.editor.endswith(".ckpt") else InsV2VPipeline.from_pretrained
         pipe = load(args.editor, scheduler=args.scheduler)
         defaults = pipe.settings("x", num_inference_steps=args.steps, text_guidance=args.text_guidance,
                                  video_guidance=args.video_guidance)
         defaults.validate()
-        world = ShapesWorld(seed=args.seed, num_frames=args.num_frames, size=args.size, speeds=args.speeds,
-                            radii=args.radii, counts=args.counts, edits=tuple(args.edits))
+        world = shapes_world(prompts, args.seed)
     except (ValueError, FileNotFoundError) as err:
         print(f"synth.demo: error: {err}", file=sys.stderr)
         return 2
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics = {
         "editor": str(args.editor),
         "num_clips": args.num_clips,
-        "edits": list(args.edits),
+        "edits": list(world.edits),
         "steps": guidance["num_inference_steps"],
         "scheduler": type(pipe.scheduler).__name__,
         "text_guidance": guidance["text_guidance"],
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             **measured(single),
         }
     if args.long_clips:
-        metrics["seam_error"] = seam_study(pipe, guidance, args)
+        metrics["seam_error"] = seam_study(pipe, guidance, prompts, args)
     metrics["seconds"] = round(time.perf_counter() - start, 1)
     atomic_write(out / args.report, (json.dumps(metrics, indent=2) + "\n").encode())
     if args.picture:
@@ -191,29 +191,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def world_settings(args: argparse.Namespace) -> None:
-    """Fill the held-out world's settings: a flag given wins, then ``--world``'s ``prompts`` section
-    (the shards' own synth config, so a world is written down once), then the world's defaults."""
+def held_out_prompts(args: argparse.Namespace) -> dict:
+    """The held-out world's ``prompts`` section, for :func:`synth.build.shapes_world` (whose defaults
+    fill what is unset): ``--world``'s (the shards' own synth config, so a world is written down
+    once) with each flag given on top of it."""
     prompts: dict = {}
     if args.world is not None:
-        from .build import load_config  # the same reader synth build uses
-
         prompts = load_config(args.world, sections=("prompts",))["prompts"]
         if prompts.get("source") != "shapes":
             raise ValueError(f"{args.world} is not a shapes-world config (prompts.source: shapes)")
-    for name, key, default in (("num_frames", "num_frames", 8), ("size", "size", 16), ("speeds", "speeds", SPEEDS),
-                               ("radii", "radii", RADII), ("edits", "edits", list(EDITS))):
-        if getattr(args, name) is None:
-            setattr(args, name, prompts.get(key, default))
-    args.counts = prompts.get("counts", SHAPE_COUNTS)  # ShapesWorld checks every setting
+    flags = {"num_frames": args.num_frames, "size": args.size, "speeds": args.speeds, "radii": args.radii,
+             "edits": args.edits}
+    return {**prompts, **{key: value for key, value in flags.items() if value is not None}}
 
 
-def seam_study(pipe: InsV2VPipeline, guidance: dict, args: argparse.Namespace) -> dict:
+def seam_study(pipe: InsV2VPipeline, guidance: dict, prompts: dict, args: argparse.Namespace) -> dict:
     """Long held-out clips edited clip by clip without LVSC, with LVSC, and with LVSC and motion
     compensation: the warp error of the pairs that cross a clip boundary (seams) next to that of
     every other consecutive pair, on the same seeds."""
-    long_world = ShapesWorld(seed=args.seed, num_frames=args.long_frames, size=args.size, speeds=args.speeds,
-                             radii=args.radii, counts=args.counts)
+    long_world = shapes_world({**prompts, "num_frames": args.long_frames, "edits": EDITS}, args.seed)
     plan = clip_plan(args.long_frames, args.clip_frames, args.reference_frames)
     seams = set(seam_pairs([c.new_start for c in plan[1:]], args.long_frames))
     options = {"no-lvsc": dict(lvsc=0.0), "lvsc": dict(lvsc=0.5), "lvsc+mc": dict(lvsc=0.5, motion_compensation=True)}

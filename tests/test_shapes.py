@@ -151,25 +151,24 @@ def test_demo_world_follows_the_shards_config_and_flags_override_it(tmp_path, ca
     editor is loaded."""
     import argparse
 
-    from synth.demo import main, world_settings
+    from synth.demo import held_out_prompts, main
 
-    def settings(*flags: str) -> argparse.Namespace:
+    def settings(*flags: str) -> ShapesWorld:
         names = ("world", "num_frames", "size", "speeds", "radii", "edits")
         args = argparse.Namespace(**dict.fromkeys(names))
         for flag, value in zip(flags[::2], flags[1::2]):
             setattr(args, flag, value)
-        world_settings(args)
-        return args
+        return shapes_world(held_out_prompts(args), 0)
 
     large = settings("world", str(ROOT / "configs/synth/shapes-large.yaml"))
-    assert tuple(large.radii) == (0.20, 0.30) and large.speeds == SPEEDS and large.size == 16
+    assert large.radii == (0.20, 0.30) and large.speeds == SPEEDS and large.size == 16
     assert list(large.edits) == list(EDITS) and large.counts == SHAPE_COUNTS
     config = yaml.safe_load((ROOT / "configs/synth/shapes.yaml").read_text())
     config["prompts"].update(radii=[0.15, 0.25], counts=[2], num_frames=6, edits=["swap"])
     (tmp_path / "world.yaml").write_text(yaml.safe_dump(config))
     mine = settings("world", str(tmp_path / "world.yaml"), "edits", ["recolor_moving"])
-    assert mine.radii == [0.15, 0.25] and mine.counts == [2] and mine.num_frames == 6
-    assert mine.edits == ["recolor_moving"]  # the flag wins
+    assert mine.radii == (0.15, 0.25) and mine.counts == (2,) and mine.num_frames == 6
+    assert mine.edits == ("recolor_moving",)  # the flag wins
     plain = settings()
     assert plain.radii == RADII and plain.num_frames == 8 and plain.counts == SHAPE_COUNTS
 
