@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX_URL ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup demo demo-long demo-ablation demo-long-ablation demo-large demo-large-ablation test bench clean
+.PHONY: setup demo demo-long demo-ablation demo-long-ablation demo-large demo-large-ablation demo-trail demo-trail-ablation test bench clean
 
 setup: $(VENV)/.installed
 
@@ -85,6 +85,25 @@ demo-large-ablation: setup
 	$(VENV)/bin/python -m synth.demo --editor outputs/demo-large-ablation/editor --out outputs/demo-large $(LARGE) \
 		--report ablation.json --no-one-step --long-clips 0 --picture ablation.png
 	$(MOVING_ONLY) --editor outputs/demo-large-ablation/editor --out outputs/demo-large --report ablation-moving.json $(LARGE)
+
+# The path world (configs/synth/shapes-trail.yaml): "trace the moving shape's path in red" beside
+# background edits, the demo's recipe on whole 8-frame clips; writes outputs/demo-trail/metrics.json.
+TRAIL = --world configs/synth/shapes-trail.yaml --no-one-step --long-clips 0
+demo-trail: setup
+	$(VENV)/bin/synth build --config configs/synth/shapes-trail.yaml --out outputs/demo-trail/shards \
+		--num-samples $(DEMO_SAMPLES) --resume
+	$(VENV)/bin/lightning fit --config configs/shapes.yaml --config configs/shapes-trail.yaml
+	$(VENV)/bin/python -m synth.demo $(TRAIL) --editor outputs/demo-trail/editor --out outputs/demo-trail
+
+# Its per-frame 2D ablation; writes outputs/demo-trail/ablation.json.
+demo-trail-ablation: setup
+	$(VENV)/bin/synth build --config configs/synth/shapes-trail.yaml --out outputs/demo-trail/shards \
+		--num-samples $(DEMO_SAMPLES) --resume
+	$(VENV)/bin/lightning fit --config configs/shapes.yaml --config configs/shapes-trail.yaml \
+		--config configs/shapes-ablation.yaml --trainer.default_root_dir outputs/demo-trail-ablation/train \
+		--model.export_dir outputs/demo-trail-ablation/editor
+	$(VENV)/bin/python -m synth.demo $(TRAIL) --editor outputs/demo-trail-ablation/editor --out outputs/demo-trail \
+		--report ablation.json --picture ablation.png
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

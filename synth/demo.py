@@ -23,7 +23,7 @@ from infer import InsV2VPipeline, clip_plan
 from infer.metrics import pair_warp_errors, seam_pairs, source_pair_flows
 
 from .build import load_config, shapes_world
-from .shapes import EDITS, RADII, SPEEDS
+from .shapes import ALL_EDITS, EDITS, RADII, SPEEDS, TRAIL_WORDS
 from .writer import atomic_write
 
 HELD_OUT = 10**7  # scene indices far beyond any training build: unseen clips
@@ -55,7 +55,7 @@ def ratios(edit_errors: list[float], source_errors: list[float], kinds: list[str
     out = {"mse_edit_target": float(np.mean(edit_errors)), "mse_source_target": float(np.mean(source_errors))}
     out["ratio"] = out["mse_edit_target"] / out["mse_source_target"]
     out["by_edit"] = {}
-    for kind in EDITS:
+    for kind in ALL_EDITS:
         e = [x for x, k in zip(edit_errors, kinds) if k == kind]
         s = [x for x, k in zip(source_errors, kinds) if k == kind]
         if e:
@@ -78,7 +78,7 @@ def right_shape_shares(changes: list[tuple[float, float] | None], kinds: list[st
     changes. 1 edits only the named shape; 0.5 edits both alike, which is all a per-frame editor
     can do when only the motion tells which shape is meant; ``None`` when nothing changed."""
     out = {}
-    for kind in EDITS:
+    for kind in ALL_EDITS:
         pairs = [c for c, k in zip(changes, kinds) if k == kind and c is not None]
         if pairs:
             right, wrong = (float(np.sum(v)) for v in zip(*pairs))
@@ -101,8 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=None, help="frame size in pixels (default 16)")
     ap.add_argument("--speeds", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
                     help=f"the moving shapes' per-frame step (default {SPEEDS[0]} {SPEEDS[1]})")
-    ap.add_argument("--edits", nargs="+", default=None, choices=EDITS, metavar="KIND",
-                    help=f"edit kinds of the held-out clips (default: all of {', '.join(EDITS)})")
+    ap.add_argument("--edits", nargs="+", default=None, choices=ALL_EDITS, metavar="KIND",
+                    help=f"edit kinds of the held-out clips (default: --world's, else {', '.join(EDITS)}; "
+                         f"also: {', '.join(k for k in ALL_EDITS if k not in EDITS)})")
     ap.add_argument("--radii", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
                     help=f"the shapes' radius (default {RADII[0]} {RADII[1]})")
     # What a user gets: infer edit's code path and the editor's own defaults (scheduler, steps,
@@ -209,6 +210,7 @@ def seam_study(pipe: InsV2VPipeline, guidance: dict, prompts: dict, args: argpar
     """Long held-out clips edited clip by clip without LVSC, with LVSC, and with LVSC and motion
     compensation: the warp error of the pairs that cross a clip boundary (seams) next to that of
     every other consecutive pair, on the same seeds."""
+    # the default mix: a trail spans its whole clip, which clip-by-clip editing cannot keep
     long_world = shapes_world({**prompts, "num_frames": args.long_frames, "edits": EDITS}, args.seed)
     plan = clip_plan(args.long_frames, args.clip_frames, args.reference_frames)
     seams = set(seam_pairs([c.new_start for c in plan[1:]], args.long_frames))
@@ -231,6 +233,8 @@ def seam_study(pipe: InsV2VPipeline, guidance: dict, prompts: dict, args: argpar
 
 
 def _edit_kind(instruction: str) -> str:
+    if instruction.startswith(TRAIL_WORDS):
+        return "trail"
     if "moving shape" in instruction:
         return "recolor_moving"
     if "background" in instruction:

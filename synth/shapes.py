@@ -49,6 +49,8 @@ class Scene:
     background: str
     gradient: bool
     shapes: tuple[Shape, ...]
+    trail: str | None = None  # colour of the path of shapes[trail_shape], painted under every frame
+    trail_shape: int = 0
 
 
 def positions(shape: Shape, frames: int) -> list[tuple[float, float]]:
@@ -64,6 +66,17 @@ def positions(shape: Shape, frames: int) -> list[tuple[float, float]]:
     return out
 
 
+def _draw(canvas: np.ndarray, shape: Shape, cx: float, cy: float, r: float, value) -> None:
+    """Fill ``shape`` centred at pixel ``(cx, cy)`` with radius ``r`` on ``canvas`` (in place)."""
+    if shape.kind == "circle":
+        cv2.circle(canvas, (int(round(cx)), int(round(cy))), int(round(r)), value, -1)
+    elif shape.kind == "square":
+        cv2.rectangle(canvas, (int(cx - r), int(cy - r)), (int(cx + r), int(cy + r)), value, -1)
+    else:
+        pts = np.array([[cx, cy - r], [cx - r, cy + r * 0.8], [cx + r, cy + r * 0.8]], np.int32)
+        cv2.fillPoly(canvas, [pts], value)
+
+
 def render(scene: Scene, frames: int, size: int, supersample: int = 4) -> np.ndarray:
     """uint8 ``(F, size, size, 3)``; drawn ``supersample`` times larger and area-averaged (anti-aliased)."""
     big = size * supersample
@@ -75,20 +88,17 @@ def render(scene: Scene, frames: int, size: int, supersample: int = 4) -> np.nda
         base[:] = color
     base = base.astype(np.uint8)
     tracks = [positions(s, frames) for s in scene.shapes]
+    if scene.trail is not None:  # every place the shape visits, in every frame: only the clip's motion tells
+        path = np.zeros((big, big), np.uint8)
+        shape = scene.shapes[scene.trail_shape]
+        for x, y in tracks[scene.trail_shape]:
+            _draw(path, shape, x * big, y * big, shape.size * big, 1)
+        base[path > 0] = COLORS[scene.trail]
     video = np.empty((frames, size, size, 3), np.uint8)
     for f in range(frames):
         canvas = base.copy()
         for shape, track in zip(scene.shapes, tracks):
-            cx, cy = track[f][0] * big, track[f][1] * big
-            r = shape.size * big
-            rgb = COLORS[shape.color]
-            if shape.kind == "circle":
-                cv2.circle(canvas, (int(round(cx)), int(round(cy))), int(round(r)), rgb, -1)
-            elif shape.kind == "square":
-                cv2.rectangle(canvas, (int(cx - r), int(cy - r)), (int(cx + r), int(cy + r)), rgb, -1)
-            else:
-                pts = np.array([[cx, cy - r], [cx - r, cy + r * 0.8], [cx + r, cy + r * 0.8]], np.int32)
-                cv2.fillPoly(canvas, [pts], rgb)
+            _draw(canvas, shape, track[f][0] * big, track[f][1] * big, shape.size * big, COLORS[shape.color])
         video[f] = cv2.resize(canvas, (size, size), interpolation=cv2.INTER_AREA)
     return video
 
@@ -115,11 +125,19 @@ def caption(scene: Scene, rng: random.Random) -> str:
     parts = []
     for s in scene.shapes:
         parts.append(f"a {s.color} {s.kind} {rng.choice(MOTION_WORDS[s.moving])}")
+    if scene.trail is not None:
+        parts[scene.trail_shape] += " leaving a trail"
     bg = f"a {scene.background} {'gradient ' if scene.gradient else ''}background"
     return f"{' and '.join(parts)} on {bg}"
 
 
 EDITS = ("recolor", "background", "swap", "recolor_moving")
+# Edits a world may ask for besides the default mix. "trail" paints the moving shape's whole path,
+# in its own colour, under every frame (a long exposure): no single frame shows the path, so a
+# per-frame editor cannot make it, and no colour has to be read from the instruction.
+ALL_EDITS = EDITS + ("trail",)
+TRAIL_WORDS = ("leave a trail behind the moving shape", "show the path of the moving shape",
+               "draw where the moving shape goes")
 
 
 def random_scene(rng: random.Random, need_static: bool = False, speeds: tuple[float, float] = SPEEDS,
@@ -146,6 +164,9 @@ def edit_scene(scene: Scene, kind: str, rng: random.Random) -> tuple[Scene, str]
         new = rng.choice([b for b in BACKGROUNDS if b not in used])
         verb = rng.choice(["make the background", "change the background to", "turn the background"])
         return replace(scene, background=new), f"{verb} {new}"
+    if kind == "trail":
+        index = next(i for i, s in enumerate(scene.shapes) if s.moving)
+        return replace(scene, trail=scene.shapes[index].color, trail_shape=index), rng.choice(TRAIL_WORDS)
     index = rng.randrange(len(scene.shapes))
     if kind == "recolor_moving":
         index = next(i for i, s in enumerate(scene.shapes) if s.moving)
@@ -193,9 +214,9 @@ class ShapesWorld:
     def __init__(self, seed: int = 0, num_frames: int = 8, size: int = 16, edits: tuple[str, ...] = EDITS,
                  speeds: tuple[float, float] = SPEEDS, radii: tuple[float, float] = RADII,
                  counts: tuple[int, ...] = SHAPE_COUNTS):
-        unknown = set(edits) - set(EDITS)
+        unknown = set(edits) - set(ALL_EDITS)
         if unknown:
-            raise ValueError(f"unknown shapes edits {sorted(unknown)}; choose from {EDITS}")
+            raise ValueError(f"unknown shapes edits {sorted(unknown)}; choose from {ALL_EDITS}")
         self.seed, self.num_frames, self.size, self.edits = seed, num_frames, size, tuple(edits)
         self.speeds = _range("speeds", speeds)
         self.radii = _range("radii", radii)
@@ -205,7 +226,7 @@ class ShapesWorld:
         """The triplet and the (source, edited) scenes behind clip ``index``."""
         rng = random.Random(self.seed * 1_000_003 + index)
         kind = rng.choice(self.edits)
-        scene = random_scene(rng, need_static=kind == "recolor_moving", speeds=self.speeds, radii=self.radii,
+        scene = random_scene(rng, need_static=kind in ("recolor_moving", "trail"), speeds=self.speeds, radii=self.radii,
                              counts=self.counts)
         edited, instruction = edit_scene(scene, kind, rng)
         words = random.Random(rng.random())  # same wording for both captions' motion words

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,8 @@ import pytest
 import yaml
 
 from synth.build import shapes_world
-from synth.shapes import COLORS, EDITS, RADII, SHAPE_COUNTS, SPEEDS, Shape, ShapesWorld, positions, random_scene
+from synth.shapes import (ALL_EDITS, COLORS, EDITS, RADII, SHAPE_COUNTS, SPEEDS, Scene, Shape, ShapesWorld, positions,
+                          random_scene, render)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,6 +109,45 @@ def test_counts_set_how_many_shapes_a_scene_has():
     for bad in [[], [0, 1], [4], 2, ["two"], [1.5]]:
         with pytest.raises(ValueError, match="shapes counts must be"):
             shapes_world({"counts": bad}, seed=0)
+
+
+def test_trail_paints_the_whole_path_which_no_single_frame_shows():
+    """A trail edit paints, under every frame, each place the moving shape visits (in its colour) and nothing else;
+    the still shape and the motion stay; two clips with the same first frame but different motion
+    have different first target frames, so a per-frame editor cannot make the edit."""
+    from synth.demo import _edit_kind
+
+    world = ShapesWorld(seed=4, edits=("trail",), size=32, speeds=(0.06, 0.12))
+    for i in range(8):
+        triplet, source, target = world.sample(i)
+        _, scene, edited = world.scenes(i)
+        moving, still = scene.shapes
+        assert moving.moving and not still.moving and edited.shapes == scene.shapes
+        assert _edit_kind(triplet.edit) == "trail" and "trail" in triplet.output and edited.trail == moving.color
+        changed = np.any(source != target, axis=-1)  # (F, H, W)
+        empty = render(replace(scene, shapes=()), 8, 32).astype(int)
+        covered = np.any(render(scene, 8, 32) != empty, axis=-1)  # either shape, rims included
+        alone = np.any(render(replace(scene, shapes=(moving,)), 8, 32) != empty, axis=-1)
+        union = alone.any(axis=0)  # every place the moving shape visits
+        painted = changed & ~covered  # the path where no shape hides it
+        for f in range(8):
+            assert np.array_equal(painted[f], painted.any(axis=0) & ~covered[f])  # the same path in every frame
+            assert painted[f][union & ~covered[f]].mean() > 0.95  # holding the shape's other positions
+            assert not (changed[f] & ~union).any()  # and nothing beyond them
+        assert union.sum() > 1.5 * alone[0].sum()  # a path, not one footprint
+    _, scene, edited = world.scenes(0)
+    moving = scene.shapes[0]
+    reverse = replace(moving, vx=-moving.vx, vy=-moving.vy)
+    back, back_edited = (replace(s, shapes=(reverse, s.shapes[1])) for s in (scene, edited))
+    assert np.array_equal(render(scene, 8, 32)[0], render(back, 8, 32)[0])  # the same first frame
+    assert not np.array_equal(render(edited, 8, 32)[0], render(back_edited, 8, 32)[0])  # a different edit of it
+    assert set(EDITS) < set(ALL_EDITS) and "trail" not in ShapesWorld(seed=0).edits  # not in the default mix
+    # make demo-trail's world, and its training clips are whole clips (a window would miss the path)
+    prompts = yaml.safe_load((ROOT / "configs/synth/shapes-trail.yaml").read_text())["prompts"]
+    trail_world = shapes_world(prompts, seed=0)
+    assert set(trail_world.edits) == {"trail", "background"} and trail_world.speeds == (0.06, 0.12)
+    assert yaml.safe_load((ROOT / "configs/shapes-trail.yaml").read_text())["data"]["num_frames"] == trail_world.num_frames
+    assert Scene("gray", False, ()).trail is None
 
 
 def test_right_shape_share_tells_the_named_shape_from_a_hedge():
