@@ -86,7 +86,7 @@ demo-large-ablation: setup
 		--report ablation.json --no-one-step --long-clips 0 --picture ablation.png
 	$(MOVING_ONLY) --editor outputs/demo-large-ablation/editor --out outputs/demo-large --report ablation-moving.json $(LARGE)
 
-# The path world (configs/synth/shapes-trail.yaml): "trace the moving shape's path in red" beside
+# The path world (configs/synth/shapes-trail.yaml): "leave a trail behind the moving shape" beside
 # background edits, the demo's recipe on whole 8-frame clips; writes outputs/demo-trail/metrics.json.
 TRAIL = --world configs/synth/shapes-trail.yaml --no-one-step --long-clips 0
 demo-trail: setup

@@ -23,7 +23,7 @@ from infer import InsV2VPipeline, clip_plan
 from infer.metrics import pair_warp_errors, seam_pairs, source_pair_flows
 
 from .build import load_config, shapes_world
-from .shapes import ALL_EDITS, EDITS, RADII, SPEEDS, TRAIL_WORDS
+from .shapes import ALL_EDITS, EDITS, RADII, SPEEDS
 from .writer import atomic_write
 
 HELD_OUT = 10**7  # scene indices far beyond any training build: unseen clips
@@ -124,12 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         prompts = held_out_prompts(args)
+        world = shapes_world(prompts, args.seed)  # a bad world fails before the editor loads
         load = InsV2VPipeline.from_checkpoint if args.editor.endswith(".ckpt") else InsV2VPipeline.from_pretrained
         pipe = load(args.editor, scheduler=args.scheduler)
         defaults = pipe.settings("x", num_inference_steps=args.steps, text_guidance=args.text_guidance,
                                  video_guidance=args.video_guidance)
         defaults.validate()
-        world = shapes_world(prompts, args.seed)
     except (ValueError, FileNotFoundError) as err:
         print(f"synth.demo: error: {err}", file=sys.stderr)
         return 2
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     held_out = [world.sample(HELD_OUT + i) for i in range(args.num_clips)]
-    kinds = [_edit_kind(triplet.edit) for triplet, _, _ in held_out]
+    kinds = [world.kind(HELD_OUT + i) for i in range(args.num_clips)]
     source_errors = [mse(source, target) for _, source, target in held_out]
     regions = [world.regions(HELD_OUT + i) for i in range(args.num_clips)]
 
@@ -230,18 +230,6 @@ def seam_study(pipe: InsV2VPipeline, guidance: dict, prompts: dict, args: argpar
         "reference_frames": args.reference_frames,
         **{name: {"seam": float(np.mean(e["seam"])), "non_seam": float(np.mean(e["other"]))} for name, e in errors.items()},
     }
-
-
-def _edit_kind(instruction: str) -> str:
-    if instruction.startswith(TRAIL_WORDS):
-        return "trail"
-    if "moving shape" in instruction:
-        return "recolor_moving"
-    if "background" in instruction:
-        return "background"
-    if " into a " in instruction or "replace the" in instruction:
-        return "swap"
-    return "recolor"
 
 
 if __name__ == "__main__":

@@ -49,8 +49,7 @@ class Scene:
     background: str
     gradient: bool
     shapes: tuple[Shape, ...]
-    trail: str | None = None  # colour of the path of shapes[trail_shape], painted under every frame
-    trail_shape: int = 0
+    trail: bool = False  # every moving shape's whole path painted in its colour under every frame
 
 
 def positions(shape: Shape, frames: int) -> list[tuple[float, float]]:
@@ -88,12 +87,10 @@ def render(scene: Scene, frames: int, size: int, supersample: int = 4) -> np.nda
         base[:] = color
     base = base.astype(np.uint8)
     tracks = [positions(s, frames) for s in scene.shapes]
-    if scene.trail is not None:  # every place the shape visits, in every frame: only the clip's motion tells
-        path = np.zeros((big, big), np.uint8)
-        shape = scene.shapes[scene.trail_shape]
-        for x, y in tracks[scene.trail_shape]:
-            _draw(path, shape, x * big, y * big, shape.size * big, 1)
-        base[path > 0] = COLORS[scene.trail]
+    for shape, track in zip(scene.shapes, tracks):
+        if scene.trail and shape.moving:  # every place the shape visits, in every frame: only the clip's motion tells
+            for x, y in track:
+                _draw(base, shape, x * big, y * big, shape.size * big, COLORS[shape.color])
     video = np.empty((frames, size, size, 3), np.uint8)
     for f in range(frames):
         canvas = base.copy()
@@ -124,9 +121,8 @@ def edited_regions(scene: Scene, edited: Scene, frames: int, size: int) -> tuple
 def caption(scene: Scene, rng: random.Random) -> str:
     parts = []
     for s in scene.shapes:
-        parts.append(f"a {s.color} {s.kind} {rng.choice(MOTION_WORDS[s.moving])}")
-    if scene.trail is not None:
-        parts[scene.trail_shape] += " leaving a trail"
+        parts.append(f"a {s.color} {s.kind} {rng.choice(MOTION_WORDS[s.moving])}"
+                     + (" leaving a trail" if scene.trail and s.moving else ""))
     bg = f"a {scene.background} {'gradient ' if scene.gradient else ''}background"
     return f"{' and '.join(parts)} on {bg}"
 
@@ -165,8 +161,7 @@ def edit_scene(scene: Scene, kind: str, rng: random.Random) -> tuple[Scene, str]
         verb = rng.choice(["make the background", "change the background to", "turn the background"])
         return replace(scene, background=new), f"{verb} {new}"
     if kind == "trail":
-        index = next(i for i, s in enumerate(scene.shapes) if s.moving)
-        return replace(scene, trail=scene.shapes[index].color, trail_shape=index), rng.choice(TRAIL_WORDS)
+        return replace(scene, trail=True), rng.choice(TRAIL_WORDS)
     index = rng.randrange(len(scene.shapes))
     if kind == "recolor_moving":
         index = next(i for i, s in enumerate(scene.shapes) if s.moving)
@@ -222,10 +217,17 @@ class ShapesWorld:
         self.radii = _range("radii", radii)
         self.counts = _counts(counts)
 
+    def _rng(self, index: int) -> random.Random:
+        return random.Random(self.seed * 1_000_003 + index)
+
+    def kind(self, index: int) -> str:
+        """The edit kind of clip ``index`` (one of ``self.edits``)."""
+        return self._rng(index).choice(self.edits)
+
     def scenes(self, index: int) -> tuple[Triplet, Scene, Scene]:
         """The triplet and the (source, edited) scenes behind clip ``index``."""
-        rng = random.Random(self.seed * 1_000_003 + index)
-        kind = rng.choice(self.edits)
+        rng = self._rng(index)
+        kind = rng.choice(self.edits)  # the draw kind() repeats
         scene = random_scene(rng, need_static=kind in ("recolor_moving", "trail"), speeds=self.speeds, radii=self.radii,
                              counts=self.counts)
         edited, instruction = edit_scene(scene, kind, rng)

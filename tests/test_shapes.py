@@ -54,6 +54,10 @@ def test_all_edit_kinds_and_bouncing():
     with pytest.raises(ValueError, match="unknown shapes edits"):
         ShapesWorld(edits=("explode",))
     assert set(EDITS) == {"recolor", "background", "swap", "recolor_moving"}
+    for i in range(40):  # the kind the world reports is the one its instruction asks for
+        edit, kind = world.sample(i)[0].edit, world.kind(i)
+        assert ("background" in edit) == (kind == "background") and ("moving shape" in edit) == (kind == "recolor_moving")
+        assert (" into a " in edit or "replace the" in edit) == (kind == "swap")
 
 
 def test_speeds_set_how_far_a_moving_shape_travels():
@@ -115,15 +119,13 @@ def test_trail_paints_the_whole_path_which_no_single_frame_shows():
     """A trail edit paints, under every frame, each place the moving shape visits (in its colour) and nothing else;
     the still shape and the motion stay; two clips with the same first frame but different motion
     have different first target frames, so a per-frame editor cannot make the edit."""
-    from synth.demo import _edit_kind
-
     world = ShapesWorld(seed=4, edits=("trail",), size=32, speeds=(0.06, 0.12))
     for i in range(8):
         triplet, source, target = world.sample(i)
         _, scene, edited = world.scenes(i)
         moving, still = scene.shapes
         assert moving.moving and not still.moving and edited.shapes == scene.shapes
-        assert _edit_kind(triplet.edit) == "trail" and "trail" in triplet.output and edited.trail == moving.color
+        assert world.kind(i) == "trail" and edited.trail and "leaving a trail" in triplet.output
         changed = np.any(source != target, axis=-1)  # (F, H, W)
         empty = render(replace(scene, shapes=()), 8, 32).astype(int)
         covered = np.any(render(scene, 8, 32) != empty, axis=-1)  # either shape, rims included
@@ -147,7 +149,7 @@ def test_trail_paints_the_whole_path_which_no_single_frame_shows():
     trail_world = shapes_world(prompts, seed=0)
     assert set(trail_world.edits) == {"trail", "background"} and trail_world.speeds == (0.06, 0.12)
     assert yaml.safe_load((ROOT / "configs/shapes-trail.yaml").read_text())["data"]["num_frames"] == trail_world.num_frames
-    assert Scene("gray", False, ()).trail is None
+    assert not Scene("gray", False, ()).trail
 
 
 def test_right_shape_share_tells_the_named_shape_from_a_hedge():
