@@ -420,6 +420,22 @@ def test_text_encoder_training_is_checkpointed(tmp_path, one_sample):
     assert all(torch.equal(v, after[k]) for k, v in pipe.editor.text_encoder.state_dict().items())
 
 
+def test_text_encoder_lr_sets_the_text_encoders_step(tmp_path, one_sample):
+    """Adam's first step moves each weight by its group's learning rate (times the sign of its
+    gradient), so one step shows which rate each part trained with."""
+    L.seed_everything(0)
+    module = EditorModule(editor="tiny", trainable="all", train_text_encoder=True, lr=1e-4, text_encoder_lr=1e-2)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    dm = ShardDataModule(shards=str(one_sample), num_frames=4, resolution=32, batch_size=2, augment=False)
+    trainer(tmp_path, 1).fit(module, dm)
+    moved = {k: (v - before[k]).abs().max().item() for k, v in module.state_dict().items() if v.is_floating_point()}
+    text = max(v for k, v in moved.items() if k.startswith("text_encoder."))
+    unet = max(v for k, v in moved.items() if k.startswith("unet."))
+    assert text == pytest.approx(1e-2, rel=1e-3) and unet == pytest.approx(1e-4, rel=1e-3)
+    with pytest.raises(ValueError, match="text_encoder_lr"):
+        EditorModule(editor="tiny", train_text_encoder=True, text_encoder_lr=0.0)
+
+
 def test_loss_weightings():
     from model import build_editor, tiny_config
     from train.objective import loss_weights

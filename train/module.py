@@ -53,6 +53,8 @@ class EditorModule(L.LightningModule):
             1 gives a small edit's clip the same pull as a large one's. See
             :func:`train.objective.edit_size_weights`.
         train_text_encoder: also train the CLIP text encoder (for editors trained from scratch).
+        text_encoder_lr: the text encoder's peak learning rate when it trains (default ``lr``); the
+            warm-up and schedule scale it like ``lr``.
         cached_latents: train on a latent cache (``data.cached``, linked by ``lightning fit``): the
             VAE's weights are not loaded (it is read in full only to export the editor), and cached
             text states replace the text encoder's (unless it trains).
@@ -87,6 +89,7 @@ class EditorModule(L.LightningModule):
         edit_size_balance: float = 0.0,
         edit_size_floor: float = 1e-3,
         train_text_encoder: bool = False,
+        text_encoder_lr: float | None = None,
         cached_latents: bool = False,
         gradient_checkpointing: bool = False,
         ema_decay: float | None = None,
@@ -97,6 +100,8 @@ class EditorModule(L.LightningModule):
         self.save_hyperparameters()
         if lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
+        if text_encoder_lr is not None and text_encoder_lr <= 0:
+            raise ValueError(f"text_encoder_lr must be > 0 (or null: lr), got {text_encoder_lr}")
         if loss_weighting not in LOSS_WEIGHTINGS:
             raise ValueError(f"loss_weighting must be one of {', '.join(LOSS_WEIGHTINGS)}, got {loss_weighting!r}")
         if not 0.0 <= edit_balance <= 1.0:
@@ -237,9 +242,15 @@ class EditorModule(L.LightningModule):
 
     # ---------------------------------------------------------------- optimisation
     def configure_optimizers(self):
-        params = list(self.trainable_parameters().values())
+        params = self.trainable_parameters()
+        groups = [{"params": list(params.values())}]
+        if self.hparams.text_encoder_lr is not None:  # a group of its own only when asked: old checkpoints resume
+            text = {n for n in params if n.startswith("text_encoder.")}
+            groups = [{"params": [p for n, p in params.items() if n not in text]},
+                      {"params": [params[n] for n in text], "lr": self.hparams.text_encoder_lr}]
+            groups = [g for g in groups if g["params"]]
         optimizer = torch.optim.AdamW(
-            params, lr=self.hparams.lr, betas=tuple(self.hparams.betas), weight_decay=self.hparams.weight_decay
+            groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas), weight_decay=self.hparams.weight_decay
         )
         warmup, schedule = self.hparams.warmup_steps, self.hparams.lr_schedule
         total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
