@@ -432,8 +432,9 @@ def test_text_encoder_lr_sets_the_text_encoders_step(tmp_path, one_sample):
     text = max(v for k, v in moved.items() if k.startswith("text_encoder."))
     unet = max(v for k, v in moved.items() if k.startswith("unet."))
     assert text == pytest.approx(1e-2, rel=1e-3) and unet == pytest.approx(1e-4, rel=1e-3)
-    with pytest.raises(ValueError, match="text_encoder_lr"):
-        EditorModule(editor="tiny", train_text_encoder=True, text_encoder_lr=0.0)
+    for bad in (dict(train_text_encoder=True, text_encoder_lr=0.0), dict(train_text_encoder=False, text_encoder_lr=1e-3)):
+        with pytest.raises(ValueError, match="text_encoder_lr"):
+            EditorModule(editor="tiny", **bad)
 
 
 def test_loss_weightings():

@@ -100,8 +100,9 @@ class EditorModule(L.LightningModule):
         self.save_hyperparameters()
         if lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
-        if text_encoder_lr is not None and text_encoder_lr <= 0:
-            raise ValueError(f"text_encoder_lr must be > 0 (or null: lr), got {text_encoder_lr}")
+        if text_encoder_lr is not None and (text_encoder_lr <= 0 or not train_text_encoder):
+            raise ValueError(f"text_encoder_lr must be > 0 (or null: lr) and needs train_text_encoder: true, "
+                             f"got {text_encoder_lr} with train_text_encoder: {train_text_encoder}")
         if loss_weighting not in LOSS_WEIGHTINGS:
             raise ValueError(f"loss_weighting must be one of {', '.join(LOSS_WEIGHTINGS)}, got {loss_weighting!r}")
         if not 0.0 <= edit_balance <= 1.0:
