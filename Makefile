@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX_URL ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup demo demo-long demo-ablation demo-long-ablation demo-large demo-large-ablation demo-trail demo-trail-ablation test bench clean
+.PHONY: setup demo demo-long demo-ablation demo-curriculum demo-long-ablation demo-large demo-large-ablation demo-trail demo-trail-ablation test bench clean
 
 setup: $(VENV)/.installed
 
@@ -51,6 +51,17 @@ demo-ablation: setup
 	$(VENV)/bin/lightning fit --config configs/shapes.yaml --config configs/shapes-ablation.yaml
 	$(VENV)/bin/python -m synth.demo $(WORLD) --editor outputs/demo-ablation/editor --out outputs/demo \
 		--report ablation.json --no-one-step --long-clips 0 --picture ablation.png
+
+# The demo's recipe with a curriculum: 200 steps on recolour clips alone, then 700 on the demo's
+# mix (configs/shapes-curriculum.yaml); writes outputs/demo-curriculum/metrics.json.
+demo-curriculum: setup
+	$(VENV)/bin/synth build --config configs/synth/shapes.yaml --out outputs/demo/shards \
+		--num-samples $(DEMO_SAMPLES) --resume
+	$(VENV)/bin/synth build --config configs/synth/shapes-recolour.yaml \
+		--out outputs/demo-curriculum/recolour-shards --num-samples 2000 --resume
+	$(VENV)/bin/lightning fit --config configs/shapes.yaml --config configs/shapes-curriculum.yaml
+	$(VENV)/bin/python -m synth.demo $(WORLD) --editor outputs/demo-curriculum/editor \
+		--out outputs/demo-curriculum --no-one-step --long-clips 0
 
 # The temporal ablation of demo-long: its 4,000-step recipe with the motion modules frozen at zero
 # output; writes outputs/demo-long/ablation.json and ablation-moving.json beside demo-long's
