@@ -441,6 +441,32 @@ def test_text_encoder_lr_sets_the_text_encoders_step(tmp_path, one_sample):
             EditorModule(editor="tiny", **bad)
 
 
+def test_motion_frozen_steps_train_the_temporal_layers_only_after_them(tmp_path, one_sample):
+    """The motion modules keep their initial weights for motion_frozen_steps optimizer steps while
+    the spatial layers train, and train from the next step on."""
+    from model.trainable import MOTION_PATTERN
+    import fnmatch
+
+    def moved(steps, frozen):
+        L.seed_everything(0)
+        module = EditorModule(editor="tiny", trainable="all", lr=1e-3, motion_frozen_steps=frozen)
+        before = {k: v.clone() for k, v in module.unet.state_dict().items()}
+        dm = ShardDataModule(shards=str(one_sample), num_frames=4, resolution=32, batch_size=2, augment=False)
+        trainer(tmp_path / f"{steps}-{frozen}", steps).fit(module, dm)
+        change = {k: (v - before[k]).abs().max().item() for k, v in module.unet.state_dict().items() if v.is_floating_point()}
+        motion = max(v for k, v in change.items() if fnmatch.fnmatchcase(k, MOTION_PATTERN))
+        spatial = max(v for k, v in change.items() if not fnmatch.fnmatchcase(k, MOTION_PATTERN))
+        return motion, spatial
+
+    motion, spatial = moved(2, frozen=2)
+    assert motion == 0.0 and spatial > 1e-4
+    motion, spatial = moved(3, frozen=2)
+    assert motion > 1e-4 and spatial > 1e-4
+    for bad in (dict(trainable="all", motion_frozen_steps=-1), dict(trainable="spatial", motion_frozen_steps=10)):
+        with pytest.raises(ValueError, match="motion_frozen_steps"):
+            EditorModule(editor="tiny", **bad)
+
+
 def test_loss_weightings():
     from model import build_editor, tiny_config
     from train.objective import loss_weights

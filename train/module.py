@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import os
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 from infer.pipeline import CHECKPOINT_KEY, editor_from_weights
 from model import EditorLoadError, load_editor, load_vae, posterior_sample, set_trainable
 from model.lora import DEFAULT_TARGETS, add_lora, merge_lora, save_lora
-from model.trainable import count_parameters
+from model.trainable import MOTION_PATTERN, count_parameters
 
 from .objective import LOSS_WEIGHTINGS, dropout_masks, edit_balanced_weights, edit_size_weights, loss_weights, regression_target, sample_timesteps
 from .strategies import is_sharded, shard_editor
@@ -59,6 +60,9 @@ class EditorModule(L.LightningModule):
             VAE's weights are not loaded (it is read in full only to export the editor), and cached
             text states replace the text encoder's (unless it trains).
         gradient_checkpointing: recompute U-Net activations in backward.
+        motion_frozen_steps: the temporal layers keep their initial weights for this many optimizer
+            steps while the rest trains (a per-frame editor first, as an image model is trained
+            before its motion modules are added), then train with the rest.
         ema_decay: keep an exponential moving average of the trainable weights (exported).
         seed: base of the per-step random streams (noise, timesteps, dropout): a resumed run
             draws exactly what an uninterrupted one would.
@@ -92,6 +96,7 @@ class EditorModule(L.LightningModule):
         text_encoder_lr: float | None = None,
         cached_latents: bool = False,
         gradient_checkpointing: bool = False,
+        motion_frozen_steps: int = 0,
         ema_decay: float | None = None,
         seed: int = 0,
         export_dir: str | None = None,
@@ -135,6 +140,9 @@ class EditorModule(L.LightningModule):
             self.counts = set_trainable(self.unet, trainable)
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
+        if motion_frozen_steps < 0 or (motion_frozen_steps and not self._motion_parameters()):
+            raise ValueError(f"motion_frozen_steps must be >= 0 and needs trainable temporal layers (trainable: "
+                             f"{trainable!r}), got {motion_frozen_steps}")
         self.strict_loading = False  # checkpoints hold only the trainable weights
         self.ema: dict[str, torch.Tensor] | None = None
 
@@ -266,6 +274,16 @@ class EditorModule(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self.global_step < self.hparams.motion_frozen_steps:
+            # no gradient, no step: AdamW skips the parameter (no update, no decay, no moments yet)
+            for param in self._motion_parameters():
+                param.grad = None
+
+    def _motion_parameters(self) -> list[torch.nn.Parameter]:
+        """The trainable parameters of the temporal layers (the motion modules)."""
+        return [p for n, p in self.named_parameters() if p.requires_grad and fnmatch.fnmatchcase(n, MOTION_PATTERN)]
 
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)
