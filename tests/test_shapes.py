@@ -337,3 +337,9 @@ def test_demo_and_its_ablation_read_recolour_clips_first_then_the_demo_mix():
         for config, (_, shards, _, _) in zip(["shapes-recolour.yaml", "shapes.yaml"], sources):
             assert f"synth build --config configs/synth/{config} --out {shards}" in target
         assert "lightning fit --config configs/shapes.yaml --config configs/shapes-curriculum.yaml" in target
+    # the demo's temporal layers join late; its ablation, whose temporal layers never train, unsets that
+    model = {**yaml.safe_load((ROOT / "configs/shapes.yaml").read_text())["model"],
+             **yaml.safe_load((ROOT / "configs/shapes-curriculum.yaml").read_text())["model"]}
+    ablation = {**model, **yaml.safe_load((ROOT / "configs/shapes-ablation.yaml").read_text())["model"]}
+    assert model["trainable"] == "all" and 0 < model["motion_frozen_steps"] < 900
+    assert ablation["trainable"] == "spatial" and ablation["motion_frozen_steps"] == 0
