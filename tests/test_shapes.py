@@ -325,9 +325,9 @@ def test_demo_and_its_ablation_read_recolour_clips_first_then_the_demo_mix():
     world = shapes_world(recolour["prompts"], seed=recolour["seed"])
     assert {world.kind(i) for i in range(50)} == {"recolor"}
 
-    base = yaml.safe_load((ROOT / "configs/shapes.yaml").read_text())["data"]
-    layer = yaml.safe_load((ROOT / "configs/shapes-curriculum.yaml").read_text())["data"]
-    sources = ShardDataModule(**{**base, **layer})._sources()
+    recipe, layer, ablation_layer = (yaml.safe_load((ROOT / "configs" / name).read_text())
+                                     for name in ("shapes.yaml", "shapes-curriculum.yaml", "shapes-ablation.yaml"))
+    sources = ShardDataModule(**{**recipe["data"], **layer["data"]})._sources()
     (*_, first_window), (*_, second_window) = sources
     assert [drawn_in(first_window, e) for e in range(4)] == [True, False, False, False]
     assert [drawn_in(second_window, e) for e in range(4)] == [False, True, True, True]
@@ -338,8 +338,7 @@ def test_demo_and_its_ablation_read_recolour_clips_first_then_the_demo_mix():
             assert f"synth build --config configs/synth/{config} --out {shards}" in target
         assert "lightning fit --config configs/shapes.yaml --config configs/shapes-curriculum.yaml" in target
     # the demo's temporal layers join late; its ablation, whose temporal layers never train, unsets that
-    model = {**yaml.safe_load((ROOT / "configs/shapes.yaml").read_text())["model"],
-             **yaml.safe_load((ROOT / "configs/shapes-curriculum.yaml").read_text())["model"]}
-    ablation = {**model, **yaml.safe_load((ROOT / "configs/shapes-ablation.yaml").read_text())["model"]}
+    model = {**recipe["model"], **layer["model"]}
+    ablation = {**model, **ablation_layer["model"]}
     assert model["trainable"] == "all" and 0 < model["motion_frozen_steps"] < 900
     assert ablation["trainable"] == "spatial" and ablation["motion_frozen_steps"] == 0
