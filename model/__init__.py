@@ -11,7 +11,14 @@ from .editor import (
     source_prior_estimate,
     source_prior_posterior_std,
 )
-from .inflate import inflate, motion_modules, widened_conv_in, zero_motion_outputs
+from .inflate import (
+    inflate,
+    is_identity_motion_module,
+    motion_modules,
+    skipping_identity_motion_modules,
+    widened_conv_in,
+    zero_motion_outputs,
+)
 from .norm_layout import NORM_LAYOUTS, norm_layout_of, set_norm_layout
 from .tokenizer import tiny_clip_tokenizer
 from .trainable import ParameterCount, count_parameters, set_trainable
@@ -23,6 +30,7 @@ __all__ = [
     "build_editor",
     "count_parameters",
     "inflate",
+    "is_identity_motion_module",
     "load_editor",
     "load_vae",
     "motion_modules",
@@ -34,6 +42,7 @@ __all__ = [
     "set_norm_layout",
     "set_trainable",
     "shipped_config",
+    "skipping_identity_motion_modules",
     "source_prior_estimate",
     "source_prior_posterior_std",
     "SAMPLING_KEYS",

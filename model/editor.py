@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from diffusers import AutoencoderKL, MotionAdapter, UNet2DConditionModel, UNetMo
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from .inflate import MIN_TEMPORAL_POSITIONS, inflate
+from .inflate import MIN_TEMPORAL_POSITIONS, inflate, skipping_identity_motion_modules
 from .norm_layout import NORM_LAYOUTS, norm_layout_of, set_norm_layout
 
 COMPONENTS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
@@ -200,8 +201,11 @@ class Editor:
         states = text_states.repeat_interleave(frames, dim=0).to(dtype)
         # a U-Net built with time_cond_proj_dim also takes the prompt as one vector in its time embedding
         pooled = pooled_text(text_states).to(dtype) if self.unet.config.get("time_cond_proj_dim") else None
-        out = self.unet(torch.cat([noisy, condition.to(noisy.dtype)], dim=1).to(dtype), timestep,
-                        encoder_hidden_states=states, timestep_cond=pooled).sample.to(noisy.dtype)
+        # without gradients, identity temporal layers (a 2D editor's zeroed ones) are left out: same output
+        skipping = contextlib.nullcontext() if torch.is_grad_enabled() else skipping_identity_motion_modules(self.unet)
+        with skipping:
+            out = self.unet(torch.cat([noisy, condition.to(noisy.dtype)], dim=1).to(dtype), timestep,
+                            encoder_hidden_states=states, timestep_cond=pooled).sample.to(noisy.dtype)
         condition = condition.to(noisy.dtype)
         if self.source_prior_std is not None:
             alpha_bar = self.alpha_bar(timestep, out)

@@ -266,6 +266,42 @@ def test_custom_motion_layout_with_zeroed_outputs_starts_per_frame():
     assert frames_mixed(build_editor({**config, "zero_motion_outputs": False}).unet) > 1e-3
 
 
+@torch.no_grad()
+def test_identity_motion_modules_are_skipped_with_the_same_output():
+    """Inside skipping_identity_motion_modules the zeroed (identity) motion modules do not run, the
+    U-Net's output is bit-identical, a module that is no longer the identity still runs, and on
+    leaving the context every module runs again, with the state dict untouched throughout."""
+    from model import is_identity_motion_module, skipping_identity_motion_modules
+
+    unet = build_editor(shipped_config("model/shapes-pixel.yaml")).unet
+    modules = motion_modules(unet)
+    assert modules and all(is_identity_motion_module(m) for m in modules)
+    calls = []
+    for i, module in enumerate(modules):
+        module.transformer_blocks[0].register_forward_hook(lambda *_, i=i: calls.append(i))
+    torch.manual_seed(0)
+    sample, text = torch.randn(1, 6, 4, 16, 16), torch.randn(4, 10, 64)
+    torch.nn.init.normal_(unet.conv_out.weight, std=0.1)
+    run = lambda: unet(sample, 10, encoder_hidden_states=text).sample  # noqa: E731
+    keys = list(unet.state_dict())
+
+    full = run()
+    assert sorted(calls) == list(range(len(modules)))
+    calls.clear()
+    with skipping_identity_motion_modules(unet) as skipped:
+        assert torch.equal(run(), full) and skipped == len(modules) and calls == []
+    assert list(unet.state_dict()) == keys
+    torch.nn.init.normal_(modules[0].proj_out.weight, std=0.1)  # now it mixes frames: it must run
+    assert not is_identity_motion_module(modules[0])
+    mixed = run()
+    calls.clear()
+    with skipping_identity_motion_modules(unet) as skipped:
+        assert torch.equal(run(), mixed) and skipped == len(modules) - 1 and calls == [0]
+    calls.clear()
+    run()
+    assert sorted(calls) == list(range(len(modules)))
+
+
 def test_build_editor_rejects_bad_configs():
     cfg = tiny_config()
     cfg["unet"]["out_channels"] = 3

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import lightning as L
 import numpy as np
@@ -443,25 +445,36 @@ def test_text_encoder_lr_sets_the_text_encoders_step(tmp_path, one_sample):
 
 def test_motion_frozen_steps_train_the_temporal_layers_only_after_them(tmp_path, one_sample):
     """The motion modules keep their initial weights for motion_frozen_steps optimizer steps while
-    the spatial layers train, and train from the next step on."""
+    the spatial layers train, and train from the next step on. While frozen, the (identity) motion
+    modules are left out of the forward pass, and the weights come out bit-identical to a run that
+    computes them."""
+    from model import motion_modules
     from model.trainable import MOTION_PATTERN
     import fnmatch
+    import train.module
 
-    def moved(steps, frozen):
+    def moved(steps, frozen, skip=True):
         L.seed_everything(0)
         module = EditorModule(editor="tiny", trainable="all", lr=1e-3, motion_frozen_steps=frozen)
         before = {k: v.clone() for k, v in module.unet.state_dict().items()}
+        calls = []
+        for m in motion_modules(module.unet):
+            m.transformer_blocks[0].register_forward_hook(lambda *_: calls.append(module.global_step))
         dm = ShardDataModule(shards=str(one_sample), num_frames=4, resolution=32, batch_size=2, augment=False)
-        trainer(tmp_path / f"{steps}-{frozen}", steps).fit(module, dm)
+        with mock.patch.object(train.module, "skipping_identity_motion_modules",
+                               train.module.skipping_identity_motion_modules if skip else lambda _: contextlib.nullcontext()):
+            trainer(tmp_path / f"{steps}-{frozen}-{skip}", steps).fit(module, dm)
         change = {k: (v - before[k]).abs().max().item() for k, v in module.unet.state_dict().items() if v.is_floating_point()}
         motion = max(v for k, v in change.items() if fnmatch.fnmatchcase(k, MOTION_PATTERN))
         spatial = max(v for k, v in change.items() if not fnmatch.fnmatchcase(k, MOTION_PATTERN))
-        return motion, spatial
+        return motion, spatial, sorted(set(calls)), module.unet.state_dict()
 
-    motion, spatial = moved(2, frozen=2)
-    assert motion == 0.0 and spatial > 1e-4
-    motion, spatial = moved(3, frozen=2)
-    assert motion > 1e-4 and spatial > 1e-4
+    motion, spatial, calls, skipped = moved(2, frozen=2)
+    assert motion == 0.0 and spatial > 1e-4 and calls == []
+    *_, computed = moved(2, frozen=2, skip=False)
+    assert all(torch.equal(skipped[k], computed[k]) for k in computed)
+    motion, spatial, calls, _ = moved(3, frozen=2)
+    assert motion > 1e-4 and spatial > 1e-4 and calls == [2]
     for bad in (dict(trainable="all", motion_frozen_steps=-1), dict(trainable="spatial", motion_frozen_steps=10)):
         with pytest.raises(ValueError, match="motion_frozen_steps"):
             EditorModule(editor="tiny", **bad)
