@@ -32,7 +32,7 @@ export WARM_IMPORTS
 
 # The main job: the shapes world end to end on CPU. synth build makes exact (source, edited) pairs
 # (the demo's mix, and recolour clips alone for the first 200 steps; the temporal layers train from
-# step 450: configs/shapes-curriculum.yaml),
+# step 700: configs/shapes-curriculum.yaml),
 # lightning fit trains a pixel-space editor from scratch, synth.demo edits held-out clips and
 # writes outputs/demo/metrics.json and outputs/demo/samples.png.
 DEMO_SAMPLES ?= 4000

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from infer.latent_cache import encode_pair  # noqa: E402
-from model import build_editor, set_trainable, shipped_config  # noqa: E402
+from model import build_editor, set_trainable, shipped_config, skipping_identity_motion_modules  # noqa: E402
 from train import EditorModule, ShardDataModule  # noqa: E402
 
 
@@ -209,6 +209,14 @@ def shapes_heads(args) -> None:
         module = EditorModule(editor=config, trainable="all", loss_weighting="preconditioned")
         seconds, flops = time_steps(module, batch, args.iters, "32-true", device)
         print(f"shapes editor, {heads} temporal head(s): {seconds * 1e3:.0f} ms/step, {flops / 1e9:.1f} GFLOP/step")
+    # the demo's first motion_frozen_steps steps (and the 2D ablation's every step): the identity
+    # temporal layers take no step, so the trainer leaves them out of the forward pass
+    module = EditorModule(editor=shipped_config("model/shapes-pixel.yaml"), trainable="all",
+                          loss_weighting="preconditioned")
+    with skipping_identity_motion_modules(module.unet) as skipped:
+        seconds, flops = time_steps(module, batch, args.iters, "32-true", device)
+    print(f"shapes editor, {skipped} identity temporal layers left out (while frozen): {seconds * 1e3:.0f} ms/step, "
+          f"{flops / 1e9:.1f} GFLOP/step")
 
 
 def main() -> None:

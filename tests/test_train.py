@@ -317,6 +317,18 @@ def test_cli_fit_print_config_and_rerun(tmp_path, shards):
     assert (tmp_path / "outputs/train-tiny/checkpoints/last.ckpt").read_bytes() == before
 
 
+def test_cli_fit_with_missing_shards_is_one_line_and_writes_nothing(tmp_path, capsys):
+    """Bad data paths fail before the trainer's logger makes the run's (empty) version folder."""
+    from train.cli import main
+
+    root = tmp_path / "run"
+    code = main(["fit", "--config", str(ROOT / "configs" / "tiny.yaml"), "--data.shards", str(tmp_path / "none-*.tar"),
+                 "--trainer.default_root_dir", str(root)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1] == f"lightning: error: no shards match '{tmp_path / 'none-*.tar'}'"
+    assert not root.exists()
+
+
 def test_cli_fit_stopped_by_sigterm_exits_non_zero(tmp_path, shards):
     """A preempted run (SIGTERM) must not exit 0 as if finished: nothing was exported, and a job
     chained after it (``make demo``) or a scheduler must see that it stopped."""

@@ -48,6 +48,11 @@ class EditorCLI(LightningCLI):
                 init_args["save_dir"] = init_args["save_dir"].replace(ROOT_PLACEHOLDER, root)
 
 
+    def before_fit(self) -> None:
+        # bad data paths fail here, before the trainer's logger makes an empty version folder
+        self.datamodule.setup("fit")
+
+
 def _is_set(value) -> bool:
     return bool(value)
 
