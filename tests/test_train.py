@@ -317,10 +317,11 @@ def test_cli_fit_print_config_and_rerun(tmp_path, shards):
     assert (tmp_path / "outputs/train-tiny/checkpoints/last.ckpt").read_bytes() == before
 
 
-def test_cli_fit_with_missing_shards_is_one_line_and_writes_nothing(tmp_path, capsys):
+def test_cli_fit_with_missing_shards_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch):
     """Bad data paths fail before the trainer's logger makes the run's (empty) version folder."""
     from train.cli import main
 
+    monkeypatch.setattr(sys, "argv", ["lightning"])  # the args below, not pytest's own
     root = tmp_path / "run"
     code = main(["fit", "--config", str(ROOT / "configs" / "tiny.yaml"), "--data.shards", str(tmp_path / "none-*.tar"),
                  "--trainer.default_root_dir", str(root)])
