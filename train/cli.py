@@ -47,7 +47,6 @@ class EditorCLI(LightningCLI):
             if init_args is not None and isinstance(init_args.get("save_dir"), str):
                 init_args["save_dir"] = init_args["save_dir"].replace(ROOT_PLACEHOLDER, root)
 
-
     def before_fit(self) -> None:
         # bad data paths fail here, before the trainer's logger makes an empty version folder
         self.datamodule.setup("fit")

@@ -7,7 +7,7 @@ import fnmatch
 import math
 import os
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Iterator, Union
 
 import lightning as L
 import numpy as np
@@ -141,7 +141,7 @@ class EditorModule(L.LightningModule):
             self.counts = set_trainable(self.unet, trainable)
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-        if motion_frozen_steps < 0 or (motion_frozen_steps and not self._motion_parameters()):
+        if motion_frozen_steps < 0 or (motion_frozen_steps and not self._motion_trains()):
             raise ValueError(f"motion_frozen_steps must be >= 0 and needs trainable temporal layers (trainable: "
                              f"{trainable!r}), got {motion_frozen_steps}")
         self.strict_loading = False  # checkpoints hold only the trainable weights
@@ -287,13 +287,17 @@ class EditorModule(L.LightningModule):
         """A context leaving the temporal layers out of this step's forward pass when they take no
         step now (frozen, or before ``motion_frozen_steps``) and are still identity maps (zeroed
         outputs): the same loss and gradients, at about two thirds of the step's time."""
-        if self.global_step >= self.hparams.motion_frozen_steps and self._motion_parameters():
+        if self.global_step >= self.hparams.motion_frozen_steps and self._motion_trains():
             return contextlib.nullcontext()
         return skipping_identity_motion_modules(self.unet)
 
-    def _motion_parameters(self) -> list[torch.nn.Parameter]:
-        """The trainable parameters of the temporal layers (the motion modules)."""
-        return [p for n, p in self.named_parameters() if p.requires_grad and fnmatch.fnmatchcase(n, MOTION_PATTERN)]
+    def _motion_trains(self) -> bool:
+        """Whether any temporal-layer parameter trains (stops at the first: it runs every step)."""
+        return next(self._motion_parameters(), None) is not None
+
+    def _motion_parameters(self) -> Iterator[torch.nn.Parameter]:
+        """The trainable parameters of the temporal layers (the motion modules), lazily."""
+        return (p for n, p in self.named_parameters() if p.requires_grad and fnmatch.fnmatchcase(n, MOTION_PATTERN))
 
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)
