@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import cv2
+from diffusers import SchedulerMixin
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -116,12 +117,29 @@ def editor_from_weights(spec: Any, lora: dict[str, Any] | None, weights: dict[st
     return editor
 
 
+def sampling_scheduler(name: str, current: SchedulerMixin) -> SchedulerMixin:
+    """Scheduler ``name`` on ``current``'s noise schedule and prediction type, after one trial step
+    on a tiny tensor: a scheduler that cannot take the editor's prediction type, or the sampler's
+    seeded ``step``, fails here with one ValueError, not in the middle of an edit."""
+    cls = scheduler_class(name)
+    probe = cls.from_config(current.config)
+    try:
+        probe.set_timesteps(2)
+        x = torch.zeros(1, 1, 1, 1)
+        probe.step(x, probe.timesteps[0], x, generator=torch.Generator().manual_seed(0))
+    except Exception as err:  # diffusers raises NotImplementedError, ValueError or TypeError here
+        kind = current.config.get("prediction_type", "epsilon")
+        raise ValueError(f"scheduler {name} cannot sample this editor ({kind} prediction): "
+                         f"{type(err).__name__}: {err}") from None
+    return cls.from_config(current.config)  # a fresh one: the trial step moved the probe's state
+
+
 class InsV2VPipeline:
     """An editor plus a sampling scheduler; call it on frames with an instruction."""
 
     def __init__(self, editor: Editor, scheduler: str | None = None):
         self.editor = editor
-        self.scheduler = (scheduler_class(scheduler) if scheduler else type(editor.scheduler)).from_config(
+        self.scheduler = sampling_scheduler(scheduler, editor.scheduler) if scheduler else type(editor.scheduler).from_config(
             editor.scheduler.config
         )
 
@@ -182,7 +200,7 @@ class InsV2VPipeline:
 
     def set_scheduler(self, name: str) -> None:
         """Sample with another diffusers scheduler (same noise schedule)."""
-        self.scheduler = scheduler_class(name).from_config(self.scheduler.config)
+        self.scheduler = sampling_scheduler(name, self.scheduler)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "InsV2VPipeline":
         """Move to ``device``; run the text encoder and U-Net in ``dtype`` (the VAE stays float32,

@@ -38,6 +38,7 @@ class Shape:
     size: float  # radius, fraction of the frame
     vx: float  # per frame, fraction of the frame
     vy: float
+    visible: bool = True  # False: removed by an edit (kept in place so scenes still pair shape by shape)
 
     @property
     def moving(self) -> bool:
@@ -86,15 +87,16 @@ def render(scene: Scene, frames: int, size: int, supersample: int = 4) -> np.nda
     else:
         base[:] = color
     base = base.astype(np.uint8)
-    tracks = [positions(s, frames) for s in scene.shapes]
-    for shape, track in zip(scene.shapes, tracks):
+    shapes = [s for s in scene.shapes if s.visible]
+    tracks = [positions(s, frames) for s in shapes]
+    for shape, track in zip(shapes, tracks):
         if scene.trail and shape.moving:  # every place the shape visits, in every frame: only the clip's motion tells
             for x, y in track:
                 _draw(base, shape, x * big, y * big, shape.size * big, COLORS[shape.color])
     video = np.empty((frames, size, size, 3), np.uint8)
     for f in range(frames):
         canvas = base.copy()
-        for shape, track in zip(scene.shapes, tracks):
+        for shape, track in zip(shapes, tracks):
             _draw(canvas, shape, track[f][0] * big, track[f][1] * big, shape.size * big, COLORS[shape.color])
         video[f] = cv2.resize(canvas, (size, size), interpolation=cv2.INTER_AREA)
     return video
@@ -120,7 +122,7 @@ def edited_regions(scene: Scene, edited: Scene, frames: int, size: int) -> tuple
 
 def caption(scene: Scene, rng: random.Random) -> str:
     parts = []
-    for s in scene.shapes:
+    for s in (s for s in scene.shapes if s.visible):
         parts.append(f"a {s.color} {s.kind} {rng.choice(MOTION_WORDS[s.moving])}"
                      + (" leaving a trail" if scene.trail and s.moving else ""))
     bg = f"a {scene.background} {'gradient ' if scene.gradient else ''}background"
@@ -131,9 +133,14 @@ EDITS = ("recolor", "background", "swap", "recolor_moving")
 # Edits a world may ask for besides the default mix. "trail" paints the moving shape's whole path,
 # in its own colour, under every frame (a long exposure): no single frame shows the path, so a
 # per-frame editor cannot make it, and no colour has to be read from the instruction.
-ALL_EDITS = EDITS + ("trail",)
+# "remove_moving" erases the moving shape of a scene with one moving and one still shape: one frame
+# does not say which of the two to erase, and no colour or shape name has to be read.
+ALL_EDITS = EDITS + ("trail", "remove_moving")
 TRAIL_WORDS = ("leave a trail behind the moving shape", "show the path of the moving shape",
                "draw where the moving shape goes")
+REMOVE_WORDS = ("remove the moving shape", "erase the moving shape", "delete the moving shape")
+# edits that name "the moving shape": their scenes have one moving and one still shape
+MOTION_EDITS = ("recolor_moving", "trail", "remove_moving")
 
 
 def random_scene(rng: random.Random, need_static: bool = False, speeds: tuple[float, float] = SPEEDS,
@@ -163,11 +170,14 @@ def edit_scene(scene: Scene, kind: str, rng: random.Random) -> tuple[Scene, str]
     if kind == "trail":
         return replace(scene, trail=True), rng.choice(TRAIL_WORDS)
     index = rng.randrange(len(scene.shapes))
-    if kind == "recolor_moving":
+    if kind in ("recolor_moving", "remove_moving"):
         index = next(i for i, s in enumerate(scene.shapes) if s.moving)
     target = scene.shapes[index]
     shapes = list(scene.shapes)
-    if kind == "swap":
+    if kind == "remove_moving":
+        shapes[index] = replace(target, visible=False)
+        text = rng.choice(REMOVE_WORDS)
+    elif kind == "swap":
         others = [k for k in SHAPES if k not in {s.kind for s in scene.shapes}] or [k for k in SHAPES if k != target.kind]
         new_kind = rng.choice(others)
         shapes[index] = replace(target, kind=new_kind)
@@ -228,7 +238,7 @@ class ShapesWorld:
         """The triplet and the (source, edited) scenes behind clip ``index``."""
         rng = self._rng(index)
         kind = rng.choice(self.edits)  # the draw kind() repeats
-        scene = random_scene(rng, need_static=kind in ("recolor_moving", "trail"), speeds=self.speeds, radii=self.radii,
+        scene = random_scene(rng, need_static=kind in MOTION_EDITS, speeds=self.speeds, radii=self.radii,
                              counts=self.counts)
         edited, instruction = edit_scene(scene, kind, rng)
         words = random.Random(rng.random())  # same wording for both captions' motion words

@@ -201,6 +201,23 @@ def test_scheduler_by_name_and_round_trip(pipe, tmp_path):
     assert loaded(video, "make it red", generator=gen(), **FAST).frames.shape == video.shape
     with pytest.raises(ValueError, match="unknown scheduler"):
         loaded.set_scheduler("NoSuchScheduler")
+    # Heun's step takes no generator: refused when chosen, not at the first step of an edit
+    with pytest.raises(ValueError, match="scheduler HeunDiscreteScheduler cannot sample this editor .*generator"):
+        loaded.set_scheduler("HeunDiscreteScheduler")
+    assert type(loaded.scheduler).__name__ == "DDIMScheduler"  # the one in use is kept
+
+
+def test_scheduler_is_refused_for_a_prediction_type_it_cannot_take():
+    from diffusers import DDIMScheduler
+
+    from infer.pipeline import sampling_scheduler
+
+    x0_editor = DDIMScheduler(prediction_type="sample", timestep_spacing="trailing")
+    with pytest.raises(ValueError, match=r"EulerAncestralDiscreteScheduler cannot sample this editor \(sample prediction\)"):
+        sampling_scheduler("EulerAncestralDiscreteScheduler", x0_editor)
+    ddpm = sampling_scheduler("DDPMScheduler", x0_editor)
+    assert type(ddpm).__name__ == "DDPMScheduler" and ddpm.config.prediction_type == "sample"
+    assert ddpm.num_inference_steps is None  # a fresh scheduler, not the probe that took a step
 
 
 def test_from_checkpoint_loads_trained_weights(pipe, tmp_path):
@@ -301,6 +318,8 @@ def _empty(tmp_path):
         ("bad lvsc", ["{car}", "--prompt", "x", "--lvsc", "2"], "must be in [0, 1]"),
         ("no prompt", ["{car}"], "required: --prompt"),
         ("bad model", ["{car}", "--prompt", "x", "--model", "{tmp}/nomodel"], "no editor at"),
+        ("unknown scheduler", ["{car}", "--prompt", "x", "--scheduler", "NoSuchScheduler"], "unknown scheduler"),
+        ("scheduler unfit", ["{car}", "--prompt", "x", "--scheduler", "HeunDiscreteScheduler"], "cannot sample this editor"),
     ],
 )
 def test_cli_bad_input_one_line_exit_2_no_output(tmp_path, capsys, monkeypatch, case, args, message):

@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from synth.build import shapes_world
-from synth.shapes import (ALL_EDITS, COLORS, EDITS, RADII, SHAPE_COUNTS, SPEEDS, Scene, Shape, ShapesWorld, positions,
-                          random_scene, render)
+from synth.shapes import (ALL_EDITS, COLORS, EDITS, RADII, REMOVE_WORDS, SHAPE_COUNTS, SPEEDS, Scene, Shape, ShapesWorld,
+                          positions, random_scene, render)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -150,6 +150,29 @@ def test_trail_paints_the_whole_path_which_no_single_frame_shows():
     assert set(trail_world.edits) == {"trail", "background"} and trail_world.speeds == (0.06, 0.12)
     assert yaml.safe_load((ROOT / "configs/shapes-trail.yaml").read_text())["data"]["num_frames"] == trail_world.num_frames
     assert not Scene("gray", False, ()).trail
+
+
+def test_remove_moving_erases_the_moving_shape_which_one_frame_does_not_name():
+    """A remove edit erases the moving shape from every frame and keeps the still one and the
+    background; with the other shape moving instead, the same first frame asks for another edit."""
+    world = ShapesWorld(seed=5, edits=("remove_moving",), size=32)
+    for i in range(8):
+        triplet, source, target = world.sample(i)
+        _, scene, edited = world.scenes(i)
+        moving, still = scene.shapes
+        assert moving.moving and not still.moving and triplet.edit in REMOVE_WORDS
+        assert edited.shapes == (replace(moving, visible=False), still)
+        assert np.array_equal(target, render(replace(scene, shapes=(still,)), 8, 32))  # exactly the scene without it
+        assert moving.kind not in triplet.output and still.kind in triplet.output
+        right, wrong = world.regions(i)  # the which-shape score's regions: the moving shape, then the still one
+        assert right.any() and wrong.any() and not (right & wrong).any()
+    _, scene, _ = world.scenes(0)
+    moving, still = scene.shapes
+    other = Scene(scene.background, scene.gradient, (replace(moving, vx=0.0, vy=0.0), replace(still, vx=0.05, vy=0.0)))
+    assert np.array_equal(render(scene, 8, 32)[0], render(other, 8, 32)[0])  # the same first frame
+    erase = lambda s, i: replace(s, shapes=tuple(replace(x, visible=j != i) for j, x in enumerate(s.shapes)))
+    assert not np.array_equal(render(erase(scene, 0), 8, 32)[0], render(erase(other, 1), 8, 32)[0])
+    assert "remove_moving" in ALL_EDITS and "remove_moving" not in EDITS  # not in the default mix
 
 
 def test_right_shape_share_tells_the_named_shape_from_a_hedge():
