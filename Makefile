@@ -39,11 +39,14 @@ DEMO_SAMPLES ?= 4000
 RECOLOUR_SAMPLES ?= 2000
 # The held-out clips follow the shards' own synth config (frames, size, speeds, radii, edits).
 WORLD = --world configs/synth/shapes.yaml
+# $(call shards,SYNTH_CONFIG,OUT[,CLIPS]): a world's clips as shards; --resume keeps what an earlier
+# (or interrupted) run wrote, so every target builds the shards it reads and none builds them twice.
+shards = $(VENV)/bin/synth build --config $(1) --out $(2) --num-samples $(or $(3),$(DEMO_SAMPLES)) --resume
+DEMO_SHARDS = $(call shards,configs/synth/shapes.yaml,outputs/demo/shards)
+RECOLOUR_SHARDS = $(call shards,configs/synth/shapes-recolour.yaml,outputs/demo/recolour-shards,$(RECOLOUR_SAMPLES))
 demo: setup
-	$(VENV)/bin/synth build --config configs/synth/shapes.yaml --out outputs/demo/shards \
-		--num-samples $(DEMO_SAMPLES) --resume
-	$(VENV)/bin/synth build --config configs/synth/shapes-recolour.yaml --out outputs/demo/recolour-shards \
-		--num-samples $(RECOLOUR_SAMPLES) --resume
+	$(DEMO_SHARDS)
+	$(RECOLOUR_SHARDS)
 	$(VENV)/bin/lightning fit --config configs/shapes.yaml --config configs/shapes-curriculum.yaml
 	$(VENV)/bin/python -m synth.demo $(WORLD) --editor outputs/demo/editor --out outputs/demo --no-one-step
 
@@ -51,22 +54,21 @@ demo: setup
 # 64-clip mix holds about a quarter of them): its ratio and which-shape score, video against 2D.
 MOVING_ONLY = $(VENV)/bin/python -m synth.demo --edits recolor_moving --no-one-step --long-clips 0 --picture '' --quiet
 
-# The same recipe trained 4,000 steps instead of 900; writes outputs/demo-long/metrics.json (and
-# moving.json).
+# make demo's recipe (curriculum, late temporal layers) trained 4,000 steps instead of 900; writes
+# outputs/demo-long/metrics.json (and moving.json).
+LONG = --config configs/shapes.yaml --config configs/shapes-curriculum.yaml --config configs/shapes-long.yaml
 demo-long: setup
-	$(VENV)/bin/synth build --config configs/synth/shapes.yaml --out outputs/demo/shards \
-		--num-samples $(DEMO_SAMPLES) --resume
-	$(VENV)/bin/lightning fit --config configs/shapes.yaml --config configs/shapes-long.yaml
+	$(DEMO_SHARDS)
+	$(RECOLOUR_SHARDS)
+	$(VENV)/bin/lightning fit $(LONG)
 	$(VENV)/bin/python -m synth.demo $(WORLD) --editor outputs/demo-long/editor --out outputs/demo-long
 	$(MOVING_ONLY) $(WORLD) --editor outputs/demo-long/editor --out outputs/demo-long --report moving.json
 
 # The temporal ablation: the same recipe and sampler with the motion modules frozen at their
 # zero-initialised output (a per-frame 2D editor); writes outputs/demo/ablation.json.
 demo-ablation: setup
-	$(VENV)/bin/synth build --config configs/synth/shapes.yaml --out outputs/demo/shards \
-		--num-samples $(DEMO_SAMPLES) --resume
-	$(VENV)/bin/synth build --config configs/synth/shapes-recolour.yaml --out outputs/demo/recolour-shards \
-		--num-samples $(RECOLOUR_SAMPLES) --resume
+	$(DEMO_SHARDS)
+	$(RECOLOUR_SHARDS)
 	$(VENV)/bin/lightning fit --config configs/shapes.yaml --config configs/shapes-curriculum.yaml \
 		--config configs/shapes-ablation.yaml
 	$(VENV)/bin/python -m synth.demo $(WORLD) --editor outputs/demo-ablation/editor --out outputs/demo \
@@ -76,29 +78,27 @@ demo-ablation: setup
 # output; writes outputs/demo-long/ablation.json and ablation-moving.json beside demo-long's
 # metrics.json and moving.json.
 demo-long-ablation: setup
-	$(VENV)/bin/synth build --config configs/synth/shapes.yaml --out outputs/demo/shards \
-		--num-samples $(DEMO_SAMPLES) --resume
-	$(VENV)/bin/lightning fit --config configs/shapes.yaml --config configs/shapes-long.yaml \
+	$(DEMO_SHARDS)
+	$(RECOLOUR_SHARDS)
+	$(VENV)/bin/lightning fit $(LONG) \
 		--config configs/shapes-ablation.yaml --trainer.default_root_dir outputs/demo-long-ablation/train \
 		--model.export_dir outputs/demo-long-ablation/editor
 	$(VENV)/bin/python -m synth.demo $(WORLD) --editor outputs/demo-long-ablation/editor --out outputs/demo-long \
 		--report ablation.json --no-one-step --long-clips 0 --picture ablation.png
 	$(MOVING_ONLY) $(WORLD) --editor outputs/demo-long-ablation/editor --out outputs/demo-long --report ablation-moving.json
 
-# demo-long's recipe on the larger-shapes world (radius 20-30 % of the frame), where the temporal
+# 4,000 steps of the mix from the first step (no curriculum) on the larger-shapes world (radius 20-30 %), where the temporal
 # ablation is measured on 64 moving-shape clips; writes outputs/demo-large/metrics.json and moving.json.
 LARGE = --world configs/synth/shapes-large.yaml
 demo-large: setup
-	$(VENV)/bin/synth build --config configs/synth/shapes-large.yaml --out outputs/demo-large/shards \
-		--num-samples $(DEMO_SAMPLES) --resume
+	$(call shards,configs/synth/shapes-large.yaml,outputs/demo-large/shards)
 	$(VENV)/bin/lightning fit --config configs/shapes.yaml --config configs/shapes-long.yaml --config configs/shapes-large.yaml
 	$(VENV)/bin/python -m synth.demo --editor outputs/demo-large/editor --out outputs/demo-large $(LARGE)
 	$(MOVING_ONLY) --editor outputs/demo-large/editor --out outputs/demo-large --report moving.json $(LARGE)
 
 # Its per-frame 2D ablation; writes outputs/demo-large/ablation.json and ablation-moving.json.
 demo-large-ablation: setup
-	$(VENV)/bin/synth build --config configs/synth/shapes-large.yaml --out outputs/demo-large/shards \
-		--num-samples $(DEMO_SAMPLES) --resume
+	$(call shards,configs/synth/shapes-large.yaml,outputs/demo-large/shards)
 	$(VENV)/bin/lightning fit --config configs/shapes.yaml --config configs/shapes-long.yaml --config configs/shapes-large.yaml \
 		--config configs/shapes-ablation.yaml --trainer.default_root_dir outputs/demo-large-ablation/train \
 		--model.export_dir outputs/demo-large-ablation/editor
@@ -110,15 +110,13 @@ demo-large-ablation: setup
 # background edits, the demo's recipe on whole 8-frame clips; writes outputs/demo-trail/metrics.json.
 TRAIL = --world configs/synth/shapes-trail.yaml --no-one-step --long-clips 0
 demo-trail: setup
-	$(VENV)/bin/synth build --config configs/synth/shapes-trail.yaml --out outputs/demo-trail/shards \
-		--num-samples $(DEMO_SAMPLES) --resume
+	$(call shards,configs/synth/shapes-trail.yaml,outputs/demo-trail/shards)
 	$(VENV)/bin/lightning fit --config configs/shapes.yaml --config configs/shapes-trail.yaml
 	$(VENV)/bin/python -m synth.demo $(TRAIL) --editor outputs/demo-trail/editor --out outputs/demo-trail
 
 # Its per-frame 2D ablation; writes outputs/demo-trail/ablation.json.
 demo-trail-ablation: setup
-	$(VENV)/bin/synth build --config configs/synth/shapes-trail.yaml --out outputs/demo-trail/shards \
-		--num-samples $(DEMO_SAMPLES) --resume
+	$(call shards,configs/synth/shapes-trail.yaml,outputs/demo-trail/shards)
 	$(VENV)/bin/lightning fit --config configs/shapes.yaml --config configs/shapes-trail.yaml \
 		--config configs/shapes-ablation.yaml --trainer.default_root_dir outputs/demo-trail-ablation/train \
 		--model.export_dir outputs/demo-trail-ablation/editor

@@ -336,8 +336,8 @@ def test_demo_path_learns_briefly(tmp_path):
 def test_demo_and_its_ablation_read_recolour_clips_first_then_the_demo_mix():
     """make demo's curriculum: its first world is the demo's world with recolour edits only, and its
     training layer over the recipe draws those clips in epoch 0 and the demo's own shards from
-    epoch 1 on, from the folders the Makefile builds them in; the temporal ablation trains the same
-    curriculum."""
+    epoch 1 on, from the folders the Makefile builds them in; the temporal ablation and the
+    4,000-step demo-long (and its ablation) train the same curriculum."""
     from train.data import ShardDataModule, drawn_in
 
     demo = yaml.safe_load((ROOT / "configs/synth/shapes.yaml").read_text())
@@ -354,9 +354,9 @@ def test_demo_and_its_ablation_read_recolour_clips_first_then_the_demo_mix():
     (*_, first_window), (*_, second_window) = sources
     assert [drawn_in(first_window, e) for e in range(4)] == [True, False, False, False]
     assert [drawn_in(second_window, e) for e in range(4)] == [False, True, True, True]
-    makefile = (ROOT / "Makefile").read_text()
-    for name in ("demo", "demo-ablation"):
-        target = " ".join(makefile[makefile.index(f"\n{name}:"):].split("\n\n")[0].replace("\\\n", " ").split())
+    for name in ("demo", "demo-ablation", "demo-long", "demo-long-ablation"):  # what make would run, expanded
+        dry = subprocess.run(["make", "-n", "-s", name], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        target = " ".join(dry.replace("\\\n", " ").split())
         for config, (_, shards, _, _) in zip(["shapes-recolour.yaml", "shapes.yaml"], sources):
             assert f"synth build --config configs/synth/{config} --out {shards}" in target
         assert "lightning fit --config configs/shapes.yaml --config configs/shapes-curriculum.yaml" in target
