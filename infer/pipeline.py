@@ -139,9 +139,7 @@ class InsV2VPipeline:
 
     def __init__(self, editor: Editor, scheduler: str | None = None):
         self.editor = editor
-        self.scheduler = sampling_scheduler(scheduler, editor.scheduler) if scheduler else type(editor.scheduler).from_config(
-            editor.scheduler.config
-        )
+        self.scheduler = sampling_scheduler(scheduler or type(editor.scheduler).__name__, editor.scheduler)
 
     # ---------------------------------------------------------------- construction
     @classmethod

@@ -170,7 +170,7 @@ def edit_scene(scene: Scene, kind: str, rng: random.Random) -> tuple[Scene, str]
     if kind == "trail":
         return replace(scene, trail=True), rng.choice(TRAIL_WORDS)
     index = rng.randrange(len(scene.shapes))
-    if kind in ("recolor_moving", "remove_moving"):
+    if kind in MOTION_EDITS:  # the trail returned above
         index = next(i for i, s in enumerate(scene.shapes) if s.moving)
     target = scene.shapes[index]
     shapes = list(scene.shapes)
