@@ -334,19 +334,21 @@ def test_demo_path_learns_briefly(tmp_path):
 
 
 def test_demo_and_its_ablation_read_recolour_clips_first_then_the_demo_mix():
-    """make demo's curriculum: its first world is the demo's world with recolour edits only, and its
-    training layer over the recipe draws those clips in epoch 0 and the demo's own shards from
-    epoch 1 on, from the folders the Makefile builds them in; the temporal ablation and the
-    4,000-step demo-long (and its ablation) train the same curriculum."""
+    """make demo's curriculum: its first world is the demo's world with recolour edits only (the
+    swap probe's, with swaps only), and its training layer over the recipe draws those clips in
+    epoch 0 and the demo's own shards from epoch 1 on, from the folders the Makefile builds them
+    in; the temporal ablation and the 4,000-step demo-long (and its ablation) train the same
+    curriculum."""
     from train.data import ShardDataModule, drawn_in
 
     demo = yaml.safe_load((ROOT / "configs/synth/shapes.yaml").read_text())
-    recolour = yaml.safe_load((ROOT / "configs/synth/shapes-recolour.yaml").read_text())
-    assert recolour["seed"] == demo["seed"]
-    assert {k: v for k, v in recolour["prompts"].items() if k != "edits"} == \
-        {k: v for k, v in demo["prompts"].items() if k != "edits"}
-    world = shapes_world(recolour["prompts"], seed=recolour["seed"])
-    assert {world.kind(i) for i in range(50)} == {"recolor"}
+    for name, kind in (("shapes-recolour.yaml", "recolor"), ("shapes-swap.yaml", "swap")):  # the swap probe too
+        one_kind = yaml.safe_load((ROOT / "configs/synth" / name).read_text())
+        assert one_kind["seed"] == demo["seed"]
+        assert {k: v for k, v in one_kind["prompts"].items() if k != "edits"} == \
+            {k: v for k, v in demo["prompts"].items() if k != "edits"}
+        world = shapes_world(one_kind["prompts"], seed=one_kind["seed"])
+        assert {world.kind(i) for i in range(50)} == {kind}
 
     recipe, layer, ablation_layer = (yaml.safe_load((ROOT / "configs" / name).read_text())
                                      for name in ("shapes.yaml", "shapes-curriculum.yaml", "shapes-ablation.yaml"))
