@@ -44,10 +44,12 @@ WORLD = --world configs/synth/shapes.yaml
 shards = $(VENV)/bin/synth build --config $(1) --out $(2) --num-samples $(or $(3),$(DEMO_SAMPLES)) --resume
 DEMO_SHARDS = $(call shards,configs/synth/shapes.yaml,outputs/demo/shards)
 RECOLOUR_SHARDS = $(call shards,configs/synth/shapes-recolour.yaml,outputs/demo/recolour-shards,$(RECOLOUR_SAMPLES))
+# make demo's training recipe: the shapes recipe with its curriculum layered over it
+CURRICULUM = --config configs/shapes.yaml --config configs/shapes-curriculum.yaml
 demo: setup
 	$(DEMO_SHARDS)
 	$(RECOLOUR_SHARDS)
-	$(VENV)/bin/lightning fit --config configs/shapes.yaml --config configs/shapes-curriculum.yaml
+	$(VENV)/bin/lightning fit $(CURRICULUM)
 	$(VENV)/bin/python -m synth.demo $(WORLD) --editor outputs/demo/editor --out outputs/demo --no-one-step
 
 # 64 held-out clips of the moving-shape edit alone, the one edit a single frame cannot settle (a
@@ -56,7 +58,7 @@ MOVING_ONLY = $(VENV)/bin/python -m synth.demo --edits recolor_moving --no-one-s
 
 # make demo's recipe (curriculum, late temporal layers) trained 4,000 steps instead of 900; writes
 # outputs/demo-long/metrics.json (and moving.json).
-LONG = --config configs/shapes.yaml --config configs/shapes-curriculum.yaml --config configs/shapes-long.yaml
+LONG = $(CURRICULUM) --config configs/shapes-long.yaml
 demo-long: setup
 	$(DEMO_SHARDS)
 	$(RECOLOUR_SHARDS)
@@ -69,8 +71,7 @@ demo-long: setup
 demo-ablation: setup
 	$(DEMO_SHARDS)
 	$(RECOLOUR_SHARDS)
-	$(VENV)/bin/lightning fit --config configs/shapes.yaml --config configs/shapes-curriculum.yaml \
-		--config configs/shapes-ablation.yaml
+	$(VENV)/bin/lightning fit $(CURRICULUM) --config configs/shapes-ablation.yaml
 	$(VENV)/bin/python -m synth.demo $(WORLD) --editor outputs/demo-ablation/editor --out outputs/demo \
 		--report ablation.json --no-one-step --long-clips 0 --picture ablation.png
 
@@ -87,8 +88,9 @@ demo-long-ablation: setup
 		--report ablation.json --no-one-step --long-clips 0 --picture ablation.png
 	$(MOVING_ONLY) $(WORLD) --editor outputs/demo-long-ablation/editor --out outputs/demo-long --report ablation-moving.json
 
-# 4,000 steps of the mix from the first step (no curriculum) on the larger-shapes world (radius 20-30 %), where the temporal
-# ablation is measured on 64 moving-shape clips; writes outputs/demo-large/metrics.json and moving.json.
+# 4,000 steps of the mix from the first step (no curriculum) on the larger-shapes world (radius
+# 20-30 %), where the temporal ablation is measured on 64 moving-shape clips; writes
+# outputs/demo-large/metrics.json and moving.json.
 LARGE = --world configs/synth/shapes-large.yaml
 demo-large: setup
 	$(call shards,configs/synth/shapes-large.yaml,outputs/demo-large/shards)
