@@ -72,11 +72,12 @@ def make_source(prompts: dict[str, Any], seed: int, rank: int = 0):
 
 
 def shapes_world(prompts: dict[str, Any], seed: int):
-    from .shapes import EDITS, RADII, SHAPE_COUNTS, SPEEDS, ShapesWorld
+    from .shapes import EDITS, RADII, SHAPE_COUNTS, SHAPES, SPEEDS, ShapesWorld
 
     return ShapesWorld(seed=seed, num_frames=int(prompts.get("num_frames", 8)), size=int(prompts.get("size", 16)),
                        edits=tuple(prompts.get("edits", EDITS)), speeds=prompts.get("speeds", SPEEDS),
-                       radii=prompts.get("radii", RADII), counts=prompts.get("counts", SHAPE_COUNTS))
+                       radii=prompts.get("radii", RADII), counts=prompts.get("counts", SHAPE_COUNTS),
+                       swap_into=prompts.get("swap_into", SHAPES))
 
 
 def source_label(prompts: dict[str, Any]) -> str:

@@ -1,7 +1,8 @@
 """The shapes demo's evaluation: edit held-out clips with a trained editor exactly as ``infer edit``
 would (the editor's scheduler, steps and guidance) and measure against the exact targets, per edit
-kind, with the share of each object edit that lands on the right shape; seam and non-seam warp
-error of long clips without LVSC, with LVSC and with motion compensation; a side-by-side picture.
+kind, with the share of each object edit that lands on the right shape and how far the edit
+follows the instruction's key word; seam and non-seam warp error of long clips without LVSC, with
+LVSC and with motion compensation; a side-by-side picture.
 
     python -m synth.demo --editor outputs/demo/editor --out outputs/demo
 """
@@ -21,9 +22,11 @@ from tqdm.auto import tqdm
 
 from infer import InsV2VPipeline, clip_plan
 from infer.metrics import pair_warp_errors, seam_pairs, source_pair_flows
+from infer.pipeline import to_model_frames
+from infer.sampling import predicted_sample, to_epsilon
 
 from .build import load_config, shapes_world
-from .shapes import ALL_EDITS, EDITS, RADII, SPEEDS
+from .shapes import ALL_EDITS, BACKGROUNDS, COLORS, EDITS, RADII, SHAPES, SPEEDS
 from .writer import atomic_write
 
 HELD_OUT = 10**7  # scene indices far beyond any training build: unseen clips
@@ -85,6 +88,50 @@ def right_shape_shares(changes: list[tuple[float, float] | None], kinds: list[st
             out[kind] = {"two_shape_clips": len(pairs), "change_right": right / len(pairs), "change_wrong": wrong / len(pairs),
                          "right_shape_share": right / (right + wrong) if right + wrong > 0 else None}
     return out
+
+
+def other_word(instruction: str) -> str | None:
+    """The instruction with its last word, the one its edit turns on (the new colour or shape),
+    replaced by the next word of the same list (shapes, shape colours, backgrounds); ``None`` where
+    the last word names neither (a trail, a removal)."""
+    *head, last = instruction.split()
+    for words in (SHAPES, tuple(COLORS), tuple(BACKGROUNDS)):
+        if last in words:
+            return " ".join([*head, words[(words.index(last) + 1) % len(words)]])
+    return None
+
+
+@torch.no_grad()
+def word_effects(pipe: InsV2VPipeline, held_out: list, kinds: list[str], seed: int = 0) -> dict:
+    """Per edit kind, how far the editor's first x0 estimate moves when the instruction's key word
+    changes (:func:`other_word`), against how far the source is from the target::
+
+        effect = mean_i mse(x0(s_i, w_i), x0(s_i, w'_i)) / mean_i mse(s_i, t_i)
+
+    both estimates from the same noise at the sampler's first timestep, with the video and the
+    text (no guidance). An editor that follows the word moves about as far as the edit (near 1 or
+    more); 0 says it does not read the word at all, whatever its ratio.
+    """
+    ed, scheduler = pipe.editor, pipe.scheduler
+    scheduler.set_timesteps(1)
+    t = scheduler.timesteps[0]
+    alpha_bar = scheduler.alphas_cumprod[int(t)]
+    moved: dict[str, list[float]] = {}
+    for i, ((triplet, source, target), kind) in enumerate(zip(held_out, kinds)):
+        other = other_word(triplet.edit)
+        if other is None:
+            continue
+        condition = ed.encode_video(to_model_frames(list(source)).to(ed.device)).float()
+        noise = torch.randn(condition.shape, generator=torch.Generator().manual_seed(seed + i)).to(ed.device)
+        z = scheduler.scale_model_input(noise * scheduler.init_noise_sigma, t)  # as the sampler's first step
+        estimates = []
+        for prompt in (triplet.edit, other):
+            out = ed.predict(z, condition, ed.encode_text([prompt]), t)
+            x0 = predicted_sample(to_epsilon(out, z, alpha_bar, scheduler.config.prediction_type), z, alpha_bar)
+            estimates.append((ed.decode_latents(x0).float().clamp(-1, 1) + 1) / 2)  # pixels in [0, 1], unrounded
+        moved.setdefault(kind, []).append((float((estimates[0] - estimates[1]).pow(2).mean()), mse(source, target)))
+    return {kind: float(np.mean([m for m, _ in pairs]) / max(np.mean([d for _, d in pairs]), 1e-12))
+            for kind, pairs in moved.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         "video_guidance": guidance["video_guidance"],
         **measured(edits),
     }
+    for kind, effect in word_effects(pipe, held_out, kinds, args.seed).items():
+        metrics["by_edit"][kind]["word_effect"] = effect
     if args.one_step:
         single = edit_all({**guidance, "num_inference_steps": 1}, "one-step x0-predictions")
         metrics["one_step"] = {
@@ -188,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     summary["by_edit"] = {k: round(v["ratio"], 3) for k, v in metrics["by_edit"].items()}
     summary["right_shape_share"] = {k: round(v["right_shape_share"], 3) for k, v in metrics["by_edit"].items()
                                     if v.get("right_shape_share") is not None}
+    summary["word_effect"] = {k: round(v["word_effect"], 3) for k, v in metrics["by_edit"].items() if "word_effect" in v}
     print(json.dumps(summary))
     return 0
 

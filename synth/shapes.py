@@ -160,8 +160,9 @@ def random_scene(rng: random.Random, need_static: bool = False, speeds: tuple[fl
     return Scene(background, rng.random() < 0.4, tuple(shapes))
 
 
-def edit_scene(scene: Scene, kind: str, rng: random.Random) -> tuple[Scene, str]:
-    """The edited scene (identical motion) and the instruction that asks for it."""
+def edit_scene(scene: Scene, kind: str, rng: random.Random, swap_into: tuple[str, ...] = SHAPES) -> tuple[Scene, str]:
+    """The edited scene (identical motion) and the instruction that asks for it; a swap turns a
+    shape into one of ``swap_into``, a kind the scene lacks where there is one."""
     if kind == "background":
         used = {s.color for s in scene.shapes} | {scene.background}
         new = rng.choice([b for b in BACKGROUNDS if b not in used])
@@ -178,7 +179,8 @@ def edit_scene(scene: Scene, kind: str, rng: random.Random) -> tuple[Scene, str]
         shapes[index] = replace(target, visible=False)
         text = rng.choice(REMOVE_WORDS)
     elif kind == "swap":
-        others = [k for k in SHAPES if k not in {s.kind for s in scene.shapes}] or [k for k in SHAPES if k != target.kind]
+        others = ([k for k in swap_into if k not in {s.kind for s in scene.shapes}]
+                  or [k for k in swap_into if k != target.kind])
         new_kind = rng.choice(others)
         shapes[index] = replace(target, kind=new_kind)
         text = rng.choice([f"turn the {target.kind} into a {new_kind}", f"replace the {target.kind} with a {new_kind}"])
@@ -213,12 +215,30 @@ def _counts(counts) -> tuple[int, ...]:
     return out
 
 
+def _swap_into(kinds, counts: tuple[int, ...]) -> tuple[str, ...]:
+    """The shape kinds a swap may make, in :data:`SHAPES` order, else one clear ValueError. A
+    narrower list leaves enough other kinds for a scene of the most shapes (its scenes hold none
+    of the listed kinds, so every swap changes a shape)."""
+    given = [kinds] if isinstance(kinds, str) else kinds
+    try:
+        ok = bool(given) and all(k in SHAPES for k in given)
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"shapes swap_into must be a non-empty list of {', '.join(SHAPES)}, got {kinds!r}")
+    out = tuple(k for k in SHAPES if k in given)
+    if len(out) < len(SHAPES) and len(SHAPES) - len(out) < max(counts):
+        raise ValueError(f"shapes swap_into {list(out)} leaves {len(SHAPES) - len(out)} other kind(s) for scenes of "
+                         f"up to {max(counts)} shapes; list fewer kinds or lower counts")
+    return out
+
+
 class ShapesWorld:
     """Triplets and exact (source, edited) clips as a pure function of (seed, index)."""
 
     def __init__(self, seed: int = 0, num_frames: int = 8, size: int = 16, edits: tuple[str, ...] = EDITS,
                  speeds: tuple[float, float] = SPEEDS, radii: tuple[float, float] = RADII,
-                 counts: tuple[int, ...] = SHAPE_COUNTS):
+                 counts: tuple[int, ...] = SHAPE_COUNTS, swap_into: tuple[str, ...] = SHAPES):
         unknown = set(edits) - set(ALL_EDITS)
         if unknown:
             raise ValueError(f"unknown shapes edits {sorted(unknown)}; choose from {ALL_EDITS}")
@@ -226,6 +246,7 @@ class ShapesWorld:
         self.speeds = _range("speeds", speeds)
         self.radii = _range("radii", radii)
         self.counts = _counts(counts)
+        self.swap_into = _swap_into(swap_into, self.counts)
 
     def _rng(self, index: int) -> random.Random:
         return random.Random(self.seed * 1_000_003 + index)
@@ -240,7 +261,10 @@ class ShapesWorld:
         kind = rng.choice(self.edits)  # the draw kind() repeats
         scene = random_scene(rng, need_static=kind in MOTION_EDITS, speeds=self.speeds, radii=self.radii,
                              counts=self.counts)
-        edited, instruction = edit_scene(scene, kind, rng)
+        while kind == "swap" and any(s.kind in self.swap_into for s in scene.shapes) and self.swap_into != SHAPES:
+            # a narrowed swap needs a shape to change: redraw until no shape is already a listed kind
+            scene = random_scene(rng, speeds=self.speeds, radii=self.radii, counts=self.counts)
+        edited, instruction = edit_scene(scene, kind, rng, self.swap_into)
         words = random.Random(rng.random())  # same wording for both captions' motion words
         state = words.getstate()
         source_caption = caption(scene, words)

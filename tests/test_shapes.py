@@ -115,6 +115,32 @@ def test_counts_set_how_many_shapes_a_scene_has():
             shapes_world({"counts": bad}, seed=0)
 
 
+def test_swap_into_narrows_what_a_swap_makes_and_leaves_the_default_world_alone():
+    """``prompts.swap_into: [square]``: every swap turns a circle or a triangle into a square, in a
+    scene without squares, and says so; the full list is the default world clip for clip; a list
+    that leaves too few other kinds for the scenes, or names no shape, is one clear ValueError."""
+    square = shapes_world({"edits": ["swap"], "swap_into": ["square"]}, seed=3)
+    assert square.swap_into == ("square",)
+    for i in range(40):
+        triplet, scene, edited = square.scenes(i)
+        assert all(s.kind != "square" for s in scene.shapes)
+        changed = [(a.kind, b.kind) for a, b in zip(scene.shapes, edited.shapes) if a != b]
+        assert len(changed) == 1 and changed[0][1] == "square" and triplet.edit.endswith("a square")
+        assert f"the {changed[0][0]} " in triplet.edit
+    full = shapes_world({"swap_into": ["triangle", "circle", "square"]}, seed=3)
+    assert full.swap_into == ("circle", "square", "triangle")
+    default = ShapesWorld(seed=3)
+    for i in range(30):
+        a, b = full.sample(i), default.sample(i)
+        assert a[0] == b[0] and np.array_equal(a[1], b[1]) and np.array_equal(a[2], b[2])
+    with pytest.raises(ValueError, match=r"leaves 1 other kind\(s\) for scenes of up to 2 shapes"):
+        shapes_world({"swap_into": ["square", "circle"]}, seed=0)
+    assert shapes_world({"swap_into": ["square", "circle"], "counts": [1]}, seed=0).swap_into == ("circle", "square")
+    for bad in [[], ["star"], 3, ["square", 1]]:
+        with pytest.raises(ValueError, match="shapes swap_into must be a non-empty list"):
+            shapes_world({"swap_into": bad}, seed=0)
+
+
 def test_trail_paints_the_whole_path_which_no_single_frame_shows():
     """A trail edit paints, under every frame, each place the moving shape visits (in its colour) and nothing else;
     the still shape and the motion stay; two clips with the same first frame but different motion
@@ -265,6 +291,39 @@ def test_demo_report_fields_and_an_untrained_editor_edits_both_shapes_alike(tmp_
     moving = report["by_edit"]["recolor_moving"]
     assert moving["two_shape_clips"] == moving["clips"] and moving["ratio"] > 1  # noise: worse than the source
     assert 0.35 < moving["right_shape_share"] < 0.65
+    assert all(np.isfinite(v["word_effect"]) and v["word_effect"] >= 0 for v in report["by_edit"].values())
+
+
+def test_word_effect_is_zero_for_an_editor_blind_to_the_word():
+    """word_effects: the key word is the instruction's last (the new colour or shape; none for a
+    trail or a removal); the untrained editor (its U-Net's output starts at zero) and an editor whose
+    text encoder returns the same states for every prompt do not move at all, and a random one,
+    which does read its words, moves."""
+    import torch
+
+    from model import load_editor
+    from infer import InsV2VPipeline
+    from synth.demo import HELD_OUT, other_word, word_effects
+
+    assert other_word("turn the circle into a square") == "turn the circle into a triangle"
+    assert other_word("replace the square with a triangle") == "replace the square with a circle"
+    assert other_word("make the moving shape red") == "make the moving shape green"
+    assert other_word("change the background to pink") == "change the background to brown"
+    assert other_word("remove the moving shape") is None and other_word("draw where the moving shape goes") is None
+    world = ShapesWorld(seed=2, edits=("swap", "recolor", "remove_moving"))
+    held_out = [world.sample(HELD_OUT + i) for i in range(9)]
+    kinds = [world.kind(HELD_OUT + i) for i in range(9)]
+    assert set(kinds) == set(world.edits)
+    pipe = InsV2VPipeline(load_editor(str(ROOT / "configs/model/shapes-pixel.yaml")))
+    assert all(v == 0 for v in word_effects(pipe, held_out, kinds).values())  # conv_out starts at zero: the prior alone
+    torch.manual_seed(0)
+    torch.nn.init.normal_(pipe.editor.unet.conv_out.weight, std=0.1)  # a U-Net whose output reads the words
+    effects = word_effects(pipe, held_out, kinds)
+    assert set(effects) == set(kinds) - {"remove_moving"} and all(v > 0 for v in effects.values())
+    assert word_effects(pipe, held_out, kinds) == effects  # seeded: the same noise for the same clips
+    same = pipe.editor.encode_text([""])
+    pipe.editor.encode_text = lambda prompts: same.expand(len(prompts), -1, -1)  # every prompt alike
+    assert all(v == 0 for v in word_effects(pipe, held_out, kinds).values())
 
 
 @pytest.mark.slow
@@ -335,17 +394,18 @@ def test_demo_path_learns_briefly(tmp_path):
 
 def test_demo_and_its_ablation_read_recolour_clips_first_then_the_demo_mix():
     """make demo's curriculum: its first world is the demo's world with recolour edits only (the
-    swap probe's, with swaps only), and its training layer over the recipe draws those clips in
-    epoch 0 and the demo's own shards from epoch 1 on, from the folders the Makefile builds them
-    in; the temporal ablation and the 4,000-step demo-long (and its ablation) train the same
-    curriculum."""
+    swap probes', with swaps only, and with every swap into a square), and its training layer over
+    the recipe draws those clips in epoch 0 and the demo's own shards from epoch 1 on, from the
+    folders the Makefile builds them in; the temporal ablation and the 4,000-step demo-long (and
+    its ablation) train the same curriculum."""
     from train.data import ShardDataModule, drawn_in
 
     demo = yaml.safe_load((ROOT / "configs/synth/shapes.yaml").read_text())
-    for name, kind in (("shapes-recolour.yaml", "recolor"), ("shapes-swap.yaml", "swap")):  # the swap probe too
+    probes = (("shapes-recolour.yaml", "recolor"), ("shapes-swap.yaml", "swap"), ("shapes-swap-square.yaml", "swap"))
+    for name, kind in probes:  # the swap probes too
         one_kind = yaml.safe_load((ROOT / "configs/synth" / name).read_text())
         assert one_kind["seed"] == demo["seed"]
-        assert {k: v for k, v in one_kind["prompts"].items() if k != "edits"} == \
+        assert {k: v for k, v in one_kind["prompts"].items() if k not in ("edits", "swap_into")} == \
             {k: v for k, v in demo["prompts"].items() if k != "edits"}
         world = shapes_world(one_kind["prompts"], seed=one_kind["seed"])
         assert {world.kind(i) for i in range(50)} == {kind}
