@@ -102,18 +102,18 @@ def other_word(instruction: str) -> str | None:
 
 
 @torch.no_grad()
-def word_effects(pipe: InsV2VPipeline, held_out: list, kinds: list[str], seed: int = 0) -> dict:
+def word_effects(pipe: InsV2VPipeline, held_out: list, kinds: list[str], seed: int = 0, steps: int = 10) -> dict:
     """Per edit kind, how far the editor's first x0 estimate moves when the instruction's key word
     changes (:func:`other_word`), against how far the source is from the target::
 
         effect = mean_i mse(x0(s_i, w_i), x0(s_i, w'_i)) / mean_i mse(s_i, t_i)
 
-    both estimates from the same noise at the sampler's first timestep, with the video and the
-    text (no guidance). An editor that follows the word moves about as far as the edit (near 1 or
+    both estimates from the same noise at the first timestep of a ``steps``-step sampler, with the
+    video and the text (no guidance). An editor that follows the word moves about as far as the edit (near 1 or
     more); 0 says it does not read the word at all, whatever its ratio.
     """
     ed, scheduler = pipe.editor, pipe.scheduler
-    scheduler.set_timesteps(1)
+    scheduler.set_timesteps(steps)  # where the user's sampler starts (timestep spacing varies by scheduler)
     t = scheduler.timesteps[0]
     alpha_bar = scheduler.alphas_cumprod[int(t)]
     moved: dict[str, list[float]] = {}
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         "video_guidance": guidance["video_guidance"],
         **measured(edits),
     }
-    for kind, effect in word_effects(pipe, held_out, kinds, args.seed).items():
+    for kind, effect in word_effects(pipe, held_out, kinds, args.seed, guidance["num_inference_steps"]).items():
         metrics["by_edit"][kind]["word_effect"] = effect
     if args.one_step:
         single = edit_all({**guidance, "num_inference_steps": 1}, "one-step x0-predictions")
