@@ -261,7 +261,7 @@ class ShapesWorld:
         kind = rng.choice(self.edits)  # the draw kind() repeats
         scene = random_scene(rng, need_static=kind in MOTION_EDITS, speeds=self.speeds, radii=self.radii,
                              counts=self.counts)
-        while kind == "swap" and any(s.kind in self.swap_into for s in scene.shapes) and self.swap_into != SHAPES:
+        while kind == "swap" and self.swap_into != SHAPES and any(s.kind in self.swap_into for s in scene.shapes):
             # a narrowed swap needs a shape to change: redraw until no shape is already a listed kind
             scene = random_scene(rng, speeds=self.speeds, radii=self.radii, counts=self.counts)
         edited, instruction = edit_scene(scene, kind, rng, self.swap_into)
