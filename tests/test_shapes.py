@@ -394,21 +394,29 @@ def test_demo_path_learns_briefly(tmp_path):
 
 def test_demo_and_its_ablation_read_recolour_clips_first_then_the_demo_mix():
     """make demo's curriculum: its first world is the demo's world with recolour edits only (the
-    swap probes', with swaps only, and with every swap into a square), and its training layer over
+    swap probes', with swaps only, with every swap into a square, and with one large shape a
+    scene), and its training layer over
     the recipe draws those clips in epoch 0 and the demo's own shards from epoch 1 on, from the
     folders the Makefile builds them in; the temporal ablation and the 4,000-step demo-long (and
     its ablation) train the same curriculum."""
     from train.data import ShardDataModule, drawn_in
 
     demo = yaml.safe_load((ROOT / "configs/synth/shapes.yaml").read_text())
-    probes = (("shapes-recolour.yaml", "recolor"), ("shapes-swap.yaml", "swap"), ("shapes-swap-square.yaml", "swap"))
+    probes = (("shapes-recolour.yaml", "recolor"), ("shapes-swap.yaml", "swap"), ("shapes-swap-square.yaml", "swap"),
+              ("shapes-swap-one-large.yaml", "swap"))
     for name, kind in probes:  # the swap probes too
         one_kind = yaml.safe_load((ROOT / "configs/synth" / name).read_text())
         assert one_kind["seed"] == demo["seed"]
-        assert {k: v for k, v in one_kind["prompts"].items() if k not in ("edits", "swap_into")} == \
+        assert {k: v for k, v in one_kind["prompts"].items() if k not in ("edits", "swap_into", "radii", "counts")} == \
             {k: v for k, v in demo["prompts"].items() if k != "edits"}
         world = shapes_world(one_kind["prompts"], seed=one_kind["seed"])
         assert {world.kind(i) for i in range(50)} == {kind}
+    # the probe whose word is read: one large shape in every scene
+    one_large_config = yaml.safe_load((ROOT / "configs/synth/shapes-swap-one-large.yaml").read_text())
+    one_large = shapes_world(one_large_config["prompts"], seed=0)
+    assert (one_large.radii, one_large.counts) == ((0.28, 0.40), (1,))
+    scenes = [one_large.scenes(i)[1] for i in range(50)]
+    assert all(len(s.shapes) == 1 and 0.28 <= s.shapes[0].size <= 0.40 for s in scenes)
 
     recipe, layer, ablation_layer = (yaml.safe_load((ROOT / "configs" / name).read_text())
                                      for name in ("shapes.yaml", "shapes-curriculum.yaml", "shapes-ablation.yaml"))
@@ -427,3 +435,39 @@ def test_demo_and_its_ablation_read_recolour_clips_first_then_the_demo_mix():
     ablation = {**model, **ablation_layer["model"]}
     assert model["trainable"] == "all" and 0 < model["motion_frozen_steps"] < 900
     assert ablation["trainable"] == "spatial" and ablation["motion_frozen_steps"] == 0
+
+
+def test_demo_big_reads_recolours_then_one_shape_swaps_then_the_big_mix():
+    """make demo-big: demo-long's recipe on the demo's world with big shapes, whose curriculum has
+    a second phase of swaps with one big shape a scene (where the new shape's name gets read); its
+    three worlds are the demo's, recolour-only and swap-only worlds with only the radius (and the
+    swaps' one shape) changed, and make builds each where the layer reads it."""
+    from train.data import ShardDataModule, drawn_in
+
+    def prompts(name):
+        return yaml.safe_load((ROOT / "configs/synth" / name).read_text())["prompts"]
+
+    for big, base, changed in (("shapes-big.yaml", "shapes.yaml", {"radii"}),
+                               ("shapes-big-recolour.yaml", "shapes-recolour.yaml", {"radii"}),
+                               ("shapes-big-swap.yaml", "shapes-swap.yaml", {"radii", "counts"})):
+        assert set(prompts(big)) - set(prompts(base)) == changed
+        assert {k: v for k, v in prompts(big).items() if k not in changed} == prompts(base)
+        assert shapes_world(prompts(big), seed=0).radii == (0.25, 0.35)
+    swap = shapes_world(prompts("shapes-big-swap.yaml"), seed=0)
+    assert all(len(swap.scenes(i)[1].shapes) == 1 and swap.kind(i) == "swap" for i in range(50))
+
+    recipe, curriculum, big_layer = (yaml.safe_load((ROOT / "configs" / name).read_text())
+                                     for name in ("shapes.yaml", "shapes-curriculum.yaml", "shapes-big.yaml"))
+    sources = ShardDataModule(**{**recipe["data"], **curriculum["data"], **big_layer["data"]})._sources()
+    drawn = [[name for name, _, _, window in sources if drawn_in(window, e)] for e in range(7)]
+    assert drawn == [["recolour"]] + [["swap"]] * 4 + [["mixed"]] * 2
+    dry = subprocess.run(["make", "-n", "-s", "demo-big"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    target = " ".join(dry.replace("\\\n", " ").split())
+    for config, (_, shards, _, _) in zip(["shapes-big-recolour.yaml", "shapes-big-swap.yaml", "shapes-big.yaml"],
+                                         sources):
+        assert f"synth build --config configs/synth/{config} --out {shards}" in target
+    assert ("lightning fit --config configs/shapes.yaml --config configs/shapes-curriculum.yaml "
+            "--config configs/shapes-long.yaml --config configs/shapes-big.yaml") in target
+    assert "synth.demo --world configs/synth/shapes-big.yaml --editor outputs/demo-big/editor" in target
+    for report in ("swap.json", "moving.json"):
+        assert f"--report {report}" in target
