@@ -54,7 +54,8 @@ demo: setup
 
 # 64 held-out clips of the moving-shape edit alone, the one edit a single frame cannot settle (a
 # 64-clip mix holds about a quarter of them): its ratio and which-shape score, video against 2D.
-MOVING_ONLY = $(VENV)/bin/python -m synth.demo --edits recolor_moving --no-one-step --long-clips 0 --picture '' --quiet
+ONE_KIND = --no-one-step --long-clips 0 --picture '' --quiet
+MOVING_ONLY = $(VENV)/bin/python -m synth.demo --edits recolor_moving $(ONE_KIND)
 
 # make demo's recipe (curriculum, late temporal layers) trained 4,000 steps instead of 900; writes
 # outputs/demo-long/metrics.json (and moving.json).
@@ -112,7 +113,6 @@ demo-large-ablation: setup
 # shape a scene after the recolour phase (configs/shapes-big.yaml): the run where the new shape's
 # name is read; writes outputs/demo-big/metrics.json, swap.json and moving.json.
 BIG = --world configs/synth/shapes-big.yaml
-ONE_KIND = --no-one-step --long-clips 0 --picture '' --quiet
 demo-big: setup
 	$(call shards,configs/synth/shapes-big.yaml,outputs/demo-big/shards)
 	$(call shards,configs/synth/shapes-big-recolour.yaml,outputs/demo-big/recolour-shards,$(RECOLOUR_SAMPLES))

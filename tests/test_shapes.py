@@ -402,12 +402,14 @@ def test_demo_and_its_ablation_read_recolour_clips_first_then_the_demo_mix():
     from train.data import ShardDataModule, drawn_in
 
     demo = yaml.safe_load((ROOT / "configs/synth/shapes.yaml").read_text())
-    probes = (("shapes-recolour.yaml", "recolor"), ("shapes-swap.yaml", "swap"), ("shapes-swap-square.yaml", "swap"),
-              ("shapes-swap-one-large.yaml", "swap"))
-    for name, kind in probes:  # the swap probes too
+    probes = (("shapes-recolour.yaml", "recolor", set()), ("shapes-swap.yaml", "swap", set()),
+              ("shapes-swap-square.yaml", "swap", {"swap_into"}),
+              ("shapes-swap-one-large.yaml", "swap", {"radii", "counts"}))
+    for name, kind, changed in probes:  # the swap probes too, each differing only in what it probes
         one_kind = yaml.safe_load((ROOT / "configs/synth" / name).read_text())
         assert one_kind["seed"] == demo["seed"]
-        assert {k: v for k, v in one_kind["prompts"].items() if k not in ("edits", "swap_into", "radii", "counts")} == \
+        assert set(one_kind["prompts"]) - set(demo["prompts"]) == changed
+        assert {k: v for k, v in one_kind["prompts"].items() if k not in {"edits", *changed}} == \
             {k: v for k, v in demo["prompts"].items() if k != "edits"}
         world = shapes_world(one_kind["prompts"], seed=one_kind["seed"])
         assert {world.kind(i) for i in range(50)} == {kind}
