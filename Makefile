@@ -110,7 +110,7 @@ demo-large-ablation: setup
 	$(MOVING_ONLY) --editor outputs/demo-large-ablation/editor --out outputs/demo-large --report ablation-moving.json $(LARGE)
 
 # demo-long's recipe on the big-shapes world (radius 25-35 %), with 800 steps of swaps of one big
-# shape a scene after the recolour phase (configs/shapes-big.yaml): the run where the new shape's
+# shape a scene after the recolour phase, kept in the mix after it (configs/shapes-big.yaml): the run where the new shape's
 # name is read; writes outputs/demo-big/metrics.json, swap.json and moving.json.
 BIG = --world configs/synth/shapes-big.yaml
 demo-big: setup

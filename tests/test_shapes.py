@@ -441,7 +441,8 @@ def test_demo_and_its_ablation_read_recolour_clips_first_then_the_demo_mix():
 
 def test_demo_big_reads_recolours_then_one_shape_swaps_then_the_big_mix():
     """make demo-big: demo-long's recipe on the demo's world with big shapes, whose curriculum has
-    a second phase of swaps with one big shape a scene (where the new shape's name gets read); its
+    a second phase of swaps with one big shape a scene (where the new shape's name gets read), kept
+    in the mix after it; its
     three worlds are the demo's, recolour-only and swap-only worlds with only the radius (and the
     swaps' one shape) changed, and make builds each where the layer reads it."""
     from train.data import ShardDataModule, drawn_in
@@ -462,7 +463,10 @@ def test_demo_big_reads_recolours_then_one_shape_swaps_then_the_big_mix():
                                      for name in ("shapes.yaml", "shapes-curriculum.yaml", "shapes-big.yaml"))
     sources = ShardDataModule(**{**recipe["data"], **curriculum["data"], **big_layer["data"]})._sources()
     drawn = [[name for name, _, _, window in sources if drawn_in(window, e)] for e in range(7)]
-    assert drawn == [["recolour"]] + [["swap"]] * 4 + [["mixed"]] * 2
+    assert drawn == [["recolour"]] + [["swap"]] * 4 + [["mixed", "swap-kept"]] * 2
+    # after their phase the one-shape swaps stay in at a quarter of the draws, from the same shards
+    (_, swap_shards, _, _), (_, mix_shards, mix_weight, _), (_, kept_shards, kept_weight, _) = sources[1:]
+    assert kept_shards == swap_shards != mix_shards and kept_weight / (mix_weight + kept_weight) == 0.25
     dry = subprocess.run(["make", "-n", "-s", "demo-big"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     target = " ".join(dry.replace("\\\n", " ").split())
     for config, (_, shards, _, _) in zip(["shapes-big-recolour.yaml", "shapes-big-swap.yaml", "shapes-big.yaml"],
