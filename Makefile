@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX_URL ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup demo demo-long demo-ablation demo-long-ablation demo-large demo-large-ablation demo-big demo-trail demo-trail-ablation test bench clean
+.PHONY: setup demo demo-long demo-ablation demo-long-ablation demo-large demo-large-ablation demo-big demo-big-ablation demo-trail demo-trail-ablation test bench clean
 
 setup: $(VENV)/.installed
 
@@ -110,18 +110,30 @@ demo-large-ablation: setup
 	$(MOVING_ONLY) --editor outputs/demo-large-ablation/editor --out outputs/demo-large --report ablation-moving.json $(LARGE)
 
 # demo-long's recipe on the big-shapes world (radius 25-35 %), with 800 steps of swaps of one big
-# shape a scene after the recolour phase, kept in the mix after it (configs/shapes-big.yaml): the run where the new shape's
-# name is read; writes outputs/demo-big/metrics.json, swap.json and moving.json.
+# shape a scene after the recolour phase, kept in the mix after it (configs/shapes-big.yaml): the
+# run where the new shape's name is read; writes outputs/demo-big/metrics.json, swap.json and
+# moving.json.
 BIG = --world configs/synth/shapes-big.yaml
-demo-big: setup
-	$(call shards,configs/synth/shapes-big.yaml,outputs/demo-big/shards)
-	$(call shards,configs/synth/shapes-big-recolour.yaml,outputs/demo-big/recolour-shards,$(RECOLOUR_SAMPLES))
+BIG_SHARDS = $(call shards,configs/synth/shapes-big.yaml,outputs/demo-big/shards) && \
+	$(call shards,configs/synth/shapes-big-recolour.yaml,outputs/demo-big/recolour-shards,$(RECOLOUR_SAMPLES)) && \
 	$(call shards,configs/synth/shapes-big-swap.yaml,outputs/demo-big/swap-shards,$(RECOLOUR_SAMPLES))
+demo-big: setup
+	$(BIG_SHARDS)
 	$(VENV)/bin/lightning fit $(LONG) --config configs/shapes-big.yaml
 	$(VENV)/bin/python -m synth.demo $(BIG) --editor outputs/demo-big/editor --out outputs/demo-big
 	$(VENV)/bin/python -m synth.demo $(BIG) --edits swap $(ONE_KIND) --editor outputs/demo-big/editor \
 		--out outputs/demo-big --report swap.json
 	$(MOVING_ONLY) $(BIG) --editor outputs/demo-big/editor --out outputs/demo-big --report moving.json
+
+# Its per-frame 2D ablation; writes outputs/demo-big/ablation.json and ablation-moving.json.
+demo-big-ablation: setup
+	$(BIG_SHARDS)
+	$(VENV)/bin/lightning fit $(LONG) --config configs/shapes-big.yaml \
+		--config configs/shapes-ablation.yaml --trainer.default_root_dir outputs/demo-big-ablation/train \
+		--model.export_dir outputs/demo-big-ablation/editor
+	$(VENV)/bin/python -m synth.demo $(BIG) --editor outputs/demo-big-ablation/editor --out outputs/demo-big \
+		--report ablation.json --no-one-step --long-clips 0 --picture ablation.png
+	$(MOVING_ONLY) $(BIG) --editor outputs/demo-big-ablation/editor --out outputs/demo-big --report ablation-moving.json
 
 # The path world (configs/synth/shapes-trail.yaml): "leave a trail behind the moving shape" beside
 # background edits, the demo's recipe on whole 8-frame clips; writes outputs/demo-trail/metrics.json.

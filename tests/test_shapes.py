@@ -467,13 +467,21 @@ def test_demo_big_reads_recolours_then_one_shape_swaps_then_the_big_mix():
     # after their phase the one-shape swaps stay in at a quarter of the draws, from the same shards
     (_, swap_shards, _, _), (_, mix_shards, mix_weight, _), (_, kept_shards, kept_weight, _) = sources[1:]
     assert kept_shards == swap_shards != mix_shards and kept_weight / (mix_weight + kept_weight) == 0.25
-    dry = subprocess.run(["make", "-n", "-s", "demo-big"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    target = " ".join(dry.replace("\\\n", " ").split())
-    for config, (_, shards, _, _) in zip(["shapes-big-recolour.yaml", "shapes-big-swap.yaml", "shapes-big.yaml"],
-                                         sources):
-        assert f"synth build --config configs/synth/{config} --out {shards}" in target
-    assert ("lightning fit --config configs/shapes.yaml --config configs/shapes-curriculum.yaml "
-            "--config configs/shapes-long.yaml --config configs/shapes-big.yaml") in target
-    assert "synth.demo --world configs/synth/shapes-big.yaml --editor outputs/demo-big/editor" in target
-    for report in ("swap.json", "moving.json"):
-        assert f"--report {report}" in target
+    for name, editor, reports in (("demo-big", "outputs/demo-big/editor", ("swap.json", "moving.json")),
+                                  ("demo-big-ablation", "outputs/demo-big-ablation/editor",
+                                   ("ablation.json", "ablation-moving.json"))):
+        dry = subprocess.run(["make", "-n", "-s", name], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        target = " ".join(dry.replace("\\\n", " ").split())
+        for config, (_, shards, _, _) in zip(["shapes-big-recolour.yaml", "shapes-big-swap.yaml", "shapes-big.yaml"],
+                                             sources):
+            assert f"synth build --config configs/synth/{config} --out {shards}" in target
+        fit = ("lightning fit --config configs/shapes.yaml --config configs/shapes-curriculum.yaml "
+               "--config configs/shapes-long.yaml --config configs/shapes-big.yaml")
+        assert fit in target
+        # the ablation: the same layers and the per-frame one on top, trained into its own folder
+        ablation = name == "demo-big-ablation"
+        assert (fit + " --config configs/shapes-ablation.yaml" in target) == ablation
+        assert (f"--model.export_dir {editor}" in target) == ablation
+        assert f"synth.demo --world configs/synth/shapes-big.yaml --editor {editor} --out outputs/demo-big" in target
+        for report in reports:
+            assert f"--report {report}" in target
