@@ -56,6 +56,8 @@ demo: setup
 # 64-clip mix holds about a quarter of them): its ratio and which-shape score, video against 2D.
 ONE_KIND = --no-one-step --long-clips 0 --picture '' --quiet
 MOVING_ONLY = $(VENV)/bin/python -m synth.demo --edits recolor_moving $(ONE_KIND)
+# a 2D ablation's report on the mix, beside its video editor's metrics.json
+ABLATION_REPORT = --report ablation.json --no-one-step --long-clips 0 --picture ablation.png
 
 # make demo's recipe (curriculum, late temporal layers) trained 4,000 steps instead of 900; writes
 # outputs/demo-long/metrics.json (and moving.json).
@@ -74,7 +76,7 @@ demo-ablation: setup
 	$(RECOLOUR_SHARDS)
 	$(VENV)/bin/lightning fit $(CURRICULUM) --config configs/shapes-ablation.yaml
 	$(VENV)/bin/python -m synth.demo $(WORLD) --editor outputs/demo-ablation/editor --out outputs/demo \
-		--report ablation.json --no-one-step --long-clips 0 --picture ablation.png
+		$(ABLATION_REPORT)
 
 # The temporal ablation of demo-long: its 4,000-step recipe with the motion modules frozen at zero
 # output; writes outputs/demo-long/ablation.json and ablation-moving.json beside demo-long's
@@ -86,7 +88,7 @@ demo-long-ablation: setup
 		--config configs/shapes-ablation.yaml --trainer.default_root_dir outputs/demo-long-ablation/train \
 		--model.export_dir outputs/demo-long-ablation/editor
 	$(VENV)/bin/python -m synth.demo $(WORLD) --editor outputs/demo-long-ablation/editor --out outputs/demo-long \
-		--report ablation.json --no-one-step --long-clips 0 --picture ablation.png
+		$(ABLATION_REPORT)
 	$(MOVING_ONLY) $(WORLD) --editor outputs/demo-long-ablation/editor --out outputs/demo-long --report ablation-moving.json
 
 # 4,000 steps of the mix from the first step (no curriculum) on the larger-shapes world (radius
@@ -106,7 +108,7 @@ demo-large-ablation: setup
 		--config configs/shapes-ablation.yaml --trainer.default_root_dir outputs/demo-large-ablation/train \
 		--model.export_dir outputs/demo-large-ablation/editor
 	$(VENV)/bin/python -m synth.demo --editor outputs/demo-large-ablation/editor --out outputs/demo-large $(LARGE) \
-		--report ablation.json --no-one-step --long-clips 0 --picture ablation.png
+		$(ABLATION_REPORT)
 	$(MOVING_ONLY) --editor outputs/demo-large-ablation/editor --out outputs/demo-large --report ablation-moving.json $(LARGE)
 
 # demo-long's recipe on the big-shapes world (radius 25-35 %), with 800 steps of swaps of one big
@@ -132,7 +134,7 @@ demo-big-ablation: setup
 		--config configs/shapes-ablation.yaml --trainer.default_root_dir outputs/demo-big-ablation/train \
 		--model.export_dir outputs/demo-big-ablation/editor
 	$(VENV)/bin/python -m synth.demo $(BIG) --editor outputs/demo-big-ablation/editor --out outputs/demo-big \
-		--report ablation.json --no-one-step --long-clips 0 --picture ablation.png
+		$(ABLATION_REPORT)
 	$(MOVING_ONLY) $(BIG) --editor outputs/demo-big-ablation/editor --out outputs/demo-big --report ablation-moving.json
 
 # The path world (configs/synth/shapes-trail.yaml): "leave a trail behind the moving shape" beside
