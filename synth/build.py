@@ -77,7 +77,8 @@ def shapes_world(prompts: dict[str, Any], seed: int):
     return ShapesWorld(seed=seed, num_frames=int(prompts.get("num_frames", 8)), size=int(prompts.get("size", 16)),
                        edits=tuple(prompts.get("edits", EDITS)), speeds=prompts.get("speeds", SPEEDS),
                        radii=prompts.get("radii", RADII), counts=prompts.get("counts", SHAPE_COUNTS),
-                       swap_into=prompts.get("swap_into", SHAPES))
+                       swap_into=prompts.get("swap_into", SHAPES),
+                       draw_order=prompts.get("draw_order", "listed"))
 
 
 def source_label(prompts: dict[str, Any]) -> str:

@@ -26,6 +26,11 @@ RADII = (0.12, 0.22)
 # How many shapes a scene has, drawn from this list (a recolour-the-moving-shape scene always has
 # two): by default one shape in two scenes of three.
 SHAPE_COUNTS = (1, 1, 2)
+# The order a scene's shapes are listed in, drawn in (later on top) and named in its caption.
+# "listed": as drawn up, where a moving-shape scene always lists (and so draws) the still shape
+# last, on top: a single frame that hides part of one shape under the other tells which one moves
+# (in nine frames of ten of the big-shapes world). "shuffled": a fresh order every scene.
+DRAW_ORDERS = ("listed", "shuffled")
 MOTION_WORDS = {True: ["bouncing around", "moving", "gliding", "sliding"], False: ["resting", "standing still", "sitting"]}
 
 
@@ -78,7 +83,8 @@ def _draw(canvas: np.ndarray, shape: Shape, cx: float, cy: float, r: float, valu
 
 
 def render(scene: Scene, frames: int, size: int, supersample: int = 4) -> np.ndarray:
-    """uint8 ``(F, size, size, 3)``; drawn ``supersample`` times larger and area-averaged (anti-aliased)."""
+    """uint8 ``(F, size, size, 3)``; drawn ``supersample`` times larger and area-averaged (anti-aliased),
+    each frame's shapes in the scene's order (a later one covers an earlier one)."""
     big = size * supersample
     base = np.empty((big, big, 3), np.float32)
     color = np.array(BACKGROUNDS[scene.background], np.float32)
@@ -238,7 +244,8 @@ class ShapesWorld:
 
     def __init__(self, seed: int = 0, num_frames: int = 8, size: int = 16, edits: tuple[str, ...] = EDITS,
                  speeds: tuple[float, float] = SPEEDS, radii: tuple[float, float] = RADII,
-                 counts: tuple[int, ...] = SHAPE_COUNTS, swap_into: tuple[str, ...] = SHAPES):
+                 counts: tuple[int, ...] = SHAPE_COUNTS, swap_into: tuple[str, ...] = SHAPES,
+                 draw_order: str = "listed"):
         unknown = set(edits) - set(ALL_EDITS)
         if unknown:
             raise ValueError(f"unknown shapes edits {sorted(unknown)}; choose from {ALL_EDITS}")
@@ -247,6 +254,9 @@ class ShapesWorld:
         self.radii = _range("radii", radii)
         self.counts = _counts(counts)
         self.swap_into = _swap_into(swap_into, self.counts)
+        if draw_order not in DRAW_ORDERS:
+            raise ValueError(f"shapes draw_order must be one of {', '.join(DRAW_ORDERS)}, got {draw_order!r}")
+        self.draw_order = draw_order
 
     def _rng(self, index: int) -> random.Random:
         return random.Random(self.seed * 1_000_003 + index)
@@ -264,6 +274,8 @@ class ShapesWorld:
         while kind == "swap" and self.swap_into != SHAPES and any(s.kind in self.swap_into for s in scene.shapes):
             # a narrowed swap needs a shape to change: redraw until no shape is already a listed kind
             scene = random_scene(rng, speeds=self.speeds, radii=self.radii, counts=self.counts)
+        if self.draw_order == "shuffled":  # drawn only here, so the listed world stays clip for clip as it was
+            scene = replace(scene, shapes=tuple(rng.sample(scene.shapes, len(scene.shapes))))
         edited, instruction = edit_scene(scene, kind, rng, self.swap_into)
         words = random.Random(rng.random())  # same wording for both captions' motion words
         state = words.getstate()

@@ -141,6 +141,44 @@ def test_swap_into_narrows_what_a_swap_makes_and_leaves_the_default_world_alone(
             shapes_world({"swap_into": bad}, seed=0)
 
 
+def test_shuffled_draw_order_stops_the_still_shape_always_covering_the_moving_one():
+    """``prompts.draw_order: shuffled``: a moving-shape scene draws (and names) its moving shape last
+    in some scenes and first in others, and the shape a frame hides is then the moving one about as
+    often as the still one; the edit still recolours the moving shape, and "listed" is the default
+    world clip for clip. An unknown order is one clear ValueError."""
+    def hidden(world, index):  # (moving shape hidden > 10 %, still shape hidden > 10 %) in how many frames
+        _, scene, edited = world.scenes(index)
+        empty = render(replace(scene, shapes=()), 8, 16).astype(int)
+        masks = [np.abs(render(replace(scene, shapes=(s,)), 8, 16).astype(int) - empty).max(-1) > 8
+                 for s in scene.shapes]
+        covered = [(masks[0][f] & masks[1][f]).sum() > 0.1 * masks[0][f].sum() for f in range(8)]  # the first drawn
+        first_moves = scene.shapes[0].moving
+        changed = [a for a, b in zip(scene.shapes, edited.shapes) if a != b]
+        assert len(changed) == 1 and changed[0].moving
+        return sum(covered) * first_moves, sum(covered) * (not first_moves)
+
+    big = {"edits": ["recolor_moving"], "radii": [0.25, 0.35]}
+    listed, shuffled = shapes_world(big, seed=7), shapes_world({**big, "draw_order": "shuffled"}, seed=7)
+    assert listed.draw_order == "listed" and shuffled.draw_order == "shuffled"
+    listed_hidden = np.sum([hidden(listed, i) for i in range(48)], axis=0)
+    shuffled_hidden = np.sum([hidden(shuffled, i) for i in range(48)], axis=0)
+    assert listed_hidden[0] > 300 and listed_hidden[1] == 0  # the cue: only ever the moving shape is covered
+    assert min(shuffled_hidden) > 0.6 * max(shuffled_hidden)
+    moving_first = [shuffled.scenes(i)[1].shapes[0].moving for i in range(48)]
+    assert 12 < sum(moving_first) < 36
+    for i in range(48):  # the caption names the shapes in the order they are drawn
+        triplet, scene, _ = shuffled.scenes(i)
+        first, second = (f"a {s.color} {s.kind} " for s in scene.shapes)
+        assert triplet.input.index(first) < triplet.input.index(second)
+    default = ShapesWorld(seed=3)
+    explicit = shapes_world({"draw_order": "listed"}, seed=3)
+    for i in range(30):
+        a, b = explicit.sample(i), default.sample(i)
+        assert a[0] == b[0] and np.array_equal(a[1], b[1]) and np.array_equal(a[2], b[2])
+    with pytest.raises(ValueError, match="shapes draw_order must be one of listed, shuffled, got 'random'"):
+        shapes_world({"draw_order": "random"}, seed=0)
+
+
 def test_trail_paints_the_whole_path_which_no_single_frame_shows():
     """A trail edit paints, under every frame, each place the moving shape visits (in its colour) and nothing else;
     the still shape and the motion stay; two clips with the same first frame but different motion
@@ -444,18 +482,21 @@ def test_demo_big_reads_recolours_then_one_shape_swaps_then_the_big_mix():
     a second phase of swaps with one big shape a scene (where the new shape's name gets read), kept
     in the mix after it; its
     three worlds are the demo's, recolour-only and swap-only worlds with only the radius (and the
-    swaps' one shape) changed, and make builds each where the layer reads it."""
+    swaps' one shape, and the mix's shuffled draw order) changed, and make builds each where the
+    layer reads it."""
     from train.data import ShardDataModule, drawn_in
 
     def prompts(name):
         return yaml.safe_load((ROOT / "configs/synth" / name).read_text())["prompts"]
 
-    for big, base, changed in (("shapes-big.yaml", "shapes.yaml", {"radii"}),
+    for big, base, changed in (("shapes-big.yaml", "shapes.yaml", {"radii", "draw_order"}),
                                ("shapes-big-recolour.yaml", "shapes-recolour.yaml", {"radii"}),
                                ("shapes-big-swap.yaml", "shapes-swap.yaml", {"radii", "counts"})):
         assert set(prompts(big)) - set(prompts(base)) == changed
         assert {k: v for k, v in prompts(big).items() if k not in changed} == prompts(base)
         assert shapes_world(prompts(big), seed=0).radii == (0.25, 0.35)
+    # its moving-shape scenes do not always draw the still shape on top (the held-out clips too)
+    assert shapes_world(prompts("shapes-big.yaml"), seed=0).draw_order == "shuffled"
     swap = shapes_world(prompts("shapes-big-swap.yaml"), seed=0)
     assert all(len(swap.scenes(i)[1].shapes) == 1 and swap.kind(i) == "swap" for i in range(50))
 
