@@ -112,10 +112,9 @@ demo-large-ablation: setup
 	$(MOVING_ONLY) --editor outputs/demo-large-ablation/editor --out outputs/demo-large --report ablation-moving.json $(LARGE)
 
 # demo-long's recipe for 6,000 steps on the big-shapes world (radius 25-35 %, each scene's shapes in a
-# fresh draw order), with 800 steps of swaps of one big
-# shape a scene after the recolour phase, kept in the mix after it (configs/shapes-big.yaml): the
-# run where the new shape's name is read; writes outputs/demo-big/metrics.json, swap.json and
-# moving.json.
+# fresh draw order), with 800 steps of swaps of one big shape a scene after the recolour phase, kept
+# in the mix after it (configs/shapes-big.yaml): the run where the new shape's name is read; writes
+# outputs/demo-big/metrics.json, swap.json and moving.json.
 BIG = --world configs/synth/shapes-big.yaml
 BIG_SHARDS = $(call shards,configs/synth/shapes-big.yaml,outputs/demo-big/shards) && \
 	$(call shards,configs/synth/shapes-big-recolour.yaml,outputs/demo-big/recolour-shards,$(RECOLOUR_SAMPLES)) && \

@@ -108,6 +108,14 @@ def render(scene: Scene, frames: int, size: int, supersample: int = 4) -> np.nda
     return video
 
 
+def shape_masks(scene: Scene, frames: int, size: int) -> list[np.ndarray]:
+    """Per shape of ``scene`` (in its order), bool ``(F, size, size)``: where the shape shows when
+    drawn alone on the scene's background (anti-aliased rims of a few levels are not the shape)."""
+    empty = render(replace(scene, shapes=()), frames, size).astype(int)
+    return [np.abs(render(replace(scene, shapes=(shape,)), frames, size).astype(int) - empty).max(axis=-1) > 8
+            for shape in scene.shapes]
+
+
 def edited_regions(scene: Scene, edited: Scene, frames: int, size: int) -> tuple[np.ndarray, np.ndarray] | None:
     """Where an object edit belongs and where it does not: bool ``(F, size, size)`` masks of the
     pixels the edit changes, and of the other shapes' pixels outside them. ``None`` for a background
@@ -117,11 +125,10 @@ def edited_regions(scene: Scene, edited: Scene, frames: int, size: int) -> tuple
         return None
     before, after = render(scene, frames, size).astype(int), render(edited, frames, size).astype(int)
     right = np.abs(before - after).max(axis=-1) > 0
-    empty = render(replace(scene, shapes=()), frames, size).astype(int)
     wrong = np.zeros_like(right)
-    for i, shape in enumerate(scene.shapes):
-        if i != index[0]:  # anti-aliased rims of a few levels are not the shape
-            wrong |= np.abs(render(replace(scene, shapes=(shape,)), frames, size).astype(int) - empty).max(axis=-1) > 8
+    for i, mask in enumerate(shape_masks(scene, frames, size)):
+        if i != index[0]:
+            wrong |= mask
     wrong &= ~right
     return (right, wrong) if wrong.any() else None  # the other shape hidden throughout
 

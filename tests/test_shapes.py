@@ -14,7 +14,7 @@ import yaml
 
 from synth.build import shapes_world
 from synth.shapes import (ALL_EDITS, COLORS, EDITS, RADII, REMOVE_WORDS, SHAPE_COUNTS, SPEEDS, Scene, Shape, ShapesWorld,
-                          positions, random_scene, render)
+                          positions, random_scene, render, shape_masks)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,6 +115,13 @@ def test_counts_set_how_many_shapes_a_scene_has():
             shapes_world({"counts": bad}, seed=0)
 
 
+def assert_same_world(a: ShapesWorld, b: ShapesWorld, clips: int) -> None:
+    """The two worlds give the same triplet and the same source and edited pixels, clip for clip."""
+    for i in range(clips):
+        (triplet_a, source_a, edited_a), (triplet_b, source_b, edited_b) = a.sample(i), b.sample(i)
+        assert triplet_a == triplet_b and np.array_equal(source_a, source_b) and np.array_equal(edited_a, edited_b)
+
+
 def test_swap_into_narrows_what_a_swap_makes_and_leaves_the_default_world_alone():
     """``prompts.swap_into: [square]``: every swap turns a circle or a triangle into a square, in a
     scene without squares, and says so; the full list is the default world clip for clip; a list
@@ -129,10 +136,7 @@ def test_swap_into_narrows_what_a_swap_makes_and_leaves_the_default_world_alone(
         assert f"the {changed[0][0]} " in triplet.edit
     full = shapes_world({"swap_into": ["triangle", "circle", "square"]}, seed=3)
     assert full.swap_into == ("circle", "square", "triangle")
-    default = ShapesWorld(seed=3)
-    for i in range(30):
-        a, b = full.sample(i), default.sample(i)
-        assert a[0] == b[0] and np.array_equal(a[1], b[1]) and np.array_equal(a[2], b[2])
+    assert_same_world(full, ShapesWorld(seed=3), clips=30)
     with pytest.raises(ValueError, match=r"leaves 1 other kind\(s\) for scenes of up to 2 shapes"):
         shapes_world({"swap_into": ["square", "circle"]}, seed=0)
     assert shapes_world({"swap_into": ["square", "circle"], "counts": [1]}, seed=0).swap_into == ("circle", "square")
@@ -146,35 +150,26 @@ def test_shuffled_draw_order_stops_the_still_shape_always_covering_the_moving_on
     in some scenes and first in others, and the shape a frame hides is then the moving one about as
     often as the still one; the edit still recolours the moving shape, and "listed" is the default
     world clip for clip. An unknown order is one clear ValueError."""
-    def hidden(world, index):  # (moving shape hidden > 10 %, still shape hidden > 10 %) in how many frames
-        _, scene, edited = world.scenes(index)
-        empty = render(replace(scene, shapes=()), 8, 16).astype(int)
-        masks = [np.abs(render(replace(scene, shapes=(s,)), 8, 16).astype(int) - empty).max(-1) > 8
-                 for s in scene.shapes]
-        covered = [(masks[0][f] & masks[1][f]).sum() > 0.1 * masks[0][f].sum() for f in range(8)]  # the first drawn
-        first_moves = scene.shapes[0].moving
+    def hidden(scene, edited):  # (moving shape hidden > 10 %, still shape hidden > 10 %) in how many frames
+        first, second = shape_masks(scene, 8, 16)
+        covered = sum((first[f] & second[f]).sum() > 0.1 * first[f].sum() for f in range(8))  # the first drawn
         changed = [a for a, b in zip(scene.shapes, edited.shapes) if a != b]
         assert len(changed) == 1 and changed[0].moving
-        return sum(covered) * first_moves, sum(covered) * (not first_moves)
+        return (covered, 0) if scene.shapes[0].moving else (0, covered)
 
     big = {"edits": ["recolor_moving"], "radii": [0.25, 0.35]}
     listed, shuffled = shapes_world(big, seed=7), shapes_world({**big, "draw_order": "shuffled"}, seed=7)
     assert listed.draw_order == "listed" and shuffled.draw_order == "shuffled"
-    listed_hidden = np.sum([hidden(listed, i) for i in range(48)], axis=0)
-    shuffled_hidden = np.sum([hidden(shuffled, i) for i in range(48)], axis=0)
+    listed_scenes, shuffled_scenes = ([world.scenes(i) for i in range(48)] for world in (listed, shuffled))
+    listed_hidden = np.sum([hidden(scene, edited) for _, scene, edited in listed_scenes], axis=0)
+    shuffled_hidden = np.sum([hidden(scene, edited) for _, scene, edited in shuffled_scenes], axis=0)
     assert listed_hidden[0] > 300 and listed_hidden[1] == 0  # the cue: only ever the moving shape is covered
     assert min(shuffled_hidden) > 0.6 * max(shuffled_hidden)
-    moving_first = [shuffled.scenes(i)[1].shapes[0].moving for i in range(48)]
-    assert 12 < sum(moving_first) < 36
-    for i in range(48):  # the caption names the shapes in the order they are drawn
-        triplet, scene, _ = shuffled.scenes(i)
+    assert 12 < sum(scene.shapes[0].moving for _, scene, _ in shuffled_scenes) < 36
+    for triplet, scene, _ in shuffled_scenes:  # the caption names the shapes in the order they are drawn
         first, second = (f"a {s.color} {s.kind} " for s in scene.shapes)
         assert triplet.input.index(first) < triplet.input.index(second)
-    default = ShapesWorld(seed=3)
-    explicit = shapes_world({"draw_order": "listed"}, seed=3)
-    for i in range(30):
-        a, b = explicit.sample(i), default.sample(i)
-        assert a[0] == b[0] and np.array_equal(a[1], b[1]) and np.array_equal(a[2], b[2])
+    assert_same_world(shapes_world({"draw_order": "listed"}, seed=3), ShapesWorld(seed=3), clips=30)
     with pytest.raises(ValueError, match="shapes draw_order must be one of listed, shuffled, got 'random'"):
         shapes_world({"draw_order": "random"}, seed=0)
 
