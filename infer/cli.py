@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--motion-compensation", action="store_true", help="warp LVSC corrections along optical flow")
     edit.add_argument("--resolution", type=_positive_int, default=None, help="short side in pixels (default: the model's)")
     edit.add_argument("--max-frames", type=_positive_int, default=None, help="edit at most this many frames")
+    edit.add_argument("--max-pixels", type=_positive_int, default=None,
+                      help="largest working frame in pixels (default 2,088,960, about 1920x1088; long side at most 4096)")
     edit.add_argument("--stride", type=_positive_int, default=1, help="take every N-th frame (default 1)")
     edit.add_argument("--ignore-decode-errors", action="store_true",
                       help="edit a damaged video as FFmpeg conceals it instead of stopping at the first damaged frame")
@@ -121,7 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--model", help="editor folder or training checkpoint (default: the tiny editor)")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     srv.add_argument("--port", type=_positive_int, default=7860)
-    srv.add_argument("--max-seconds", type=float, default=60.0, help="longest video the page accepts (default 60)")
+    srv.add_argument("--max-seconds", type=_positive_float, default=60.0, help="longest video the page accepts (default 60)")
+    srv.add_argument("--max-frames", type=_positive_int, default=1800, help="most frames a video may have (default 1800)")
+    srv.add_argument("--max-pixels", type=_positive_int, default=None,
+                     help="largest working frame in pixels (default 2,088,960, about 1920x1088)")
+    srv.add_argument("--max-file-size", default="200mb", help="largest upload (default 200mb)")
+    srv.add_argument("--max-queue", type=_positive_int, default=16, help="edits that may wait in the queue (default 16)")
+    srv.add_argument("--auth", default=None, metavar="USER:PASSWORD",
+                     help="ask for this login (default: $INSV2V_SERVE_AUTH if set, else none)")
     srv.add_argument("--device", default=None)
     srv.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
 
@@ -249,8 +258,8 @@ def edit(args: argparse.Namespace) -> Path:
     from model import EditorLoadError
 
     from .edit_file import edit_file
-    from .pipeline import InsV2VPipeline, working_size
-    from .video import VideoError, probe_video
+    from .pipeline import MAX_WORKING_PIXELS, InsV2VPipeline, check_working_size, working_size
+    from .video import VideoError, is_image_sequence, probe_video
     from .video_writer import ESTIMATED_BYTES_PER_PIXEL, check_output_path
 
     # No Python log callback: FFmpeg's chatter would drown the one-line errors, and a callback
@@ -265,7 +274,8 @@ def edit(args: argparse.Namespace) -> Path:
     if args.start is not None and args.end is not None and args.end <= args.start:
         raise UsageError(f"--end ({args.end}) must be after --start ({args.start})")
     source = Path(args.input)
-    stem = source.stem.split("%")[0].rstrip("_-.") or "frames"  # an image-sequence pattern names no file
+    # an image-sequence pattern names no file
+    stem = (source.stem.split("%")[0].rstrip("_-.") or "frames") if is_image_sequence(source) else source.stem
     output = Path(args.output) if args.output else Path.cwd() / f"{stem}.edited.mp4"
     try:
         info = probe_video(source, strict=not args.ignore_decode_errors)
@@ -282,6 +292,7 @@ def edit(args: argparse.Namespace) -> Path:
         check_output_path(output, int(expected * h * w * ESTIMATED_BYTES_PER_PIXEL))
     except VideoError as err:
         raise UsageError(str(err)) from None
+    max_pixels = args.max_pixels or MAX_WORKING_PIXELS
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
@@ -293,6 +304,10 @@ def edit(args: argparse.Namespace) -> Path:
     pipe.to(device, getattr(torch, args.dtype) if args.dtype else None)
 
     resolution = args.resolution or pipe.editor.resolution
+    try:
+        check_working_size(*working_size(info.height, info.width, resolution), max_pixels)
+    except ValueError as err:
+        raise UsageError(f"{err} (--resolution, --max-pixels)") from None
     settings = pipe.settings(
         args.prompt,
         negative_prompt=args.negative_prompt,
@@ -324,15 +339,24 @@ def serve_command(args: argparse.Namespace) -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from model import EditorLoadError
 
-    from .serve import build_app, launch, load_pipeline
+    from .pipeline import MAX_WORKING_PIXELS
+    from .serve import Limits, build_app, launch, load_pipeline, parse_auth
 
+    try:
+        auth = parse_auth(args.auth)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    limits = Limits(max_seconds=args.max_seconds, max_frames=args.max_frames,
+                    max_working_pixels=args.max_pixels or MAX_WORKING_PIXELS, max_file_size=args.max_file_size,
+                    max_queue=args.max_queue)
     try:
         pipe = load_pipeline(args.model, args.device, args.dtype)
     except (EditorLoadError, ValueError, FileNotFoundError) as err:
         raise UsageError(f"could not load the editor: {str(err).splitlines()[0]}") from None
     name = args.model or "the embedded tiny editor (random weights)"
-    print(f"infer: serving {name} on http://{args.host}:{args.port}", file=sys.stderr)
-    launch(build_app(pipe, args.max_seconds), args.host, args.port)
+    print(f"infer: serving {name} on http://{args.host}:{args.port}" + (" (login required)" if auth else ""),
+          file=sys.stderr)
+    launch(build_app(pipe, limits=limits), args.host, args.port, auth=auth)
 
 
 def _quiet_libraries() -> None:

@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -41,18 +42,59 @@ def expand_shards(pattern: str) -> list[str]:
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 
 
-def shard_frames(sample: dict[str, Any], stem: str) -> np.ndarray:
+# Bounds on what one shard member may decode to, checked before the memory is taken.
+MAX_ARRAY_BYTES = 2 << 30
+
+
+def read_npy(data: bytes, max_bytes: int = MAX_ARRAY_BYTES) -> np.ndarray:
+    """An ``.npy`` file's array, its header checked before anything is allocated: no pickled
+    objects, and a shape whose size fits both ``max_bytes`` and the bytes actually there."""
+    buffer = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(buffer)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(buffer)
+    except (ValueError, SyntaxError, TypeError, EOFError) as err:
+        raise ValueError(f"not a readable .npy ({err})") from None
+    if dtype.hasobject:
+        raise ValueError("a .npy of Python objects is not read")
+    size = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if size > max_bytes:
+        raise ValueError(f"its header claims {size:,} bytes, over the {max_bytes:,}-byte limit")
+    if size > len(data) - buffer.tell():
+        raise ValueError(f"its header claims {size:,} bytes but {len(data) - buffer.tell():,} follow it")
+    array = np.frombuffer(data, dtype, count=int(np.prod(shape)), offset=buffer.tell())
+    return array.reshape(shape, order="F" if fortran else "C").copy()  # writable, and free of ``data``
+
+
+def read_image(data: bytes) -> np.ndarray:
+    """An encoded image as RGB ``(H, W, 3)``; over Pillow's pixel limit (a decompression bomb) is an error, not a warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                return np.asarray(image.convert("RGB"))
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+            raise ValueError(f"too many pixels ({str(err).split(' could')[0]})") from None
+        except (UnidentifiedImageError, OSError, EOFError) as err:
+            raise ValueError(f"not a readable image ({type(err).__name__})") from None
+
+
+def shard_frames(sample: dict[str, Any], stem: str, max_frames: int | None = None) -> np.ndarray:
+    """A shard member's frames: an image (one frame), an mp4 (decoded up to ``max_frames``) or an ``.npy``."""
     for ext in IMAGE_EXTS:  # an image-edit pair: one frame
         if f"{stem}.{ext}" in sample:
             try:
-                with Image.open(io.BytesIO(sample[f"{stem}.{ext}"])) as image:
-                    return np.asarray(image.convert("RGB"))[None]
-            except (UnidentifiedImageError, OSError) as err:
-                raise ValueError(f"{stem}.{ext} is not a readable image ({type(err).__name__})") from None
+                return read_image(sample[f"{stem}.{ext}"])[None]
+            except ValueError as err:
+                raise ValueError(f"{stem}.{ext}: {err}") from None
     if f"{stem}.mp4" in sample:
-        return decode_video(sample[f"{stem}.mp4"])
+        return decode_video(sample[f"{stem}.mp4"], max_frames=max_frames)
     if f"{stem}.npy" in sample:
-        array = np.load(io.BytesIO(sample[f"{stem}.npy"]), allow_pickle=False)
+        try:
+            array = read_npy(sample[f"{stem}.npy"])
+        except ValueError as err:
+            raise ValueError(f"{stem}.npy: {err}") from None
         if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] != 3:
             raise ValueError(f"{stem}.npy must be uint8 (F, H, W, 3), got {array.dtype} {array.shape}")
         return array
@@ -96,19 +138,28 @@ class PairDecoder:
     def __call__(self, sample: dict[str, Any], rng: np.random.Generator) -> dict[str, Any] | None:
         """``rng`` draws the frames and the crop."""
         key = sample.get("__key__", "?")
+        index = None
         try:
             meta = json.loads(sample["json"])
             instruction = str(meta["instruction"])
-            source, target = shard_frames(sample, "src"), shard_frames(sample, "tgt")
+            stated = meta.get("num_frames")
+            if isinstance(stated, int) and stated > 1 and "src.mp4" in sample:
+                # the frames to train on are drawn from the stated count, and the clips decoded only that far
+                index = sample_frames(stated, self.num_frames, self.frame_stride, rng)
+                source, target = (shard_frames(sample, stem, int(index.max()) + 1) for stem in ("src", "tgt"))
+            else:
+                source, target = shard_frames(sample, "src"), shard_frames(sample, "tgt")
             if source.shape != target.shape:
                 raise ValueError(f"source {source.shape} and target {target.shape} differ")
-        except (KeyError, ValueError, VideoError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        except (KeyError, ValueError, VideoError, json.JSONDecodeError, UnicodeDecodeError, MemoryError) as err:
             self.skipped += 1
             log.warning("skipping corrupt sample %s (%s); %d skipped so far", key, err, self.skipped)
             return None
         if len(source) == 1 and self.num_frames > 1:
             source, target = image_pair_clip(source, target, self.num_frames, self.image_clips, rng)
-        index = sample_frames(len(source), self.num_frames, self.frame_stride, rng)
+            index = None
+        if index is None or index.max() >= len(source):  # fewer frames than stated: drawn from those there
+            index = sample_frames(len(source), self.num_frames, self.frame_stride, rng)
         source, target = source[index], target[index]
         h, w = source.shape[1:3]
         if self.augment:

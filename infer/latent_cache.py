@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .clip_pairs import sample_frames
+from .clip_pairs import read_npy, sample_frames
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,8 @@ def to_npy(array: torch.Tensor, dtype: str) -> bytes:
 
 
 def from_npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
+    """A cached array, its header checked against what the file holds before allocating."""
+    return read_npy(data)
 
 
 @torch.no_grad()
@@ -112,7 +113,7 @@ class CachedDecoder:
             frames = arrays[TARGET_MEAN].shape[1]
             if any(arrays[name].shape != arrays[TARGET_MEAN].shape for name in (TARGET_LOGVAR, SOURCE_LATENT)):
                 raise ValueError("cached latents differ in shape")
-        except (KeyError, ValueError, IndexError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        except (KeyError, ValueError, IndexError, json.JSONDecodeError, UnicodeDecodeError, MemoryError) as err:
             self.skipped += 1
             log.warning("skipping corrupt cached sample %s (%s); %d skipped so far", key, err, self.skipped)
             return None

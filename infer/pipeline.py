@@ -80,6 +80,20 @@ def working_size(height: int, width: int, resolution: int | None, multiple: int 
     )
 
 
+# The largest working frame the commands and the page edit at (a 16:9 frame of about 1920x1080):
+# the size is chosen by the short side, so a thin video would otherwise become an enormous frame.
+MAX_WORKING_PIXELS = 1920 * 1088
+MAX_WORKING_SIDE = 4096
+
+
+def check_working_size(height: int, width: int, max_pixels: int = MAX_WORKING_PIXELS,
+                       max_side: int = MAX_WORKING_SIDE) -> None:
+    """Refuse a working frame over ``max_pixels`` or with a side over ``max_side``: one line that says why."""
+    if height * width > max_pixels or max(height, width) > max_side:
+        raise ValueError(f"the working frame would be {width}x{height} ({width * height:,} pixels); the limit is "
+                         f"{max_pixels:,} pixels and {max_side} on the long side: choose a lower resolution")
+
+
 def to_model_frames(frames, height: int | None = None, width: int | None = None) -> torch.Tensor:
     """uint8 ``(H, W, 3)`` frames -> float ``(1, 3, F, height, width)`` in [-1, 1] (default: their size)."""
     height, width = height or frames[0].shape[0], width or frames[0].shape[1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import tempfile
 from collections import deque
 from dataclasses import dataclass
 from fractions import Fraction
@@ -45,9 +46,15 @@ class VideoInfo:
         return self.duration or (self.num_frames / self.fps if self.num_frames else 0.0)
 
 
+# The largest stored frame decoded (a 4096x4096 frame is 48 MiB as RGB); a larger one is a damaged
+# or hostile file, refused from its header before any frame is decoded.
+MAX_FRAME_PIXELS = 4096 * 4096
+
+
 def is_image_sequence(path: str | os.PathLike) -> bool:
-    """``frames/%05d.png``-style patterns (printf-style frame numbers)."""
-    return "%" in Path(path).name
+    """``frames/%05d.png``-style patterns (printf-style frame numbers); an existing file whose name
+    holds a ``%`` (``speed 50%.mp4``) is that file, not a pattern."""
+    return "%" in Path(path).name and not Path(path).exists()
 
 
 def _open(path: str | os.PathLike):
@@ -87,15 +94,18 @@ def upright(image: np.ndarray, rotation: int) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(image, turns)) if turns else image
 
 
-def probe_video(path: str | os.PathLike, strict: bool = True) -> VideoInfo:
+def probe_video(path: str | os.PathLike, strict: bool = True, max_pixels: int = MAX_FRAME_PIXELS) -> VideoInfo:
     """Size (upright), frame rate, frame count, rotation and audio of a video; decodes the first
-    frame, so a file that opens but cannot be decoded is reported here, before any editing."""
+    frame, so a file that opens but cannot be decoded is reported here, before any editing. A
+    stored frame size over ``max_pixels`` is refused before decoding."""
     if Path(path).suffix.lower() in PILLOW_SUFFIXES:
         return _probe_pillow(Path(path))
     with _open(path) as container:
         if not container.streams.video:
             raise VideoError(f"no video stream in {path}")
         stream = container.streams.video[0]
+        if stream.width * stream.height > max_pixels:
+            raise VideoError(f"its frames are {stream.width}x{stream.height}, over the {max_pixels:,}-pixel limit")
         if strict:
             stream.codec_context.options = STRICT_DECODING
         try:
@@ -123,6 +133,35 @@ def probe_video(path: str | os.PathLike, strict: bool = True) -> VideoInfo:
             duration=duration,
             audio_codec=audio.codec_context.name if audio is not None else None,
         )
+
+
+def count_frames(path: str | os.PathLike, stop_after: int | None = None) -> tuple[int, float]:
+    """``(frames, seconds)`` of a video read from its packets' timestamps (nothing is decoded): a
+    container that states no duration (a raw H.264 stream) or states a false one is measured as it
+    is. Counting stops once past ``stop_after`` frames. Packets without timestamps count at the
+    stream's rate."""
+    if Path(path).suffix.lower() in PILLOW_SUFFIXES:
+        info = _probe_pillow(Path(path))
+        return info.num_frames, float(info.seconds)
+    with _open(path) as container:
+        stream = container.streams.video[0]
+        rate = float(stream.average_rate or stream.guessed_rate or IMAGE_SEQUENCE_FPS)
+        frames, first, last = 0, None, None
+        try:
+            for packet in container.demux(stream):
+                if packet.size == 0:  # the demuxer's final flush packet
+                    continue
+                frames += 1
+                if packet.pts is not None and packet.time_base is not None:
+                    time = float(packet.pts * packet.time_base)
+                    first = time if first is None else min(first, time)
+                    last = time if last is None else max(last, time)
+                if stop_after is not None and frames > stop_after:
+                    break
+        except av.FFmpegError as err:
+            raise VideoError(f"corrupt video stream in {path} after {frames} packets: {str(err).splitlines()[0]}") from None
+    timed = last - first + 1 / rate if first is not None else 0.0
+    return frames, max(timed, frames / rate)
 
 
 def _probe_pillow(path: Path) -> VideoInfo:
@@ -233,13 +272,23 @@ def read_video(path: str | os.PathLike, max_frames: int | None = None, stride: i
     return np.stack(list(iter_frames(path, max_frames=max_frames, stride=stride)))
 
 
-def decode_video(data: bytes) -> np.ndarray:
-    """Every frame of an in-memory video file as uint8 ``(F, H, W, 3)``."""
+def decode_video(data: bytes, max_frames: int | None = None, max_pixels: int = MAX_FRAME_PIXELS) -> np.ndarray:
+    """The frames of an in-memory video file as uint8 ``(F, H, W, 3)``: all of them, or the first
+    ``max_frames`` (decoding stops there). A frame size over ``max_pixels`` is refused unread."""
     try:
         with av.open(io.BytesIO(data)) as container:
             if not container.streams.video:
                 raise VideoError("no video stream")
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(container.streams.video[0])]
+            stream = container.streams.video[0]
+            if stream.width * stream.height > max_pixels:
+                raise VideoError(f"frames of {stream.width}x{stream.height} exceed the {max_pixels:,}-pixel limit")
+            frames = []
+            for frame in container.decode(stream):
+                if frame.width * frame.height > max_pixels:
+                    raise VideoError(f"frames of {frame.width}x{frame.height} exceed the {max_pixels:,}-pixel limit")
+                frames.append(frame.to_ndarray(format="rgb24"))
+                if max_frames is not None and len(frames) >= max_frames:
+                    break
     except av.FFmpegError as err:
         raise VideoError(f"corrupt video: {err}") from None
     if not frames:
@@ -266,18 +315,23 @@ def encode_video(frames: np.ndarray, fps: Fraction | float, crf: int = 18) -> by
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` (creating its folder) so that readers see the old file or the whole
-    new one, never a part."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    new one, never a part. The temporary file's name is unique to this call, so processes writing
+    the same path at once each replace it whole."""
+    path = Path(path)
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        tmp = Path(name)
+        with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as err:  # name the user's path, not the hidden temporary one
         try:
-            tmp.unlink(missing_ok=True)
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
         except OSError:
             pass
         raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from None

@@ -72,11 +72,12 @@ def cache(shards: str, editor_spec: Any, out: Path, num_frames: int = 16, frame_
                      scaling_factor=editor.scaling_factor, text_states=text, text_shape=[seq, width], dtype=dtype)
     digest = cache_settings(editor_spec, urls, num_frames, frame_stride, resolution, image_clips, text, dtype, compute_dtype)
     writer = ShardWriter(out, rank, PREFIX, digest, resume, world)
-    atomic_write(out / CACHE_INFO, info.to_json().encode())  # identical from every rank
-    if text:
-        with torch.no_grad():
-            empty = editor.encode_text([""])[0]
-        atomic_write(out / EMPTY_TEXT, to_npy(empty, dtype))
+    if rank == 0:  # the folder's shared files: one writer (every rank would write the same bytes)
+        atomic_write(out / CACHE_INFO, info.to_json().encode())
+        if text:
+            with torch.no_grad():
+                empty = editor.encode_text([""])[0]
+            atomic_write(out / EMPTY_TEXT, to_npy(empty, dtype))
     decoder = PairDecoder(num_frames, frame_stride, resolution, None, image_clips)
     start = writer.state["next"][0]
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from test_video_io import look, pattern, write_input
@@ -213,3 +214,111 @@ def test_one_edit_at_a_time_the_others_wait_in_the_queue(pipe, clip_with_audio, 
     finally:
         app.close()
     assert len(results) == 3 and most[0] == 1
+
+
+# ---------------------------------------------------------------- what an upload may cost
+def editing(pipe, **limits):
+    from infer.serve import Editing, Limits
+
+    return Editing(pipe, limits=Limits(**{"max_seconds": 5, **limits}))
+
+
+def edit_with(ed, path, resolution=32):
+    return ed(str(path), "make it red", 7.5, 1.2, 1, True, False, 0, resolution)
+
+
+def test_a_thin_video_cannot_make_an_enormous_working_frame(pipe, tmp_path):
+    thin = write_input(tmp_path / "thin.mp4", [np.full((16, 4096, 3), 90, np.uint8)] * 2, rate=8)
+    assert thin.stat().st_size < 20_000
+    ed = editing(pipe)
+    with pytest.raises(ValueError, match=r"working frame would be 262144x1024 .* the limit is 2,088,960 pixels"):
+        edit_with(ed, thin, resolution=1024)
+    assert not list(ed.out_dir.glob("*.edited-*"))
+    proc = subprocess.run([sys.executable, "-m", "infer", "edit", str(thin), "--prompt", "x", "--resolution", "1024",
+                           "-o", str(tmp_path / "out.mp4")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("infer: error: the working frame would be 262144x1024")
+    assert not (tmp_path / "out.mp4").exists()
+
+
+def raw_h264(path: Path, frames: int, rate: int) -> Path:
+    """An H.264 elementary stream (no container, no duration), named as the caller likes."""
+    import av
+
+    with av.open(str(path), "w", format="h264") as container:
+        stream = container.add_stream("libx264", rate=rate)
+        stream.height = stream.width = 16
+        stream.pix_fmt = "yuv420p"
+        for i in range(frames):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pattern(i, 16, 16), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def test_length_is_measured_not_taken_from_the_container(pipe, tmp_path):
+    from infer.video import count_frames, probe_video
+
+    raw = raw_h264(tmp_path / "raw.mp4", 400, 8)  # 400 frames, named .mp4
+    info = probe_video(raw)
+    assert info.seconds == 0  # the container states nothing
+    # a raw stream has no clock of its own: its length is its frames at the rate it is edited at
+    assert count_frames(raw) == (400, 400 / float(info.fps))
+    with pytest.raises(ValueError, match=r"is \d+\.\d s long; this page edits videos of at most 5 s"):
+        edit_with(editing(pipe), raw)
+    fast = write_input(tmp_path / "fast.mp4", [pattern(i, 16, 16) for i in range(200)], rate=50)  # 200 frames in 4 s
+    with pytest.raises(ValueError, match="more than 100 frames; this page edits at most 100"):
+        edit_with(editing(pipe, max_frames=100), fast)
+
+
+def test_any_container_and_extension_is_edited_without_an_ffmpeg_executable(pipe, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))  # no ffmpeg, whatever the machine has
+    ed = editing(pipe)
+    frames = [pattern(i, 32, 48) for i in range(6)]
+    for name, fmt in (("clip.mkv", "matroska"), ("CLIP.MP4", "mp4"), ("clip.MOV", "mov")):
+        path = write_input(tmp_path / name, frames, rate=8, fmt=fmt)
+        played, _ = edit_with(ed, path)
+        assert look(Path(played))["frames"] == 6, name
+    ed.close()
+    assert not ed.out_dir.exists()
+
+
+def test_page_errors_show_no_server_paths(pipe, tmp_path):
+    fake = tmp_path / "deep" / "folder" / "notes.mp4"
+    fake.parent.mkdir(parents=True)
+    fake.write_text("not a video")
+    with pytest.raises(ValueError) as err:
+        edit_with(editing(pipe), fake)
+    assert "notes.mp4" in str(err.value) and str(tmp_path) not in str(err.value)
+
+
+def test_login_upload_size_queue_and_cleanup(pipe, clip_with_audio, monkeypatch):
+    import urllib.request
+
+    from gradio_client import Client, handle_file
+
+    from infer.serve import Limits, build_app, launch, parse_auth
+
+    monkeypatch.setenv("INSV2V_SERVE_AUTH", "ada:s3cret")
+    auth = parse_auth(None)
+    assert auth == ("ada", "s3cret") and parse_auth("bob:pw") == ("bob", "pw")
+    with pytest.raises(ValueError, match="must be user:password"):
+        parse_auth("nopassword")
+    app = build_app(pipe, examples=False, limits=Limits(max_seconds=5, max_queue=3, max_file_size="1mb"))
+    port = free_port()
+    launch(app, "127.0.0.1", port, block=False, auth=auth)
+    folder = app.editing.out_dir
+    try:
+        assert app._queue.max_size == 3 and app.max_file_size == 1024 * 1024
+        with pytest.raises(urllib.error.HTTPError) as denied:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/gradio_api/info", timeout=30)
+        assert denied.value.code == 401
+        client = Client(f"http://127.0.0.1:{port}/", auth=auth, verbose=False)
+        _, downloaded = client.predict(handle_file(str(clip_with_audio)), "make it red", 7.5, 1.2, 1, False, False, 0,
+                                       32, api_name="/edit")
+        assert look(Path(downloaded if isinstance(downloaded, str) else downloaded["path"]))["frames"] == 12
+        assert list(folder.glob("*.edited-*"))
+    finally:
+        app.close()
+    assert not folder.exists()  # the page's own outputs go with it

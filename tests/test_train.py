@@ -349,9 +349,13 @@ def test_cli_fit_stopped_by_sigterm_exits_non_zero(tmp_path, shards):
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
-    assert "stopped by SIGTERM" in stderr and "--ckpt_path last" in stderr and "Traceback" not in stderr
+    assert "stopped by a signal" in stderr and "--ckpt_path last" in stderr and "Traceback" not in stderr
     assert not list((tmp_path / "outputs").rglob("model_index.json"))  # nothing exported as if finished
-    assert last.is_file()  # the checkpoint to resume from is kept
+    assert last.is_file()  # the periodic checkpoint is kept
+    preempted = last.with_name("preempted.ckpt")  # and the step it stopped at is saved beside it
+    assert str(preempted) in stderr.strip().splitlines()[-1]
+    stopped = torch.load(preempted, weights_only=True)["global_step"]
+    assert stopped >= torch.load(last, weights_only=True)["global_step"] > 0
 
 
 def test_cli_placeholder_weights_fail_clearly(tmp_path):

@@ -13,12 +13,17 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from model import EditorLoadError
 
 from .data import ShardDataModule
+from .guards import NonFiniteError, PreemptionCheckpoint
 from .module import EditorModule
 
 
 # Expected here: the frozen text encoder and VAE run in eval mode; no validation shards by default.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 warnings.filterwarnings("ignore", message=r"Total length of `list` across ranks is zero")
+# the epoch loader knows its exact length: each pass splits its batches among the workers itself
+warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+# the data module keeps the stream's place in every checkpoint (ShardDataModule.state_dict)
+warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
 
 
 ROOT_PLACEHOLDER = "{default_root_dir}"
@@ -50,6 +55,15 @@ class EditorCLI(LightningCLI):
     def before_fit(self) -> None:
         # bad data paths fail here, before the trainer's logger makes an empty version folder
         self.datamodule.setup("fit")
+        if not any(isinstance(c, PreemptionCheckpoint) for c in self.trainer.callbacks):
+            root = Path(self.trainer.default_root_dir or ".")
+            folders = [c.dirpath for c in self.trainer.checkpoint_callbacks if getattr(c, "dirpath", None)]
+            self.trainer.callbacks.append(PreemptionCheckpoint(folders[0] if folders else root / "checkpoints"))
+
+
+def _saved(err: BaseException) -> str:
+    path = getattr(err, "checkpoint", None)  # set by PreemptionCheckpoint
+    return f"; the last finished step is saved in {path}" if path else ""
 
 
 def _is_set(value) -> bool:
@@ -65,14 +79,18 @@ def main(args: list[str] | None = None) -> int:
             seed_everything_default=0,
             args=args,
         )
+    except NonFiniteError as err:
+        print(f"lightning: error: {err}{_saved(err)}", file=sys.stderr)
+        return 1
     except (EditorLoadError, ValueError, FileNotFoundError) as err:
         print(f"lightning: error: {err}", file=sys.stderr)
         return 2
-    except SIGTERMException:
-        # Lightning stops its loops on SIGTERM with a SystemExit of code 0; a preempted run must not
-        # look finished to its scheduler (nothing was exported), so it exits as a terminated process.
-        print("lightning: stopped by SIGTERM before the end of training; nothing was exported. "
-              "Resume with --ckpt_path last", file=sys.stderr)
+    except SIGTERMException as err:
+        # Lightning stops its loops at the next step boundary on SIGTERM (SIGUSR1 too, here); a
+        # preempted run must not look finished to its scheduler (nothing was exported), so it exits
+        # as a terminated process, with the checkpoint to resume from.
+        print(f"lightning: stopped by a signal before the end of training (SIGTERM or SIGUSR1); nothing was "
+              f"exported{_saved(err)}. Resume with --ckpt_path last", file=sys.stderr)
         return 128 + signal.SIGTERM
     return 0
 

@@ -40,25 +40,32 @@ def drawn_in(window: tuple[int, int | None], epoch: int) -> bool:
     return first <= epoch and (until is None or epoch < until)
 
 
-class PairStream(torch.utils.data.IterableDataset):
-    """Endless batches of decoded pairs, drawn shard by shard through a shuffle buffer.
+def _rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", 0))
 
-    Each pass (an epoch of the loader) is a pure function of (seed, rank and worker, epoch), and
-    each sample's frame and crop draws a function of its position in that pass. So a resumed run
-    skips exactly the raw samples its checkpoint says were consumed, reading but not decoding
-    them, and goes on with the batches an uninterrupted run would have seen. Every batch carries
-    ``stream`` = (worker, epoch, raw samples consumed) for that bookkeeping.
+
+class PairStream(torch.utils.data.IterableDataset):
+    """One epoch of batches of decoded pairs, drawn shard by shard through a shuffle buffer.
+
+    The epoch's ``batches`` are split among the loader's workers as the loader takes them (batch
+    ``i`` from worker ``i % workers``). Each worker's stream is a pure function of (seed, rank,
+    worker, ``epoch``), and each sample's frame and crop draws a function of its position in it.
+    A pass that starts after ``first_batch`` batches of its epoch (a resumed run) lets worker ``k``
+    play worker ``(k + first_batch) % workers``, skipping the raw samples ``skip`` says that worker
+    consumed (read, not decoded): it yields exactly the batches an uninterrupted pass would have
+    yielded from there on. Every batch carries ``stream`` = (worker, epoch, raw samples consumed).
+    The owner sets ``epoch``, ``first_batch`` and ``skip`` before each pass; workers are started
+    anew for every pass, so they see them.
     """
 
     def __init__(self, sources: list[tuple[list[str], float, tuple[int, int | None]]], decoder: PairDecoder, batch_size: int,
-                 shuffle_buffer: int, seed: int, start_epoch: int = 0, skip: dict[int, int] | None = None,
-                 first_pass_batches: int | None = None):
+                 shuffle_buffer: int, seed: int, batches: int):
         super().__init__()
         self.sources, self.decoder, self.batch_size, self.shuffle_buffer = sources, decoder, batch_size, shuffle_buffer
-        self.seed, self.skip = seed, skip or {}
-        self.start_epoch = start_epoch
-        self.first_pass_batches = first_pass_batches  # a resumed epoch: only the batches left in it
-        self.epoch = start_epoch - 1  # each worker's copy counts its own passes
+        self.seed, self.batches = seed, batches
+        self.epoch, self.first_batch, self.skip = 0, 0, {}
 
     def _source_samples(self, urls: list[str], worker: int, epoch: int, index: int):
         """One source's endless raw samples: shards drawn with replacement, then a shuffle buffer.
@@ -85,19 +92,16 @@ class PairStream(torch.utils.data.IterableDataset):
             yield index, next(streams[index])
 
     def __iter__(self):
-        self.epoch += 1
-        epoch, worker = self.epoch, wds.utils.pytorch_worker_seed()  # rank * 1000 + worker
-        samples = self._mixed(worker, epoch)
-        skip = self.skip.get(worker, 0) if epoch == self.start_epoch else 0
-        limit = None
-        if epoch == self.start_epoch and self.first_pass_batches is not None:
-            info = torch.utils.data.get_worker_info()  # the loader takes batches from its workers in turn
-            index, count = (info.id, info.num_workers) if info is not None else (0, 1)
-            limit = len(range(index, self.first_pass_batches, count))
-        batch, made = [], 0
+        info = torch.utils.data.get_worker_info()
+        index, count = (info.id, info.num_workers) if info is not None else (0, 1)
+        role = (index + self.first_batch) % count  # the worker whose batches this one continues
+        worker, epoch = _rank() * 1000 + role, self.epoch
+        limit = len(range(self.first_batch + index, self.batches, count))
         if limit == 0:
             return
-        for position, (source_index, sample) in enumerate(samples):
+        skip = self.skip.get(worker, 0)
+        batch, made = [], 0
+        for position, (source_index, sample) in enumerate(self._mixed(worker, epoch)):
             if position < skip:
                 continue
             item = self.decoder(sample, np.random.default_rng([self.seed, worker, epoch, position]))
@@ -109,6 +113,24 @@ class PairStream(torch.utils.data.IterableDataset):
                 batch, made = [], made + 1
                 if made == limit:
                     return
+
+
+class EpochLoader(torch.utils.data.DataLoader):
+    """A loader of one epoch of a :class:`PairStream` per iteration: ``plan()`` gives the pass's
+    ``(epoch, first_batch, skip)`` just before its workers start."""
+
+    def __init__(self, stream: PairStream, plan, num_workers: int):
+        # workers start anew each pass (not persistent) so they see the plan the main process set
+        super().__init__(stream, batch_size=None, num_workers=num_workers, persistent_workers=False)
+        self.plan = plan
+
+    def __iter__(self):
+        stream = self.dataset
+        stream.epoch, stream.first_batch, stream.skip = self.plan()
+        return super().__iter__()
+
+    def __len__(self) -> int:
+        return self.dataset.batches
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -174,7 +196,9 @@ class ShardDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.decoders: list[PairDecoder] = []
         self._consumed: dict[str, Any] = {}
-        self._resuming = False
+        self._before_latest: dict[str, Any] | None = None
+        self._resumed: dict[str, Any] | None = None
+        self._passes = 0
         self.source_counts: dict[str, int] = {name: 0 for name, *_ in self._sources()}
         if image_clips not in IMAGE_CLIPS:
             raise ValueError(f"data.image_clips must be one of {', '.join(IMAGE_CLIPS)}, got {image_clips!r}")
@@ -245,7 +269,7 @@ class ShardDataModule(L.LightningDataModule):
         return int(global_seed) if global_seed is not None else None
 
     def _loader(self, patterns: list[tuple[str, float, tuple[int, int | None]]], augment: dict[str, float] | None, batches: int,
-                resume: bool = False) -> wds.WebLoader:
+                training: bool = False) -> EpochLoader:
         hp = self.hparams
         seed = self._seed()
         if seed is None:  # a fresh stream, still consistent across this run's workers and epochs
@@ -255,24 +279,29 @@ class ShardDataModule(L.LightningDataModule):
         else:
             decoder = PairDecoder(hp.num_frames, hp.frame_stride, hp.resolution, augment, hp.image_clips)
         self.decoders.append(decoder)
-        trainer = getattr(self, "trainer", None)
-        start_epoch = trainer.current_epoch if trainer is not None else 0
-        skip, done = {}, 0
-        if resume and self._consumed.get("epoch") == start_epoch:  # stopped mid-epoch: skip what was consumed
-            skip = {int(w): p for w, p in self._consumed["positions"].items()}
-            done = self._consumed["batches"]
         sources = [(expand_shards(pattern), weight, window) for pattern, weight, window in patterns]
-        stream = PairStream(sources, decoder, hp.batch_size, hp.shuffle_buffer, seed, start_epoch, skip,
-                            first_pass_batches=max(batches - done, 0) if done else None)
-        # persistent workers keep their stream's position: a respawned worker would replay it
-        loader = wds.WebLoader(stream, batch_size=None, num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0)
-        return loader.with_epoch(batches)
+        stream = PairStream(sources, decoder, hp.batch_size, hp.shuffle_buffer, seed, batches)
+        # validation sees the same batches every time; training passes follow the trainer's epoch
+        return EpochLoader(stream, self._plan if training else lambda: (0, 0, {}), hp.num_workers)
+
+    def _plan(self) -> tuple[int, int, dict[int, int]]:
+        """The next training pass: the trainer's epoch (without a trainer, the passes made so far),
+        and, the first time after a resume into the middle of that epoch, the batches already
+        trained on and each worker's consumed samples."""
+        trainer = getattr(self, "trainer", None)
+        epoch = trainer.current_epoch if trainer is not None else self._passes
+        self._passes += 1
+        resumed, self._resumed = self._resumed, None
+        if resumed and resumed.get("epoch") == epoch:
+            return epoch, int(resumed["batches"]), {int(w): int(p) for w, p in resumed["positions"].items()}
+        return epoch, 0, {}
 
     # ------------------------------------------------------------ the stream's position
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         trainer = getattr(self, "trainer", None)
         if "stream" in batch and trainer is not None and trainer.training:
             worker, epoch, consumed = (int(v) for v in batch["stream"])
+            self._before_latest = self._copy(self._consumed)
             if self._consumed.get("epoch") != epoch:
                 self._consumed = {"epoch": epoch, "batches": 0, "positions": {}}
             self._consumed["positions"][str(worker)] = consumed
@@ -283,15 +312,25 @@ class ShardDataModule(L.LightningDataModule):
             self._consumed["source_counts"] = dict(self.source_counts)
         return batch
 
+    @staticmethod
+    def _copy(state: dict[str, Any]) -> dict[str, Any]:
+        return {k: dict(v) if isinstance(v, dict) else v for k, v in state.items()}
+
     def state_dict(self) -> dict[str, Any]:
         """Saved in every checkpoint: the epoch, its batches trained on, each worker's raw samples
-        consumed in it, and the samples trained on per source."""
-        return dict(self._consumed)
+        consumed in it, and the samples trained on per source. A checkpoint written while a batch is
+        in flight (an exception inside a step) leaves that batch out: the resumed run trains on it."""
+        trainer = getattr(self, "trainer", None)
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current if trainer is not None else None
+        if progress is not None and progress.processed < progress.ready and self._before_latest is not None:
+            return self._copy(self._before_latest)
+        return self._copy(self._consumed)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._consumed = dict(state)
+        self._consumed = self._copy(state)
+        self._before_latest = None
         self.source_counts.update(state.get("source_counts", {}))
-        self._resuming = True
+        self._resumed = self._copy(state)
 
     @property
     def skipped(self) -> int:
@@ -306,7 +345,7 @@ class ShardDataModule(L.LightningDataModule):
 
     def train_dataloader(self):
         patterns = [(pattern, weight, window) for _, pattern, weight, window in self._sources()]
-        return self._loader(patterns, self._augment(), self.hparams.batches_per_epoch, resume=self._resuming)
+        return self._loader(patterns, self._augment(), self.hparams.batches_per_epoch, training=True)
 
     def val_dataloader(self):
         if not self.hparams.val_shards:

@@ -18,6 +18,7 @@ from model import EditorLoadError, load_editor, load_vae, posterior_sample, set_
 from model.lora import DEFAULT_TARGETS, add_lora, merge_lora, save_lora
 from model.trainable import MOTION_PATTERN, count_parameters
 
+from .guards import NonFiniteSteps, require_finite
 from .objective import LOSS_WEIGHTINGS, dropout_masks, edit_balanced_weights, edit_size_weights, loss_weights, regression_target, sample_timesteps
 from .strategies import is_sharded, shard_editor
 
@@ -65,6 +66,10 @@ class EditorModule(L.LightningModule):
             steps while the rest trains (a per-frame editor first, as an image model is trained
             before its motion modules are added), then train with the rest.
         ema_decay: keep an exponential moving average of the trainable weights (exported).
+        max_nonfinite_steps: a step whose loss or gradient is not finite stops training with one
+            line (``NonFiniteError``) before the optimizer applies it; with N > 0 up to N such steps
+            are skipped instead (their gradients dropped) and the N+1-th stops. Checkpoints and the
+            exported editor are never written with non-finite weights.
         seed: base of the per-step random streams (noise, timesteps, dropout): a resumed run
             draws exactly what an uninterrupted one would.
         export_dir: where the final editor folder goes (default ``<log dir>/editor``).
@@ -99,6 +104,7 @@ class EditorModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         motion_frozen_steps: int = 0,
         ema_decay: float | None = None,
+        max_nonfinite_steps: int = 0,
         seed: int = 0,
         export_dir: str | None = None,
     ):
@@ -145,6 +151,7 @@ class EditorModule(L.LightningModule):
             raise ValueError(f"motion_frozen_steps must be >= 0 and needs trainable temporal layers (trainable: "
                              f"{trainable!r}), got {motion_frozen_steps}")
         self.strict_loading = False  # checkpoints hold only the trainable weights
+        self.nonfinite = NonFiniteSteps(max_nonfinite_steps)
         self.ema: dict[str, torch.Tensor] | None = None
 
     # ---------------------------------------------------------------- helpers
@@ -277,7 +284,13 @@ class EditorModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        self.nonfinite.saw_loss(loss)
+
     def on_before_optimizer_step(self, optimizer) -> None:
+        # a mixed-precision grad scaler skips steps with infinite gradients itself: only the loss is checked then
+        scaler = getattr(getattr(self._trainer, "precision_plugin", None), "scaler", None)
+        self.nonfinite.before_step(self.global_step, optimizer, check_gradients=scaler is None)
         if self.global_step < self.hparams.motion_frozen_steps:
             # no gradient, no step: AdamW skips the parameter (no update, no decay, no moments yet)
             for param in self._motion_parameters():
@@ -321,12 +334,14 @@ class EditorModule(L.LightningModule):
         """Keep only trainable weights; record how to rebuild the rest."""
         keep = set(self.trainable_parameters())
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        require_finite(checkpoint["state_dict"], f"a checkpoint at step {self.global_step}")
         checkpoint[CHECKPOINT_KEY] = {
             "format": 1,
             "editor": self.hparams.editor,
             "trainable": self.hparams.trainable,
             "lora": self._lora_spec(),
             "ema": {k: v.cpu() for k, v in self.ema.items()} if self.ema else None,
+            "nonfinite_skipped": self.nonfinite.skipped,
         }
 
     def _lora_spec(self) -> dict[str, Any] | None:
@@ -339,6 +354,7 @@ class EditorModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get(CHECKPOINT_KEY) or {}
         self.ema = {k: v.clone() for k, v in meta["ema"].items()} if meta.get("ema") else None
+        self.nonfinite.skipped = int(meta.get("nonfinite_skipped", 0))
 
     # ---------------------------------------------------------------- export
     def on_fit_end(self) -> None:
@@ -365,9 +381,11 @@ class EditorModule(L.LightningModule):
         trained weights, gathered, when this module's are sharded; a whole editor is then rebuilt
         from the spec to hold them, as ``InsV2VPipeline.from_checkpoint`` does."""
         if trained is not None:
+            require_finite(trained, "the editor")
             self._save_editor(editor_from_weights(self.hparams.editor, self._lora_spec(), trained), directory)
             return Path(directory)
         params = self.trainable_parameters()
+        require_finite(dict(self.ema or params), "the editor")
         saved = None
         if self.ema:
             saved = {k: p.detach().clone() for k, p in params.items()}
