@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-frames", type=_positive_int, default=None)
     ev.add_argument("--resolution", type=_positive_int, default=None)
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--resume", action="store_true", help="keep the rows already in --out/per_video.csv and edit only the rest")
     ev.add_argument("--quiet", action="store_true")
 
     srv = sub.add_parser("serve", help="a web page that edits uploaded videos (Gradio)",
@@ -199,7 +200,8 @@ def evaluate_command(args: argparse.Namespace) -> None:
     import numpy as np
 
     from .clip import ClipScorer
-    from .evaluate import DEFAULT_SETTINGS, Scorers, evaluate, find_video, parse_setting, read_instructions, summarize, write_reports
+    from .evaluate import (DEFAULT_SETTINGS, ROWS_FILE, RowLog, Scorers, evaluate, find_video, parse_setting, read_instructions,
+                           read_rows, summarize, write_reports)
     from .judge import VisionJudge
     from .pipeline import InsV2VPipeline
     from .video import VideoError
@@ -234,10 +236,23 @@ def evaluate_command(args: argparse.Namespace) -> None:
         base = dict(num_inference_steps=args.steps, clip_frames=args.clip_frames, reference_frames=args.reference_frames)
         for name, options in settings.items():
             pipe.settings("x", **{**base, **options}).validate()
-        Path(args.out).mkdir(parents=True, exist_ok=True)  # an unwritable --out fails now, not after the edits
+        out = Path(args.out)
+        if (out / ROWS_FILE).is_file() and not args.resume:
+            raise ValueError(f"{out / ROWS_FILE} holds an earlier run's rows: pass --resume to continue it, or choose another --out")
+        done = read_rows(out / ROWS_FILE) if args.resume else []
+        done = [r for r in done if r["setting"] in settings]
+        log = RowLog(out / ROWS_FILE, done)  # an unwritable --out fails now, not after the edits
         scorers = Scorers(clip, pick, args.clip_model is None, judge)
-        rows = evaluate(pipe, videos, found, settings, scorers, base, args.max_frames, args.resolution, args.seed,
-                        progress=not args.quiet)
+        rows: list = []
+        try:
+            evaluate(pipe, videos, found, settings, scorers, base, args.max_frames, args.resolution, args.seed,
+                     progress=not args.quiet, log=log, done=done, rows=rows)
+        except KeyboardInterrupt:  # what is finished is reported; a rerun with --resume does the rest
+            notes.append(f"interrupted: {len(rows)} rows finished; rerun with --resume for the rest")
+            write_reports(out, rows, summarize(rows), notes)
+            raise
+        if done:
+            notes.append(f"resumed: {len(done)} rows kept from the earlier run")
     except (ValueError, FileNotFoundError, EditorLoadError, VideoError) as err:
         raise UsageError(str(err)) from None
     if judge is not None:

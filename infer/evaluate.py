@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -88,7 +89,7 @@ class Scorers:
 
 def judge_columns(scorers: Scorers, source: np.ndarray, edited: np.ndarray, instruction: str) -> dict[str, Any]:
     """The judge's total (0–9) and criteria for one edit; NaN when there is no judge, its reply was
-    malformed, or its server failed (then the failure is kept and the judge not asked again)."""
+    malformed, or its server failed (then the failure is kept, said once, and the judge not asked again)."""
     row: dict[str, Any] = {"judge": float("nan"), **dict.fromkeys(JUDGE_COLUMNS, "")}
     if scorers.judge is None or scorers.judge_failure is not None:
         return row
@@ -96,6 +97,7 @@ def judge_columns(scorers: Scorers, source: np.ndarray, edited: np.ndarray, inst
         judgment = scorers.judge(source, edited, instruction)
     except ConnectionError as err:
         scorers.judge_failure = str(err)
+        print(f"infer: warning: judge stopped, the rest is not judged: {err}", file=sys.stderr)
         return row
     if judgment is not None:
         row.update({"judge": float(judgment.total), "judge_reason": judgment.reason,
@@ -103,12 +105,58 @@ def judge_columns(scorers: Scorers, source: np.ndarray, edited: np.ndarray, inst
     return row
 
 
+COLUMNS = ["video", "edit", "setting", "frames", *METRICS, *JUDGE_COLUMNS]
+ROWS_FILE = "per_video.csv"
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The finished rows of an earlier run's ``per_video.csv`` (numbers as numbers); a torn last
+    line (a run killed mid-write) is dropped."""
+    if not path.is_file():
+        return []
+    rows = []
+    for row in csv.DictReader(io.StringIO(path.read_text())):
+        if None in row or any(row.get(c) is None for c in COLUMNS):
+            continue
+        try:
+            rows.append({**row, "frames": int(row["frames"]), **{m: float(row[m]) for m in METRICS}})
+        except ValueError:
+            continue
+    return rows
+
+
+class RowLog:
+    """``per_video.csv`` grown one finished row at a time (flushed and synced), so an interrupted
+    run keeps every row it finished and ``--resume`` knows what to skip."""
+
+    def __init__(self, path: Path, kept: list[dict[str, Any]]):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(kept)
+        atomic_write(path, buffer.getvalue().encode())  # the kept rows, whole (a torn line dropped)
+
+    def append(self, row: dict[str, Any]) -> None:
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=COLUMNS).writerow(row)
+            f.flush()
+            os.fsync(f.fileno())
+
+
 def evaluate(pipe: InsV2VPipeline, videos: Path, instructions: list[tuple[str, str, str]], settings: dict[str, dict],
              scorers: Scorers, base: dict[str, Any], max_frames: int | None, resolution: int | None, seed: int,
-             progress: bool = True) -> list[dict[str, Any]]:
-    """One row per (video, edit, setting), every setting on the same frames and seed."""
-    rows = []
+             progress: bool = True, log: RowLog | None = None, done: list[dict[str, Any]] | None = None,
+             rows: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """One row per (video, edit, setting), every setting on the same frames and seed. Rows in
+    ``done`` are kept, not edited again; each new row is appended to ``log`` as it is finished and
+    to ``rows`` (so a caller interrupted midway still holds them)."""
+    rows = [] if rows is None else rows
+    finished = {(r["video"], r["edit"], r["setting"]) for r in done or []}
+    rows.extend(done or [])
     jobs = [(v, e, i) for v, e, i in instructions if find_video(videos, v) is not None]
+    jobs = [(v, e, i) for v, e, i in jobs if any((v, e, name) not in finished for name in settings)]
     bar = tqdm(total=len(jobs) * len(settings), desc="evaluating", disable=not progress)
     cache: dict[str, tuple[np.ndarray, torch.Tensor, list]] = {}
     for video, edit, instruction in jobs:
@@ -121,6 +169,9 @@ def evaluate(pipe: InsV2VPipeline, videos: Path, instructions: list[tuple[str, s
         source, source_emb, flows = cache[video]
         texts = scorers.clip.text_embeds([instruction, NEUTRAL_TEXT])
         for name, options in settings.items():
+            if (video, edit, name) in finished:
+                bar.update(1)
+                continue
             setting = pipe.settings(instruction, **{**base, **options})
             edited = pipe(source, instruction, generator=torch.Generator().manual_seed(seed), progress=False,
                           **{k: v for k, v in vars(setting).items() if k != "prompt"}).frames
@@ -142,6 +193,8 @@ def evaluate(pipe: InsV2VPipeline, videos: Path, instructions: list[tuple[str, s
                 scale = float(scorers.pick.model.logit_scale.exp())
                 row["pickscore"] = pick_score(scorers.pick.image_embeds(edited), pick_text, scale)
             rows.append(row)
+            if log is not None:
+                log.append(row)
             bar.update(1)
     bar.close()
     return rows
@@ -162,10 +215,10 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 def write_reports(out: Path, rows: list[dict[str, Any]], summary: dict, notes: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["video", "edit", "setting", "frames", *METRICS, *JUDGE_COLUMNS])
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write(out / "per_video.csv", buffer.getvalue().encode())
+    atomic_write(out / ROWS_FILE, buffer.getvalue().encode())
     atomic_write(out / "summary.json", (json.dumps({"settings": summary, "notes": notes}, indent=2) + "\n").encode())
     arrows = {"clip_t": "↑", "clip_f": "↑", "clip_d": "↑", "pickscore": "↑", "judge": "↑ (0–9)", "warp_error": "↓",
               "seam_error": "↓"}

@@ -25,10 +25,15 @@ def chat_client(base_url: str | None, api_key_env: str = "OPENAI_API_KEY", timeo
                          max_retries=0)
 
 
+class RefusedRequest(ConnectionError):
+    """The server refused for good (400, 401, 403, 404, ...): asking again will not help."""
+
+
 def complete(client, stats: RequestStats, max_retries: int, backoff: float, what: str = "LLM server",
              **request: Any) -> str:
     """One chat completion's text. 429, 5xx, timeouts and broken connections are retried after
-    ``backoff * 2^k`` seconds, at most ``max_retries`` times; then ``ConnectionError``."""
+    ``backoff * 2^k`` seconds, at most ``max_retries`` times; then ``ConnectionError``. Any other
+    HTTP error is final at once: :class:`RefusedRequest`, naming the status (never the key)."""
     import openai
 
     transient = (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError, openai.APIConnectionError)
@@ -37,6 +42,15 @@ def complete(client, stats: RequestStats, max_retries: int, backoff: float, what
             stats.requests += 1
             reply = client.chat.completions.create(**request)
             return reply.choices[0].message.content or ""
+        except openai.APIStatusError as err:
+            if isinstance(err, transient):
+                if attempt == max_retries:
+                    raise ConnectionError(f"{what} failed {attempt + 1} times: {type(err).__name__}") from None
+                stats.retries += 1
+                time.sleep(backoff * 2**attempt)
+                continue
+            hint = {401: " (the key was refused)", 403: " (the key may not use this model)"}.get(err.status_code, "")
+            raise RefusedRequest(f"{what} answered HTTP {err.status_code} {type(err).__name__}{hint}") from None
         except transient as err:
             if attempt == max_retries:
                 raise ConnectionError(f"{what} failed {attempt + 1} times: {type(err).__name__}") from None

@@ -146,3 +146,67 @@ def test_infer_eval_reports_the_judge_and_never_writes_the_key(tmp_path, monkeyp
     assert "judge ↑" in (tmp_path / "report/summary.md").read_text()
     for file in (tmp_path / "report").rglob("*"):
         assert SECRET not in file.read_text(), file
+
+
+def _eval_inputs(tmp_path):
+    from infer import encode_video
+
+    ys, xs = np.mgrid[0:24, 0:24]
+    frames = np.stack([np.stack([(xs + 2 * t) * 10 % 256, ys * 10, np.full_like(xs, 80)], -1) for t in range(6)])
+    (tmp_path / "videos").mkdir(exist_ok=True)
+    (tmp_path / "videos/clip.mp4").write_bytes(encode_video(frames.astype(np.uint8), 8))
+    (tmp_path / "edits.json").write_text(json.dumps({"clip": {"a": "paint a red square", "b": "make it snowy",
+                                                              "c": "make it dark"}}))
+    return ["eval", "--videos", str(tmp_path / "videos"), "--instructions", str(tmp_path / "edits.json"),
+            "--out", str(tmp_path / "report"), "--resolution", "16", "--steps", "1", "--quiet", "--setting", "plain:lvsc=0"]
+
+
+@pytest.mark.parametrize("status", [401, 403, 400])
+def test_a_judge_that_refuses_is_dropped_with_one_line_and_the_edits_are_reported(tmp_path, monkeypatch, capsys, status):
+    from infer.cli import main as infer_main
+
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    server = FakeOpenAI(lambda body, n: (status, {"error": {"message": "no", "type": "invalid_request_error"}}))
+    try:
+        code = infer_main(_eval_inputs(tmp_path) + ["--judge-base-url", server.url, "--judge-model", "fake-vlm"])
+    finally:
+        server.close()
+    err = capsys.readouterr().err
+    assert code == 0 and "Traceback" not in err and SECRET not in err
+    warnings = [line for line in err.splitlines() if "judge stopped" in line]
+    assert len(warnings) == 1 and f"HTTP {status}" in warnings[0]
+    assert len(server.requests) == 1  # asked once, then never again
+    rows = list(csv.DictReader(open(tmp_path / "report/per_video.csv")))
+    assert len(rows) == 3 and all(r["judge"] == "nan" and float(r["clip_t"]) == float(r["clip_t"]) for r in rows)
+    notes = json.loads((tmp_path / "report/summary.json").read_text())["notes"]
+    assert any(f"judge stopped: judge server answered HTTP {status}" in n for n in notes)
+
+
+def test_infer_eval_keeps_finished_rows_and_resumes(tmp_path, monkeypatch, capsys):
+    import infer.evaluate as evaluate_module
+    from infer.cli import main as infer_main
+
+    args = _eval_inputs(tmp_path)
+    real, calls = evaluate_module.clip_text_score, []
+
+    def interrupted(*a, **k):  # Ctrl-C while scoring the second edit
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(evaluate_module, "clip_text_score", interrupted)
+    assert infer_main(args) == 130
+    rows = list(csv.DictReader(open(tmp_path / "report/per_video.csv")))
+    assert [r["edit"] for r in rows] == ["a"]  # the finished row is on disk
+    assert "1 rows finished" in (tmp_path / "report/summary.md").read_text()
+    monkeypatch.setattr(evaluate_module, "clip_text_score", real)
+    capsys.readouterr()
+    assert infer_main(args) == 2  # an earlier run's rows are not overwritten without --resume
+    assert "pass --resume" in capsys.readouterr().err
+    with open(tmp_path / "report/per_video.csv", "a") as f:
+        f.write("clip,b,plain,6,0.1")  # a row torn by a kill mid-write is dropped, not trusted
+    first = rows[0]
+    assert infer_main(args + ["--resume"]) == 0
+    again = list(csv.DictReader(open(tmp_path / "report/per_video.csv")))
+    assert [r["edit"] for r in again] == ["a", "b", "c"] and again[0] == first  # kept as it was, not redone
