@@ -16,13 +16,30 @@ class RequestStats:
     failures: list[str] = field(default_factory=list)
 
 
+# Variables a key may be read from: these, or any name ending in _API_KEY. A config names the
+# variable and the server it is sent to, so it must not be able to send any other secret there.
+KEY_VARIABLES = ("OPENAI_API_KEY", "OPENROUTER_API_KEY", "GEMINI_API_KEY", "HF_TOKEN", "VLLM_API_KEY")
+
+
+def api_key(api_key_env: str) -> str:
+    """The key in ``$api_key_env``: a documented name (or ``*_API_KEY``), and set."""
+    if api_key_env not in KEY_VARIABLES and not api_key_env.endswith("_API_KEY"):
+        raise ValueError(f"api_key_env {api_key_env!r} is not a key variable: use one of {', '.join(KEY_VARIABLES)} "
+                         "or a name ending in _API_KEY")
+    key = os.environ.get(api_key_env)
+    if not key:
+        raise ValueError(f"${api_key_env} is not set: export the server's key (any non-empty text for a server "
+                         "that needs none)")
+    return key
+
+
 def chat_client(base_url: str | None, api_key_env: str = "OPENAI_API_KEY", timeout: float = 60.0):
-    """An ``openai.OpenAI`` client. The key is read from ``api_key_env`` here and kept only in the
-    client; the client's own retries are off, because the policy (and its counting) is ours."""
+    """An ``openai.OpenAI`` client. The key is read from ``api_key_env`` (see :func:`api_key`) here
+    and kept only in the client; the client's own retries are off, because the policy (and its
+    counting) is ours."""
     import openai
 
-    return openai.OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env) or "unset", timeout=timeout,
-                         max_retries=0)
+    return openai.OpenAI(base_url=base_url, api_key=api_key(api_key_env), timeout=timeout, max_retries=0)
 
 
 class RefusedRequest(ConnectionError):

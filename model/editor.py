@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -227,9 +229,33 @@ class Editor:
 
     # ---------------------------------------------------------------- persistence
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write a diffusers-style folder: ``model_index.json`` and one sub-folder a component."""
+        """Write a diffusers-style folder: ``model_index.json`` and one sub-folder a component.
+        The folder is written beside its place and renamed into it: a reader (or a crash) never
+        sees half an editor, and an editor already there is replaced whole, not mixed with the new
+        one. A non-empty folder that is not an editor is refused, never deleted."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        if directory.exists() and any(directory.iterdir()) and not (directory / INDEX_FILE).is_file():
+            raise FileExistsError(f"{directory} exists and is not an editor folder: choose another folder")
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.staging-", dir=directory.parent))
+        try:
+            self._write_folder(staging)
+            old = None
+            if directory.exists():
+                old = directory.with_name(f".{directory.name}.old-{staging.name.rsplit('-', 1)[-1]}")
+                directory.rename(old)
+            try:
+                staging.rename(directory)
+            except OSError:
+                if old is not None:
+                    old.rename(directory)
+                raise
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _write_folder(self, directory: Path) -> None:
         index: dict[str, Any] = {"_class_name": "InsV2VEditor", "_diffusers_version": diffusers.__version__}
         for name in COMPONENTS:
             component = getattr(self, name)

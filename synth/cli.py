@@ -68,7 +68,7 @@ def cmd_lift(args) -> None:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file")
     result = lift(config, args.images, out, args.num_samples, args.samples_per_shard, args.resume, rank, world,
-                  progress=not args.quiet, name=args.name)
+                  progress=not args.quiet, name=args.name, allow_absolute=args.allow_absolute)
     if not args.quiet:
         print(f"rank {rank}/{world}: {result.kept} lifted pairs in {out} ({len(result.shards)} new shards, "
               f"{result.unreadable} unreadable rows skipped)", file=sys.stderr)
@@ -144,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     lf.add_argument("--samples-per-shard", type=_positive, default=None)
     lf.add_argument("--name", default=None, help='the dataset\'s name in source: "lift:<name>" (default: file or folder name)')
     lf.add_argument("--resume", action="store_true", help="continue a lift in --out")
+    lf.add_argument("--allow-absolute", action="store_true",
+                    help="let a .jsonl name images outside its own folder (absolute or ../ paths)")
     lf.add_argument("--shard-index", type=int, default=None, help="this rank (default: $RANK or $SLURM_PROCID)")
     lf.add_argument("--num-shards", type=_positive, default=None, help="ranks in all (default: $WORLD_SIZE)")
     lf.add_argument("--quiet", action="store_true")

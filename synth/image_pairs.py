@@ -59,9 +59,15 @@ def _parquet_rows(files: list[Path]) -> Iterator[dict[str, Any]]:
         tables.append((table, _check_columns(table.schema_arrow.names, path)))
 
     def rows():
-        for table, columns in tables:
-            for batch in table.iter_batches(batch_size=16, columns=columns):
-                yield from batch.to_pylist()
+        for (table, columns), path in zip(tables, files):
+            for group in range(table.num_row_groups):
+                try:
+                    data = table.read_row_group(group, columns=columns)
+                except (pa.ArrowException, OSError) as err:  # one damaged group: one unreadable row, counted
+                    yield {"_error": f"{path.name} row group {group} is unreadable ({str(err).splitlines()[0][:120]})"}
+                    continue
+                for batch in data.to_batches(max_chunksize=16):
+                    yield from batch.to_pylist()
 
     return rows()
 
@@ -80,8 +86,17 @@ def _datasets_rows(path: Path) -> Iterator[dict[str, Any]]:
     return (row for table in batches for row in table.to_pylist())
 
 
-def _jsonl_rows(path: Path) -> Iterator[dict[str, Any]]:
-    folder = path.parent
+def _jsonl_rows(path: Path, allow_absolute: bool = False) -> Iterator[dict[str, Any]]:
+    folder = path.parent.resolve()
+
+    def resolve(image: Any, number: int) -> Any:
+        if not isinstance(image, str):
+            return image
+        where = (folder / image).resolve()
+        if not allow_absolute and not where.is_relative_to(folder):
+            return {"_outside": f"line {number}: {image} is outside the JSONL's folder (--allow-absolute allows it)"}
+        return {"path": str(where)}
+
     with open(path) as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
@@ -93,13 +108,12 @@ def _jsonl_rows(path: Path) -> Iterator[dict[str, Any]]:
             except ValueError:
                 yield {"_error": f"line {number} is not a JSON object"}
                 continue
-            resolve = lambda p: {"path": str(folder / p)} if isinstance(p, str) else p  # noqa: E731
-            yield {"input_image": resolve(record.get("input")), "edited_image": resolve(record.get("edited")),
+            yield {"input_image": resolve(record.get("input"), number), "edited_image": resolve(record.get("edited"), number),
                    "edit_prompt": record.get("instruction"), "original_prompt": record.get("input_caption"),
                    "edited_prompt": record.get("output_caption")}
 
 
-def pair_rows(path: str | Path) -> Iterator[dict[str, Any]]:
+def pair_rows(path: str | Path, allow_absolute: bool = False) -> Iterator[dict[str, Any]]:
     """The raw rows of an image-pair dataset, in a fixed order: a Parquet file or folder of them,
     a ``datasets.save_to_disk`` folder, or a JSONL of ``{"input", "edited", "instruction"}`` (image
     paths relative to the file). Images stay encoded until :func:`decode_row`."""
@@ -107,7 +121,7 @@ def pair_rows(path: str | Path) -> Iterator[dict[str, Any]]:
     if not path.exists():
         raise FileNotFoundError(f"no image pairs at {path}")
     if path.is_file() and path.suffix.lower() in (".jsonl", ".json"):
-        return _jsonl_rows(path)
+        return _jsonl_rows(path, allow_absolute)
     if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
         return _datasets_rows(path)
     if path.is_file() and path.suffix.lower() != ".parquet":
@@ -121,11 +135,20 @@ def source_name(path: str | Path) -> str:
     return path.stem if path.is_file() else path.name
 
 
+MAX_IMAGE_FILE_BYTES = 256 << 20  # one encoded image of a pair
+
+
 def _image(cell: Any, column: str) -> np.ndarray:
     if isinstance(cell, dict):
+        if "_outside" in cell:
+            raise UnreadableRow(cell["_outside"])
         data, where = cell.get("bytes"), cell.get("path")
         if data is None and where:
             try:
+                if Path(where).exists() and not Path(where).is_file():  # a device (/dev/zero), a folder
+                    raise UnreadableRow(f"{column}: not a regular file: {Path(where).name}")
+                if Path(where).stat().st_size > MAX_IMAGE_FILE_BYTES:
+                    raise UnreadableRow(f"{column}: {Path(where).name} is over {MAX_IMAGE_FILE_BYTES:,} bytes")
                 data = Path(where).read_bytes()
             except OSError as err:
                 raise UnreadableRow(f"{column}: {err.strerror}: {where}") from None

@@ -26,18 +26,18 @@ def camera_bounds(camera: dict[str, Any]) -> CameraBounds:
 
 def lift(config: dict[str, Any], images: str | Path, out: Path, num_samples: int | None = None,
          samples_per_shard: int | None = None, resume: bool = False, rank: int = 0, world: int = 1,
-         progress: bool = True, name: str | None = None) -> BuildResult:
+         progress: bool = True, name: str | None = None, allow_absolute: bool = False) -> BuildResult:
     """Lift this rank's rows of ``images`` (every ``world``-th) into shards of SPEC §3, continuing a
     previous run with ``resume``; at most ``num_samples`` kept pairs (``None``: every row). A pair's
     camera path is a pure function of (seed, row index), so a resumed run writes what an
-    uninterrupted one would."""
+    uninterrupted one would. A JSONL's image paths must lie in its folder unless ``allow_absolute``."""
     camera, out_cfg = config["camera"], config["output"]
     bounds = camera_bounds(camera)
     num_frames, size, fps = int(camera["num_frames"]), int(camera["size"]), float(camera.get("fps", 8))
     per_shard = int(samples_per_shard or out_cfg.get("samples_per_shard", 16))
     video_format, seed = out_cfg.get("video_format", "mp4"), int(config.get("seed", 0))
     label = f"lift:{name or source_name(images)}"
-    rows = pair_rows(images)
+    rows = pair_rows(images, allow_absolute)
     clip_filter, judge = make_filter(config["filter"]), make_judge(config["filter"])
     writer = ShardWriter(out, rank, out_cfg.get("prefix", "lift"), config_hash({**config, "images": label}), resume, world)
     start = writer.state["next"][0]

@@ -107,6 +107,10 @@ class ShardWriter:
         mine = others.get(rank)
         if mine and not resume:
             raise ValueError(f"{folder} already holds rank {rank}'s shards; pass --resume to continue")
+        if not mine and any(folder.glob(f"{prefix}-{rank:03d}-*.tar")):
+            # without a manifest nothing says which of them are finished: none is deleted or overwritten
+            raise ValueError(f"{folder} holds rank {rank}'s {prefix} shards but no manifest names them; "
+                             "move them away or use another --out")
         self.state = mine["state"] if mine else {"shards": 0, "samples": 0, "next": [0, 0], "attempts": 0}
         self.shards = mine["shards"] if mine else []
         self._drop_uncommitted()

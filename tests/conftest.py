@@ -10,6 +10,8 @@ import torch
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# chat clients refuse an unset key; the test servers take any (tests that check the key set their own)
+os.environ.setdefault("OPENAI_API_KEY", "sk-test-placeholder")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 

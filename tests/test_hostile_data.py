@@ -152,3 +152,113 @@ def test_synth_cache_with_two_ranks_under_a_concurrent_reader(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for _, e in results]
     assert seen and set(seen) == {4}
     assert len(list(out.glob("cache-*.tar"))) >= 2 and not list(out.glob(".*.tmp"))
+
+
+# ---------------------------------------------------------------- the smaller ones
+def test_a_file_whose_name_holds_a_percent_sign_is_that_file(tmp_path):
+    from test_video_io import pattern, write_input
+
+    video = write_input(tmp_path / "speed 50%.mp4", [pattern(i, 16, 16) for i in range(4)], rate=8)
+    proc = subprocess.run([sys.executable, "-m", "infer", "edit", str(video), "--prompt", "make it red", "--steps", "1",
+                           "--resolution", "16", "--quiet"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "speed 50%.edited.mp4").is_file()
+
+
+def test_the_key_variable_is_a_key_and_must_be_set(monkeypatch):
+    from infer.llm import api_key, chat_client
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-secret")
+    with pytest.raises(ValueError, match="'AWS_SECRET_ACCESS_KEY' is not a key variable"):
+        chat_client("http://127.0.0.1:9/v1", "AWS_SECRET_ACCESS_KEY")
+    monkeypatch.delenv("MY_LAB_API_KEY", raising=False)
+    with pytest.raises(ValueError, match=r"\$MY_LAB_API_KEY is not set"):
+        api_key("MY_LAB_API_KEY")
+    monkeypatch.setenv("MY_LAB_API_KEY", "k")
+    assert api_key("MY_LAB_API_KEY") == "k"
+
+
+def test_lift_jsonl_paths_stay_in_their_folder(tmp_path):
+    from PIL import Image as PILImage
+
+    from infer.camera import CameraBounds  # noqa: F401  (the lift's own module loads)
+    from synth.image_pairs import UnreadableRow, decode_row, pair_rows
+
+    (tmp_path / "data").mkdir()
+    image = np.zeros((16, 16, 3), np.uint8)
+    PILImage.fromarray(image).save(tmp_path / "data/a.png")
+    PILImage.fromarray(image).save(tmp_path / "outside.png")
+    lines = [{"input": "a.png", "edited": "a.png", "instruction": "x"},
+             {"input": "../outside.png", "edited": "a.png", "instruction": "x"},
+             {"input": "/dev/zero", "edited": "a.png", "instruction": "x"}]
+    jsonl = tmp_path / "data/pairs.jsonl"
+    jsonl.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    rows = list(pair_rows(jsonl))
+    assert decode_row(rows[0]).source.shape == (16, 16, 3)
+    for row in rows[1:]:
+        with pytest.raises(UnreadableRow, match="outside the JSONL's folder"):
+            decode_row(row)
+    allowed = list(pair_rows(jsonl, allow_absolute=True))
+    assert decode_row(allowed[1]).source.shape == (16, 16, 3)
+    with pytest.raises(UnreadableRow, match="not a regular file"):
+        decode_row(allowed[2])
+
+
+def test_a_corrupt_parquet_row_group_is_one_unreadable_row(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from synth.image_pairs import pair_rows
+
+    good = {"input_image": [{"bytes": b"x" * 64, "path": None}] * 4, "edited_image": [{"bytes": b"y" * 64, "path": None}] * 4,
+            "edit_prompt": ["a", "b", "c", "d"]}
+    path = tmp_path / "pairs.parquet"
+    pq.write_table(pa.table(good), path, row_group_size=2, compression="none")
+    data = bytearray(path.read_bytes())
+    meta = pq.ParquetFile(path).metadata
+    column = meta.row_group(0).column(0)
+    start = column.dictionary_page_offset or column.data_page_offset
+    data[start:start + 24] = b"\xff" * 24  # the first group's first page header is garbage
+    path.write_bytes(bytes(data))
+    rows = list(pair_rows(path))
+    assert "_error" in rows[0] and "row group 0 is unreadable" in rows[0]["_error"]
+    assert [r["edit_prompt"] for r in rows[1:]] == ["c", "d"]
+
+
+def test_shards_without_a_manifest_are_never_deleted(tmp_path):
+    from synth.writer import ShardWriter
+
+    orphan = tmp_path / "pairs-000-000000.tar"
+    orphan.write_bytes(b"a finished shard whose manifest was lost")
+    with pytest.raises(ValueError, match="no manifest names them"):
+        ShardWriter(tmp_path, 0, "pairs", "hash", resume=True)
+    assert orphan.read_bytes().startswith(b"a finished shard")
+
+
+def test_an_export_over_an_editor_is_staged_and_replaces_it_whole(tmp_path, monkeypatch):
+    from model import Editor, load_editor
+
+    editor = load_editor("tiny")
+    folder = tmp_path / "editor"
+    editor.save_pretrained(folder)
+    before = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    (folder / "unet" / "stale.txt").write_text("from an older export")
+
+    def broken(self, directory):
+        (directory / "model_index.json").write_text("{}")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Editor, "_write_folder", broken)
+    with pytest.raises(OSError, match="No space left"):
+        editor.save_pretrained(folder)
+    assert {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != "stale.txt"} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["editor"]  # no staging folder left behind
+    monkeypatch.undo()
+    editor.save_pretrained(folder)
+    assert not (folder / "unet" / "stale.txt").exists()  # replaced whole, not mixed
+    Editor.from_pretrained(folder)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not an editor folder"):
+        editor.save_pretrained(tmp_path / "notes")
+    assert (tmp_path / "notes" / "mine.txt").read_text() == "keep me"
