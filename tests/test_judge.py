@@ -63,7 +63,7 @@ class Judge(FakeOpenAI):
 
 
 def test_judge_filter_in_synth_lift_against_a_misbehaving_server(tmp_path, monkeypatch):
-    monkeypatch.setenv("JUDGE_KEY", SECRET)
+    monkeypatch.setenv("JUDGE_API_KEY", SECRET)
     server = Judge([
         (500, {"error": {"message": "overloaded"}}),                     # retried
         (200, completion("```json\n" + verdict(3, 2, 2, "good") + "\n```")),  # row 0: 7, kept
@@ -75,7 +75,7 @@ def test_judge_filter_in_synth_lift_against_a_misbehaving_server(tmp_path, monke
     try:
         write_parquet(tmp_path / "pairs.parquet", rows=5, bad_row=None)
         config = yaml.safe_load(lift_config(tmp_path).read_text())
-        config["filter"]["judge"] = {"base_url": server.url, "model": "fake-vlm", "api_key_env": "JUDGE_KEY",
+        config["filter"]["judge"] = {"base_url": server.url, "model": "fake-vlm", "api_key_env": "JUDGE_API_KEY",
                                      "threshold": 5, "frames": 2, "backoff": 0.01}
         path = tmp_path / "judged.yaml"
         path.write_text(yaml.safe_dump(config))
