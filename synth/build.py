@@ -115,7 +115,7 @@ def rank_triplets(source, rank: int, world: int, cache: Path | None) -> Iterator
 
 
 def draw_params(generator: dict[str, Any], rng: np.random.Generator) -> PairParams:
-    """Per-sample random P2P settings (SPEC §7): integer guidance and edit weight, uniform ends."""
+    """Per-sample random P2P settings (the InsV2V recipe): integer guidance and edit weight, uniform ends."""
     g, s, c, w = (generator[k] for k in ("guidance", "self_attn_end", "cross_attn_end", "edit_weight"))
     return PairParams(
         guidance=float(rng.integers(int(g[0]), int(g[1]) + 1)),
@@ -173,7 +173,7 @@ def _frames_bytes(frames: np.ndarray, video_format: str, fps: float) -> tuple[st
 
 def pair_sample(key: str, source: np.ndarray, edited: np.ndarray, meta: dict[str, Any], video_format: str,
                 fps: float) -> dict[str, Any]:
-    """One shard sample of the SPEC §3 schema."""
+    """One shard sample (docs/shards.md)."""
     ext, src_bytes = _frames_bytes(source, video_format, fps)
     _, tgt_bytes = _frames_bytes(edited, video_format, fps)
     return {"__key__": key, f"src.{ext}": src_bytes, f"tgt.{ext}": tgt_bytes, "json": json.dumps(meta).encode()}
@@ -193,7 +193,7 @@ class BuildResult:
 
 def build(config: dict[str, Any], out: Path, num_samples: int, samples_per_shard: int | None = None,
           resume: bool = False, rank: int = 0, world: int = 1, progress: bool = True, device: str | None = None) -> BuildResult:
-    """Write ``num_samples`` kept pairs for this rank (SPEC §3 shards), continuing a previous run
+    """Write ``num_samples`` kept pairs for this rank (shards of docs/shards.md), continuing a previous run
     with ``resume``. Samples are a pure function of (config, triplet, seed slot), so a resumed
     build writes exactly what an uninterrupted one would."""
     gen, out_cfg = config["generator"], config["output"]

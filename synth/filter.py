@@ -13,7 +13,7 @@ from infer.judge import VisionJudge
 
 @dataclass(frozen=True)
 class Thresholds:
-    """Minimum scores (SPEC §7 defaults: 0.2, 0.2, 0.2, 0.5)."""
+    """Minimum scores (the InsV2V defaults: 0.2, 0.2, 0.2, 0.5)."""
 
     sim_src_text: float = 0.2
     sim_tgt_text: float = 0.2

@@ -27,7 +27,7 @@ def camera_bounds(camera: dict[str, Any]) -> CameraBounds:
 def lift(config: dict[str, Any], images: str | Path, out: Path, num_samples: int | None = None,
          samples_per_shard: int | None = None, resume: bool = False, rank: int = 0, world: int = 1,
          progress: bool = True, name: str | None = None, allow_absolute: bool = False) -> BuildResult:
-    """Lift this rank's rows of ``images`` (every ``world``-th) into shards of SPEC §3, continuing a
+    """Lift this rank's rows of ``images`` (every ``world``-th) into shards (docs/shards.md), continuing a
     previous run with ``resume``; at most ``num_samples`` kept pairs (``None``: every row). A pair's
     camera path is a pure function of (seed, row index), so a resumed run writes what an
     uninterrupted one would. A JSONL's image paths must lie in its folder unless ``allow_absolute``."""

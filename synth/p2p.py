@@ -1,4 +1,4 @@
-"""Video Prompt-to-Prompt: attention control through diffusers attention processors (SPEC §7).
+"""Video Prompt-to-Prompt: attention control through diffusers attention processors.
 
 A render batch is ``[uncond_src, uncond_tgt, cond_src, cond_tgt]`` (each a block of frames or of
 pixel sequences, batch-major as every diffusers U-Net lays them out). While active, the target's

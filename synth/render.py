@@ -25,7 +25,7 @@ BACKBONES = ("modelscope", "animatediff")
 
 @dataclass(frozen=True)
 class PairParams:
-    """The per-sample random draws of SPEC §7, recorded in each shard's json."""
+    """The per-sample random draws of the InsV2V recipe, recorded in each shard's json."""
 
     guidance: float
     self_attn_end: float

@@ -1,4 +1,4 @@
-"""A minimal writer of SPEC §3 shards, independent of `synth`, so the contract is tested both ways."""
+"""A minimal writer of the shards of docs/shards.md, independent of `synth`, so the contract is tested both ways."""
 
 from __future__ import annotations
 

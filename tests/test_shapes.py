@@ -204,10 +204,10 @@ def test_trail_paints_the_whole_path_which_no_single_frame_shows():
     assert not np.array_equal(render(edited, 8, 32)[0], render(back_edited, 8, 32)[0])  # a different edit of it
     assert set(EDITS) < set(ALL_EDITS) and "trail" not in ShapesWorld(seed=0).edits  # not in the default mix
     # make demo-trail's world, and its training clips are whole clips (a window would miss the path)
-    prompts = yaml.safe_load((ROOT / "configs/synth/shapes-trail.yaml").read_text())["prompts"]
+    prompts = yaml.safe_load((ROOT / "configs/experiments/shapes/world/trail.yaml").read_text())["prompts"]
     trail_world = shapes_world(prompts, seed=0)
     assert set(trail_world.edits) == {"trail", "background"} and trail_world.speeds == (0.06, 0.12)
-    assert yaml.safe_load((ROOT / "configs/shapes-trail.yaml").read_text())["data"]["num_frames"] == trail_world.num_frames
+    assert yaml.safe_load((ROOT / "configs/experiments/shapes/trail.yaml").read_text())["data"]["num_frames"] == trail_world.num_frames
     assert not Scene("gray", False, ()).trail
 
 
@@ -285,10 +285,10 @@ def test_demo_world_follows_the_shards_config_and_flags_override_it(tmp_path, ca
             setattr(args, flag, value)
         return shapes_world(held_out_prompts(args), 0)
 
-    large = settings("world", str(ROOT / "configs/synth/shapes-large.yaml"))
+    large = settings("world", str(ROOT / "configs/experiments/shapes/world/large.yaml"))
     assert large.radii == (0.20, 0.30) and large.speeds == SPEEDS and large.size == 16
     assert list(large.edits) == list(EDITS) and large.counts == SHAPE_COUNTS
-    config = yaml.safe_load((ROOT / "configs/synth/shapes.yaml").read_text())
+    config = yaml.safe_load((ROOT / "configs/experiments/shapes/world/shapes.yaml").read_text())
     config["prompts"].update(radii=[0.15, 0.25], counts=[2], num_frames=6, edits=["swap"])
     (tmp_path / "world.yaml").write_text(yaml.safe_dump(config))
     mine = settings("world", str(tmp_path / "world.yaml"), "edits", ["recolor_moving"])
@@ -374,9 +374,9 @@ def test_demo_path_learns_briefly(tmp_path):
     shards = tmp_path / "shards"
     # run in tmp_path: the configs' relative output folders land there
     run = lambda *a: subprocess.run([sys.executable, "-m", *map(str, a)], cwd=tmp_path, capture_output=True, text=True, timeout=900)  # noqa: E731
-    proc = run("synth", "build", "--config", ROOT / "configs/synth/shapes.yaml", "--out", shards, "--num-samples", 400, "--quiet")
+    proc = run("synth", "build", "--config", ROOT / "configs/experiments/shapes/world/shapes.yaml", "--out", shards, "--num-samples", 400, "--quiet")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    proc = run("train", "fit", "--config", ROOT / "configs/shapes.yaml", "--data.shards", shards, "--trainer.max_steps", 550,
+    proc = run("train", "fit", "--config", ROOT / "configs/experiments/shapes/recipe.yaml", "--data.shards", shards, "--trainer.max_steps", 550,
                "--model.editor", ROOT / "configs/model/shapes-pixel.yaml", "--model.export_dir", tmp_path / "editor",
                "--trainer.log_every_n_steps", 10, "--trainer.enable_progress_bar", "false")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -395,7 +395,7 @@ def test_demo_path_learns_briefly(tmp_path):
     # The training loss falls: the objective on a fixed batch of training clips (fixed noise and
     # timesteps, drawn as in training), since logged per-step losses are dominated by the random t.
     losses = {"trained": 0.0, "untrained": 0.0}
-    bias = yaml.safe_load((ROOT / "configs/shapes.yaml").read_text())["model"]["timestep_bias"]
+    bias = yaml.safe_load((ROOT / "configs/experiments/shapes/recipe.yaml").read_text())["model"]["timestep_bias"]
     with torch.no_grad():
         for i in range(16):
             triplet, source, target = world.sample(i)
@@ -425,102 +425,64 @@ def test_demo_path_learns_briefly(tmp_path):
     assert np.mean(errors["trained"]) < 0.7 * np.mean(errors["untrained"])
 
 
-def test_demo_and_its_ablation_read_recolour_clips_first_then_the_demo_mix():
-    """make demo's curriculum: its first world is the demo's world with recolour edits only (the
-    swap probes', with swaps only, with every swap into a square, and with one large shape a
-    scene), and its training layer over
-    the recipe draws those clips in epoch 0 and the demo's own shards from epoch 1 on, from the
-    folders the Makefile builds them in; the temporal ablation and the 4,000-step demo-long (and
-    its ablation) train the same curriculum."""
-    from train.data import ShardDataModule, drawn_in
+@pytest.mark.parametrize("name", list(__import__("synth.experiments", fromlist=["registry"]).registry()))
+def test_each_experiment_builds_what_it_trains_on_and_its_ablation_is_a_2d_editor_of_its_own(name):
+    """Whatever an experiment's configs say, running its plan works: every shard folder its training
+    reads (in any epoch) is built by an earlier step of the same plan, the held-out clips come from
+    the world of a shard set read in its last phase, and the ablation trains the same data with no
+    temporal layer training, into folders of its own, writing reports beside (not over) the
+    experiment's."""
+    from synth.experiments import layered, plan
+    from train import EditorModule, ShardDataModule
 
-    demo = yaml.safe_load((ROOT / "configs/synth/shapes.yaml").read_text())
-    probes = (("shapes-recolour.yaml", "recolor", set()), ("shapes-swap.yaml", "swap", set()),
-              ("shapes-swap-square.yaml", "swap", {"swap_into"}),
-              ("shapes-swap-one-large.yaml", "swap", {"radii", "counts"}))
-    for name, kind, changed in probes:  # the swap probes too, each differing only in what it probes
-        one_kind = yaml.safe_load((ROOT / "configs/synth" / name).read_text())
-        assert one_kind["seed"] == demo["seed"]
-        assert set(one_kind["prompts"]) - set(demo["prompts"]) == changed
-        assert {k: v for k, v in one_kind["prompts"].items() if k not in {"edits", *changed}} == \
-            {k: v for k, v in demo["prompts"].items() if k != "edits"}
-        world = shapes_world(one_kind["prompts"], seed=one_kind["seed"])
-        assert {world.kind(i) for i in range(50)} == {kind}
-    # the probe whose word is read: one large shape in every scene
-    one_large_config = yaml.safe_load((ROOT / "configs/synth/shapes-swap-one-large.yaml").read_text())
-    one_large = shapes_world(one_large_config["prompts"], seed=0)
-    assert (one_large.radii, one_large.counts) == ((0.28, 0.40), (1,))
-    scenes = [one_large.scenes(i)[1] for i in range(50)]
-    assert all(len(s.shapes) == 1 and 0.28 <= s.shapes[0].size <= 0.40 for s in scenes)
+    def sources(steps):
+        fit = next(s for s in steps if s.module == "train")
+        layers = [Path(fit.args[i + 1]) for i, a in enumerate(fit.args) if a == "--config"]
+        config = layered([ROOT / layer for layer in layers])
+        overrides = dict(zip(fit.args[1::2], fit.args[2::2]))
+        return config, ShardDataModule(**config["data"])._sources(), overrides
 
-    recipe, layer, ablation_layer = (yaml.safe_load((ROOT / "configs" / name).read_text())
-                                     for name in ("shapes.yaml", "shapes-curriculum.yaml", "shapes-ablation.yaml"))
-    sources = ShardDataModule(**{**recipe["data"], **layer["data"]})._sources()
-    (*_, first_window), (*_, second_window) = sources
-    assert [drawn_in(first_window, e) for e in range(4)] == [True, False, False, False]
-    assert [drawn_in(second_window, e) for e in range(4)] == [False, True, True, True]
-    for name in ("demo", "demo-ablation", "demo-long", "demo-long-ablation"):  # what make would run, expanded
-        dry = subprocess.run(["make", "-n", "-s", name], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-        target = " ".join(dry.replace("\\\n", " ").split())
-        for config, (_, shards, _, _) in zip(["shapes-recolour.yaml", "shapes.yaml"], sources):
-            assert f"synth build --config configs/synth/{config} --out {shards}" in target
-        assert "lightning fit --config configs/shapes.yaml --config configs/shapes-curriculum.yaml" in target
-    # the demo's temporal layers join late; its ablation, whose temporal layers never train, unsets that
-    model = {**recipe["model"], **layer["model"]}
-    ablation = {**model, **ablation_layer["model"]}
-    assert model["trainable"] == "all" and 0 < model["motion_frozen_steps"] < 900
-    assert ablation["trainable"] == "spatial" and ablation["motion_frozen_steps"] == 0
+    def built(steps):
+        return {s.args[s.args.index("--out") + 1]: s.args[s.args.index("--config") + 1] for s in steps
+                if s.module == "synth" and s.args[0] == "build"}
+
+    main, ablation = plan(name), plan(name, ablation=True)
+    for steps in (main, ablation):
+        config, read, _ = sources(steps)
+        shards = built(steps)
+        assert {folder for _, folder, _, _ in read} <= set(shards)
+        last = [folder for _, folder, _, (start, until) in read if until is None]
+        reports = [s for s in steps if s.module == "synth.demo"]
+        worlds = {s.args[s.args.index("--world") + 1] for s in reports}
+        assert len(worlds) == 1 and worlds <= {shards[folder] for folder in last}
+        order = [s.module for s in steps]
+        assert order.index("train") > max(i for i, m in enumerate(order) if m == "synth")  # shards first
+    main_config, _, _ = sources(main)
+    abl_config, _, overrides = sources(ablation)
+    assert ShardDataModule(**main_config["data"])._sources() == ShardDataModule(**abl_config["data"])._sources()
+    main_editor = main_config["model"]["export_dir"]
+    assert overrides["--model.export_dir"] != main_editor
+    assert overrides["--trainer.default_root_dir"] != main_config["trainer"]["default_root_dir"]
+
+    def report_names(steps):
+        return {s.args[s.args.index("--report") + 1] for s in steps if s.module == "synth.demo"}
+
+    assert report_names(main) and report_names(ablation) and not report_names(main) & report_names(ablation)
+    trained_motion = {}
+    for label, config in (("main", main_config), ("ablation", abl_config)):
+        model = {k: v for k, v in config["model"].items() if k != "export_dir"}
+        module = EditorModule(**{**model, "editor": str(ROOT / model["editor"])})
+        trained_motion[label] = any(p.requires_grad for n, p in module.named_parameters() if "motion_modules." in n)
+    assert trained_motion == {"main": True, "ablation": False}
 
 
-def test_demo_big_reads_recolours_then_one_shape_swaps_then_the_big_mix():
-    """make demo-big: demo-long's recipe on the demo's world with big shapes, whose curriculum has
-    a second phase of swaps with one big shape a scene (where the new shape's name gets read), kept
-    in the mix after it; its
-    three worlds are the demo's, recolour-only and swap-only worlds with only the radius (and the
-    swaps' one shape, and the mix's shuffled draw order) changed, and make builds each where the
-    layer reads it."""
-    from train.data import ShardDataModule, drawn_in
+def test_experiments_command_lists_dry_runs_and_refuses_unknown_names(capsys):
+    from synth.experiments import main
 
-    def prompts(name):
-        return yaml.safe_load((ROOT / "configs/synth" / name).read_text())["prompts"]
-
-    for big, base, changed in (("shapes-big.yaml", "shapes.yaml", {"radii", "draw_order"}),
-                               ("shapes-big-recolour.yaml", "shapes-recolour.yaml", {"radii"}),
-                               ("shapes-big-swap.yaml", "shapes-swap.yaml", {"radii", "counts"})):
-        assert set(prompts(big)) - set(prompts(base)) == changed
-        assert {k: v for k, v in prompts(big).items() if k not in changed} == prompts(base)
-        assert shapes_world(prompts(big), seed=0).radii == (0.25, 0.35)
-    # its moving-shape scenes do not always draw the still shape on top (the held-out clips too)
-    assert shapes_world(prompts("shapes-big.yaml"), seed=0).draw_order == "shuffled"
-    swap = shapes_world(prompts("shapes-big-swap.yaml"), seed=0)
-    assert all(len(swap.scenes(i)[1].shapes) == 1 and swap.kind(i) == "swap" for i in range(50))
-
-    recipe, curriculum, long_layer, big_layer = (
-        yaml.safe_load((ROOT / "configs" / name).read_text())
-        for name in ("shapes.yaml", "shapes-curriculum.yaml", "shapes-long.yaml", "shapes-big.yaml"))
-    # layered last, it trains 6,000 steps (both seeds meet every bar there, not at demo-long's 4,000)
-    assert {**recipe["trainer"], **long_layer["trainer"], **big_layer["trainer"]}["max_steps"] == 6000
-    sources = ShardDataModule(**{**recipe["data"], **curriculum["data"], **big_layer["data"]})._sources()
-    drawn = [[name for name, _, _, window in sources if drawn_in(window, e)] for e in range(7)]
-    assert drawn == [["recolour"]] + [["swap"]] * 4 + [["mixed", "swap-kept"]] * 2
-    # after their phase the one-shape swaps stay in at a quarter of the draws, from the same shards
-    (_, swap_shards, _, _), (_, mix_shards, mix_weight, _), (_, kept_shards, kept_weight, _) = sources[1:]
-    assert kept_shards == swap_shards != mix_shards and kept_weight / (mix_weight + kept_weight) == 0.25
-    for name, editor, reports in (("demo-big", "outputs/demo-big/editor", ("swap.json", "moving.json")),
-                                  ("demo-big-ablation", "outputs/demo-big-ablation/editor",
-                                   ("ablation.json", "ablation-moving.json"))):
-        dry = subprocess.run(["make", "-n", "-s", name], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-        target = " ".join(dry.replace("\\\n", " ").split())
-        for config, (_, shards, _, _) in zip(["shapes-big-recolour.yaml", "shapes-big-swap.yaml", "shapes-big.yaml"],
-                                             sources):
-            assert f"synth build --config configs/synth/{config} --out {shards}" in target
-        fit = ("lightning fit --config configs/shapes.yaml --config configs/shapes-curriculum.yaml "
-               "--config configs/shapes-long.yaml --config configs/shapes-big.yaml")
-        assert fit in target
-        # the ablation: the same layers and the per-frame one on top, trained into its own folder
-        ablation = name == "demo-big-ablation"
-        assert (fit + " --config configs/shapes-ablation.yaml" in target) == ablation
-        assert (f"--model.export_dir {editor}" in target) == ablation
-        assert f"synth.demo --world configs/synth/shapes-big.yaml --editor {editor} --out outputs/demo-big" in target
-        for report in reports:
-            assert f"--report {report}" in target
+    assert main(["--list"]) == 0 and "demo-long" in capsys.readouterr().out
+    assert main(["demo", "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    assert "python -m train fit --config configs/experiments/shapes/recipe.yaml" in err
+    assert main(["nosuch"]) == 2
+    assert capsys.readouterr().err.strip() == ("experiments: error: no experiment 'nosuch'; the recorded ones are "
+                                               "demo, demo-long, demo-large, demo-big, demo-trail")

@@ -1,4 +1,4 @@
-"""WebDataset DataModule: (source, target, instruction) clips from shards of the SPEC §3 schema."""
+"""WebDataset DataModule: (source, target, instruction) clips from shards of the format in docs/shards.md."""
 
 from __future__ import annotations
 
@@ -153,7 +153,7 @@ class ShardDataModule(L.LightningDataModule):
         batches_per_epoch: batches that make an epoch (the stream is resampled, endless).
         val_batches: validation batches per validation run.
         augment: identical moving-crop/zoom augmentation of source and target.
-        translate_prob, max_translate, zoom_prob, max_zoom: its parameters (SPEC §5).
+        translate_prob, max_translate, zoom_prob, max_zoom: its parameters (defaults: the InsV2V reference recipe).
         image_clips: how a single-frame pair (an image edit: ``src.png``/``tgt.png``, or a one-frame
             clip) becomes a training clip: ``camera`` (a random camera path filming both, drawn
             per read) or ``repeat`` (the frame repeated). Mix image and video shard sets with

@@ -1,4 +1,4 @@
-"""EditorModule: the LightningModule that trains the video editor (SPEC §5)."""
+"""EditorModule: the LightningModule that trains the video editor."""
 
 from __future__ import annotations
 
@@ -196,7 +196,7 @@ class EditorModule(L.LightningModule):
 
     # ---------------------------------------------------------------- objective
     def loss(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
-        """MSE of the U-Net's prediction on one batch (SPEC §5), read top to bottom."""
+        """MSE of the U-Net's prediction on one batch, read top to bottom."""
         editor, scheduler = self.editor, self.editor.scheduler
         b = len(batch["instruction"])
         if "target_mean" in batch:  # a latent cache (synth cache): the encoders ran once, beforehand

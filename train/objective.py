@@ -13,7 +13,7 @@ def dropout_masks(
         drop_text  = u < p_t + p_b
         drop_video = p_t <= u < p_t + p_b + p_v
 
-    so a fraction ``p_t`` loses only the text, ``p_b`` both, ``p_v`` only the video (SPEC §5:
+    so a fraction ``p_t`` loses only the text, ``p_b`` both, ``p_v`` only the video (the InsV2V recipe:
     ``p_t = p_b = p_v = 0.05``). This teaches the three predictions two-scale guidance needs.
     """
     drop_text = u < text_only + both
