@@ -26,6 +26,8 @@ class P2PControl:
     token_map: torch.Tensor  # (S,) long: target token j takes source token token_map[j]; -1 = new token
     token_weights: torch.Tensor  # (S,) float: edit_weight on edited target tokens, 1 elsewhere
     step: int = 0
+    self_controlled: int = 0  # attention calls whose target maps were the source's (self-attention)
+    cross_controlled: int = 0  # and cross-attention calls mapped token to token
 
     @property
     def self_active(self) -> bool:
@@ -107,6 +109,7 @@ class P2PAttnProcessor:
             query[1], query[3], key[1], key[3] = query[0], query[2], key[0], key[2]
             query, key = query.flatten(0, 1), key.flatten(0, 1)
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
+            control.self_controlled += 1
         elif is_cross and control.cross_active and batch % 4 == 0:
             # scores and softmax in float32: half-precision logits lose the small differences
             # between tokens that the re-weighting of edited tokens acts on
@@ -119,6 +122,7 @@ class P2PAttnProcessor:
             mapped = torch.where(mapping >= 0, source, probs[3])
             probs[3] = mapped * control.token_weights.to(probs.device, probs.dtype)
             out = probs.flatten(0, 1).to(value.dtype) @ value
+            control.cross_controlled += 1
         else:
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
 

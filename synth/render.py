@@ -178,5 +178,6 @@ class VideoRenderer:
                                        self.tokenizer.model_max_length)
         weights = torch.where(edited, torch.tensor(float(params.edit_weight)), torch.tensor(1.0))
         control = P2PControl(params.steps, params.self_attn_end, params.cross_attn_end, mapping, weights)
+        self.last_control = control  # what the control did, for inspection
         pair = self.render([source_prompt, target_prompt], noise, params, control, progress)
         return pair[0], pair[1]

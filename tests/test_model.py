@@ -123,7 +123,12 @@ def test_all_and_pattern_policies(editor):
         set_trainable(unet, "temporal")
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(editor):
+def test_gradient_checkpointing_gives_the_same_gradients(editor, monkeypatch):
+    import torch.utils.checkpoint
+
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
     unet = editor.unet
     set_trainable(unet, "all")
     unet.train()
@@ -137,8 +142,10 @@ def test_gradient_checkpointing_gives_the_same_gradients(editor):
         return [p.grad.clone() for p in unet.parameters()]
 
     plain = grads()
+    assert not calls
     unet.enable_gradient_checkpointing()
     checkpointed = grads()
+    assert len(calls) >= 4  # the blocks were recomputed in backward, not kept
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, checkpointed))
 
 

@@ -66,6 +66,7 @@ def unet(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(next(folder.rglob("unet/*.safetensors")))
 
 
+@pytest.mark.slow
 def test_three_segments_with_workers_equal_one_run(tmp_path, shards):
     """Stopped by SIGTERM after step 2 (mid-epoch), resumed, stopped by an exception inside step 7
     (mid-epoch, two epochs later), resumed to the end: the same batches, in the same order, each in

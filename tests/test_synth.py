@@ -136,6 +136,9 @@ def test_identical_prompts_give_identical_videos(renderer):
     params = PairParams(guidance=7.0, self_attn_end=0.4, cross_attn_end=0.8, edit_weight=3.0, steps=3)
     source, target = renderer.render_pair("a cat walking on the road", "a cat walking on the road", _noise(renderer), params)
     assert np.array_equal(source, target)
+    # with the control on: self-attention maps were replaced in the first steps, cross-attention mapped
+    control = renderer.last_control
+    assert control.self_controlled > 0 and control.cross_controlled > 0
 
 
 def test_no_control_equals_a_plain_render_of_the_target(renderer):

@@ -378,6 +378,7 @@ def test_wandb_offline_logging(tmp_path, shards):
     assert list(runs[0].rglob("media/videos/samples/*.mp4"))
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes(tmp_path, shards):
     args = ["fit", "--config", str(ROOT / "configs" / "tiny.yaml"), "--data.shards", f"{shards}/*.tar",
             "--trainer.max_steps", "2", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
@@ -387,6 +388,7 @@ def test_ddp_two_cpu_processes(tmp_path, shards):
     assert (tmp_path / "outputs/train-tiny/checkpoints/last.ckpt").is_file()
 
 
+@pytest.mark.slow
 def test_fsdp_two_cpu_processes_shard_and_match_ddp(tmp_path, shards):
     """editor_fsdp (FSDP2 over the U-Net's blocks, gloo): the same 2 steps as DDP, and an editor export."""
     args = ["fit", "--config", str(ROOT / "configs" / "tiny.yaml"), "--data.shards", f"{shards}/*.tar",
