@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 # modules the project and its tests import are compiled once, by importing them.
 define WARM_IMPORTS
 import importlib, pkgutil, pytest
-for package in ("model", "infer", "train", "synth"):
+for package in ("model", "infer", "shards", "train", "synth"):
     for module in pkgutil.walk_packages(importlib.import_module(package).__path__, package + "."):
         if not module.name.endswith("__main__"):
             importlib.import_module(module.name)

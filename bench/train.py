@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from infer.latent_cache import encode_pair  # noqa: E402
+from shards.cache import encode_pair  # noqa: E402
+from shards.schema import EMPTY_TEXT_STATES  # noqa: E402
 from model import build_editor, set_trainable, shipped_config, skipping_identity_motion_modules  # noqa: E402
 from train import EditorModule, ShardDataModule  # noqa: E402
 
@@ -33,9 +34,7 @@ def cached_batch(module: EditorModule, batch: dict) -> dict:
     """``batch`` as a latent cache holds it (what `synth cache` writes for these clips)."""
     encoded = encode_pair(module.editor, batch["source"], batch["target"], batch["instruction"])
     empty = module.editor.encode_text([""]).float().detach().expand(len(batch["instruction"]), -1, -1)
-    return {"target_mean": encoded["tgt_mean"], "target_logvar": encoded["tgt_logvar"],
-            "source_latent": encoded["src_latent"], "text_states": encoded["text"], "empty_text": empty,
-            "instruction": batch["instruction"]}
+    return {**encoded, EMPTY_TEXT_STATES: empty, "instruction": batch["instruction"]}
 
 
 def fake_batch(batch: int, frames: int, resolution: int, device) -> dict:

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from infer.clip import ClipScorer
 from infer.judge import VisionJudge
-from infer.video import encode_video
+from shards.schema import pair_sample, sample_key
 
 from .filter import ClipFilter, JudgeFilter, Thresholds, check_pair
 from .ranks import render_device, render_dtype
@@ -161,24 +161,6 @@ def make_judge(filter_cfg: dict[str, Any]) -> JudgeFilter | None:
     return JudgeFilter(VisionJudge.from_config(cfg), cfg["threshold"])
 
 
-def _frames_bytes(frames: np.ndarray, video_format: str, fps: float) -> tuple[str, bytes]:
-    if video_format == "npy":
-        import io
-
-        buffer = io.BytesIO()
-        np.save(buffer, frames)
-        return "npy", buffer.getvalue()
-    return "mp4", encode_video(frames, fps)
-
-
-def pair_sample(key: str, source: np.ndarray, edited: np.ndarray, meta: dict[str, Any], video_format: str,
-                fps: float) -> dict[str, Any]:
-    """One shard sample (docs/shards.md)."""
-    ext, src_bytes = _frames_bytes(source, video_format, fps)
-    _, tgt_bytes = _frames_bytes(edited, video_format, fps)
-    return {"__key__": key, f"src.{ext}": src_bytes, f"tgt.{ext}": tgt_bytes, "json": json.dumps(meta).encode()}
-
-
 class SourceExhausted(ValueError):
     """The triplet source ended before enough pairs were kept (what was made is committed)."""
 
@@ -242,7 +224,7 @@ def build(config: dict[str, Any], out: Path, num_samples: int, samples_per_shard
                 generator_info = ({"backbone": "shapes"} if shapes else
                                   {"backbone": renderer.backbone, "dtype": str(precision).removeprefix("torch."), **vars(params)})
                 verdict = check_pair(source_frames, edited, triplet.edit, (triplet.input, triplet.output), clip_filter, judge)
-                key = f"r{rank:03d}-{index:09d}-s{slot}"
+                key = sample_key(rank, index, slot)
                 attempt = {"key": key, "triplet": index, "slot": slot, **verdict.record(), "params": generator_info,
                            **triplet.to_json()}
                 sample = None

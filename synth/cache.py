@@ -13,16 +13,10 @@ import torch
 import webdataset as wds
 from tqdm.auto import tqdm
 
-from infer.clip_pairs import IMAGE_CLIPS, PairDecoder, expand_shards
-from infer.latent_cache import (
-    CACHE_INFO,
-    EMPTY_TEXT,
-    STORAGE_DTYPES,
-    CacheInfo,
-    encode_pair,
-    to_npy,
-)
+from shards.pairs import IMAGE_CLIPS, PairDecoder
+from shards.schema import ARRAY_EXT, CACHE_INFO, EMPTY_TEXT, META, expand_shards
 from model import load_editor
+from shards.cache import STORAGE_DTYPES, CacheInfo, encode_pair, to_npy
 
 from .writer import Outcome, ShardWriter, atomic_write, write_outcomes
 
@@ -97,12 +91,12 @@ def cache(shards: str, editor_spec: Any, out: Path, num_frames: int = 16, frame_
                 continue
             encoded = encode_pair(editor, item["source"][None].to(device), item["target"][None].to(device),
                                   [item["instruction"]] if text else None)
-            meta = json.loads(sample["json"])
+            meta = json.loads(sample[META])
             record = {k: meta[k] for k in ("input_caption", "output_caption", "source") if k in meta}
-            out_sample = {"__key__": key, "json": json.dumps({**record, "instruction": item["instruction"],
+            out_sample = {"__key__": key, META: json.dumps({**record, "instruction": item["instruction"],
                                                               "index": index}).encode()}
             for name, tensor in encoded.items():
-                out_sample[f"{name}.npy"] = to_npy(tensor[0], dtype)
+                out_sample[f"{name}.{ARRAY_EXT}"] = to_npy(tensor[0], dtype)
             yield Outcome({"key": key, "index": index, "kept": True}, out_sample, (local + 1, 0))
 
     bar = tqdm(total=num_samples, initial=writer.samples, unit="clip", desc=f"cache rank {rank}", disable=not progress)

@@ -8,9 +8,11 @@ from typing import Any, Iterator
 import numpy as np
 from tqdm.auto import tqdm
 
-from infer.camera import CameraBounds, lift_pair
+from shards.camera import CameraBounds, lift_pair
 
-from .build import BuildResult, config_hash, make_filter, make_judge, pair_sample
+from shards.schema import pair_sample, sample_key
+
+from .build import BuildResult, config_hash, make_filter, make_judge
 from .filter import check_pair
 from .image_pairs import UnreadableRow, decode_row, pair_rows, source_name
 from .writer import Outcome, ShardWriter, write_outcomes
@@ -51,7 +53,7 @@ def lift(config: dict[str, Any], images: str | Path, out: Path, num_samples: int
             local += 1
             if local < start:  # committed by an earlier run: not decoded again
                 continue
-            key = f"r{rank:03d}-{index:09d}-s0"
+            key = sample_key(rank, index)
             try:
                 pair = decode_row(row)
             except UnreadableRow as err:

@@ -2,37 +2,20 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import tarfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 from infer.video import atomic_write  # noqa: F401  (re-exported for synth's modules)
+from shards.schema import shard_name, tar_bytes
 
 # Each rank writes only its own files (no lock shared between ranks, which NFS and Lustre do not
 # honour reliably); readers merge them.
 MANIFEST = "manifest-r{rank:03d}.json"
 ATTEMPTS = "attempts-r{rank:03d}.jsonl"
 MANIFEST_GLOB = "manifest-r[0-9][0-9][0-9].json"
-
-
-def tar_bytes(samples: list[dict[str, Any]]) -> bytes:
-    """A tar of samples ``{"__key__": k, "src.mp4": bytes, ...}`` as WebDataset reads them."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for sample in samples:
-            key = sample["__key__"]
-            for ext, data in sample.items():
-                if ext == "__key__":
-                    continue
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size, info.mtime, info.mode = len(data), int(time.time()), 0o644
-                tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
 
 
 def read_jsonl(path: Path, repair: bool = False) -> list[dict[str, Any]]:
@@ -132,7 +115,7 @@ class ShardWriter:
         return self.state["samples"]
 
     def shard_name(self, index: int) -> str:
-        return f"{self.prefix}-{self.rank:03d}-{index:06d}.tar"
+        return shard_name(self.prefix, self.rank, index)
 
     def commit(self, samples: list[dict[str, Any]], attempts: list[dict[str, Any]], next_position: tuple[int, int]) -> Path | None:
         """Make ``samples`` a finished shard and record ``attempts`` and the resume point."""

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from shards import write_shards
+from shard_fixtures import write_shards
 
 from infer import InsV2VPipeline
-from infer.clip_pairs import PairDecoder
-from infer.latent_cache import CacheInfo, CachedDecoder
+from shards.pairs import PairDecoder
+from shards.cache import CacheInfo, CachedDecoder
 from model import load_editor
 from synth.cache import cache
 from train import EditorModule, ShardDataModule
@@ -58,7 +58,7 @@ def batches(raw: Path, cached: Path, keys: list[str]):
 def test_a_step_on_cached_latents_equals_the_step_on_raw_clips(raw, cached):
     keys = sorted(samples_of(cached))[:3]
     raw_batch, cached_batch = batches(raw, cached, keys)
-    assert "source" not in cached_batch and cached_batch["text_states"].shape == (3, 77, 32)
+    assert "source" not in cached_batch and cached_batch["text"].shape == (3, 77, 32)
     # text dropout often, so the cached empty prompt is used too
     settings = dict(editor="tiny", trainable="all", drop_text=0.4, drop_both=0.2, drop_video=0.2, lr=1e-3)
     with_encoders = EditorModule(**settings)
@@ -128,7 +128,7 @@ def test_the_datamodule_reads_windows_of_the_cache_and_checks_its_settings(cache
     dm = ShardDataModule(cached=str(cached), num_frames=4, resolution=SIZE, batch_size=2, batches_per_epoch=3,
                          stream_seed=0)
     batch = next(iter(dm.train_dataloader()))
-    assert batch["target_mean"].shape == (2, 4, 4, SIZE // 2, SIZE // 2)  # (B, c, F, h, w): 4 of the 6 frames
+    assert batch["tgt_mean"].shape == (2, 4, 4, SIZE // 2, SIZE // 2)  # (B, c, F, h, w): 4 of the 6 frames
     assert batch["empty_text"].shape == (2, 77, 32) and len(batch["instruction"]) == 2
     with pytest.raises(ValueError, match="set data.resolution 32"):
         ShardDataModule(cached=str(cached), resolution=64)

@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from shards import moving_pair, write_shards
+from shard_fixtures import moving_pair, write_shards
 
 from infer import encode_video
-from infer.clip_pairs import PairDecoder, read_npy
+from shards.pairs import PairDecoder
+from shards.schema import read_npy
 from infer.video import atomic_write
 from synth.cache import cache
 from train import ShardDataModule
@@ -89,14 +90,14 @@ def test_poisoned_shard_is_skipped_in_training_and_caching(tmp_path, caplog):
 
 
 def test_shard_videos_are_decoded_only_as_far_as_the_frames_drawn(monkeypatch):
-    import infer.clip_pairs as clip_pairs
+    import shards.schema as schema
 
     src, tgt = moving_pair(0, frames=40)
     sample = {"__key__": "long", "json": json.dumps({"instruction": "x", "num_frames": 40}).encode(),
               "src.mp4": encode_video(src, 8), "tgt.mp4": encode_video(tgt, 8)}
     decoded = []
-    real = clip_pairs.decode_video
-    monkeypatch.setattr(clip_pairs, "decode_video", lambda data, max_frames=None: decoded.append(len(real(data, max_frames))) or real(data, max_frames))
+    real = schema.decode_video
+    monkeypatch.setattr(schema, "decode_video", lambda data, max_frames=None: decoded.append(len(real(data, max_frames))) or real(data, max_frames))
     rng = np.random.default_rng(1)
     item = PairDecoder(4, 2, 16, None)(sample, rng)
     assert item["source"].shape == (3, 4, 16, 16)
@@ -181,7 +182,7 @@ def test_the_key_variable_is_a_key_and_must_be_set(monkeypatch):
 def test_lift_jsonl_paths_stay_in_their_folder(tmp_path):
     from PIL import Image as PILImage
 
-    from infer.camera import CameraBounds  # noqa: F401  (the lift's own module loads)
+    from shards.camera import CameraBounds  # noqa: F401  (the lift's own module loads)
     from synth.image_pairs import UnreadableRow, decode_row, pair_rows
 
     (tmp_path / "data").mkdir()

@@ -407,7 +407,7 @@ def test_a_converted_editor_fine_tunes_and_keeps_its_layout(tmp_path):
     import subprocess
     import sys
 
-    from shards import write_shards
+    from shard_fixtures import write_shards
 
     write_sd_folder(tmp_path / "ip2p", in_channels=8)
     write_authors_checkpoint(tmp_path / "insv2v.ckpt", tmp_path / "ip2p")

@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from infer.camera import CameraBounds, CameraPath, draw_path, film, fit_path, homographies, lift_pair
+from shards.camera import CameraBounds, CameraPath, draw_path, film, fit_path, homographies, lift_pair
 from synth.cli import main
 from synth.writer import read_attempts, read_manifest
 
@@ -250,7 +250,7 @@ def test_lift_ranks_take_disjoint_rows(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------ mixed training
 def test_weighted_sources_mix_at_their_weights_and_are_counted(tmp_path):
-    from shards import write_shards
+    from shard_fixtures import write_shards
 
     from train import ShardDataModule
 
@@ -287,7 +287,7 @@ def test_weighted_sources_mix_at_their_weights_and_are_counted(tmp_path):
 
 
 def test_source_epoch_windows_make_a_curriculum(tmp_path):
-    from shards import write_shards
+    from shard_fixtures import write_shards
 
     from train import ShardDataModule
 
@@ -332,7 +332,7 @@ def write_image_pair_shard(path: Path, count: int) -> None:
 
 @pytest.mark.parametrize("how", ["camera", "repeat"])
 def test_image_pairs_become_clips_and_mix_with_video_pairs(tmp_path, how):
-    from shards import write_shards
+    from shard_fixtures import write_shards
 
     from train import ShardDataModule
 

@@ -11,7 +11,7 @@ from test_train import trainer  # noqa: F401  (a Trainer that checkpoints every 
 
 from infer import InsV2VPipeline
 from model.lora import LORA_WEIGHTS, merge_lora
-from shards import write_shards
+from shard_fixtures import write_shards
 from train import EditorModule, ShardDataModule
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from shards import write_shards
+from shard_fixtures import write_shards
 
 from train import EditorModule, ShardDataModule
 from train.guards import NonFiniteError

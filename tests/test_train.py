@@ -13,7 +13,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from shards import write_shards
+from shard_fixtures import write_shards
 
 from infer import InsV2VPipeline
 from model import Editor, source_prior_estimate

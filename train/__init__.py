@@ -1,6 +1,6 @@
 """Training the video editor: LightningModule, WebDataset DataModule, callbacks, the `lightning` command."""
 
-from infer.augment import apply_windows, crop_windows
+from shards.augment import apply_windows, crop_windows
 from .callbacks import EditSamples, Throughput
 from .data import ShardDataModule, expand_shards
 from .module import EditorModule

@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from infer import InsV2VPipeline, write_video
 from infer.pipeline import to_uint8_frames
+from shards.schema import is_cached
 
 
 class Throughput(L.Callback):
@@ -52,7 +53,7 @@ class EditSamples(L.Callback):
         step = trainer.global_step
         if not self.every_n_steps or step % self.every_n_steps or step == self._done_step:
             return
-        if "source" not in batch:  # a latent cache holds no frames to edit
+        if is_cached(batch):  # a latent cache holds no frames to edit
             if self._done_step == -1:
                 rank_zero_info("EditSamples: the batches are cached latents, without frames to edit; no samples logged")
             self._done_step = step

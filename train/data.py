@@ -13,8 +13,9 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from infer.clip_pairs import IMAGE_CLIPS, PairDecoder, expand_shards
-from infer.latent_cache import CachedDecoder
+from shards.pairs import IMAGE_CLIPS, PairDecoder
+from shards.schema import expand_shards
+from shards.cache import CachedDecoder
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +207,7 @@ class ShardDataModule(L.LightningDataModule):
 
     def _check_cache(self):
         """The cache's settings, checked against this module's (one line for what does not fit)."""
-        from infer.latent_cache import CacheInfo
+        from shards.cache import CacheInfo
 
         hp = self.hparams
         if hp.shards or hp.sources or hp.val_shards:

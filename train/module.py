@@ -17,6 +17,7 @@ from infer.pipeline import CHECKPOINT_KEY, editor_from_weights
 from model import EditorLoadError, load_editor, load_vae, posterior_sample, set_trainable, skipping_identity_motion_modules
 from model.lora import DEFAULT_TARGETS, add_lora, merge_lora, save_lora
 from model.trainable import MOTION_PATTERN, count_parameters
+from shards.schema import EMPTY_TEXT_STATES, SOURCE_LATENT, TARGET_LOGVAR, TARGET_MEAN, TEXT_STATES, is_cached
 
 from .guards import NonFiniteSteps, require_finite
 from .objective import LOSS_WEIGHTINGS, dropout_masks, edit_balanced_weights, edit_size_weights, loss_weights, regression_target, sample_timesteps
@@ -199,18 +200,18 @@ class EditorModule(L.LightningModule):
         """MSE of the U-Net's prediction on one batch, read top to bottom."""
         editor, scheduler = self.editor, self.editor.scheduler
         b = len(batch["instruction"])
-        if "target_mean" in batch:  # a latent cache (synth cache): the encoders ran once, beforehand
-            clean = posterior_sample(batch["target_mean"], batch["target_logvar"], generator).to(editor.dtype)
+        if is_cached(batch):  # a latent cache (synth cache): the encoders ran once, beforehand
+            clean = posterior_sample(batch[TARGET_MEAN], batch[TARGET_LOGVAR], generator).to(editor.dtype)
             clean = clean * editor.scaling_factor
-            condition = batch["source_latent"].to(editor.dtype)
+            condition = batch[SOURCE_LATENT].to(editor.dtype)
         elif self.hparams.cached_latents:
             raise ValueError("this module was built for cached latents (model.cached_latents) but got raw clips")
         else:
             with torch.no_grad():
                 clean = editor.encode_video(batch["target"], sample=True, generator=generator) * editor.scaling_factor
                 condition = editor.encode_video(batch["source"])  # unscaled mode: InstructPix2Pix convention
-        if "text_states" in batch and not self.hparams.train_text_encoder:
-            text, empty = batch["text_states"].to(editor.dtype), batch["empty_text"].to(editor.dtype)
+        if TEXT_STATES in batch and not self.hparams.train_text_encoder:
+            text, empty = batch[TEXT_STATES].to(editor.dtype), batch[EMPTY_TEXT_STATES].to(editor.dtype)
         else:
             with torch.set_grad_enabled(self.hparams.train_text_encoder and torch.is_grad_enabled()):
                 text = editor.encode_text(batch["instruction"])

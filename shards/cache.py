@@ -12,16 +12,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .clip_pairs import read_npy, sample_frames
+from .pairs import sample_frames
+from .schema import (ARRAY_EXT, CACHE_INFO, EMPTY_TEXT, EMPTY_TEXT_STATES, META, SOURCE_LATENT, TARGET_LOGVAR,
+                     TARGET_MEAN, TEXT_STATES, read_npy)
 
 log = logging.getLogger(__name__)
 
-CACHE_INFO = "cache.json"
-EMPTY_TEXT = "empty_text.npy"
-# per sample: the target's VAE posterior (mean and log-variance, so the training latent is still
-# drawn anew each step), the source's latent mode (the InstructPix2Pix condition), the
-# instruction's text states; latents (c, F, h, w), unscaled; text states (seq, dim)
-TARGET_MEAN, TARGET_LOGVAR, SOURCE_LATENT, TEXT_STATES = "tgt_mean", "tgt_logvar", "src_latent", "text"
 STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
@@ -106,10 +102,10 @@ class CachedDecoder:
     def __call__(self, sample: dict[str, Any], rng: np.random.Generator) -> dict[str, Any] | None:
         key = sample.get("__key__", "?")
         try:
-            instruction = str(json.loads(sample["json"])["instruction"])
-            arrays = {name: from_npy(sample[f"{name}.npy"]) for name in (TARGET_MEAN, TARGET_LOGVAR, SOURCE_LATENT)}
+            instruction = str(json.loads(sample[META])["instruction"])
+            arrays = {name: from_npy(sample[f"{name}.{ARRAY_EXT}"]) for name in (TARGET_MEAN, TARGET_LOGVAR, SOURCE_LATENT)}
             if self.empty_text is not None:
-                arrays[TEXT_STATES] = from_npy(sample[f"{TEXT_STATES}.npy"])
+                arrays[TEXT_STATES] = from_npy(sample[f"{TEXT_STATES}.{ARRAY_EXT}"])
             frames = arrays[TARGET_MEAN].shape[1]
             if any(arrays[name].shape != arrays[TARGET_MEAN].shape for name in (TARGET_LOGVAR, SOURCE_LATENT)):
                 raise ValueError("cached latents differ in shape")
@@ -119,13 +115,13 @@ class CachedDecoder:
             return None
         index = torch.from_numpy(sample_frames(frames, self.num_frames, 1, rng))
         item = {
-            "target_mean": torch.from_numpy(arrays[TARGET_MEAN]).float()[:, index],
-            "target_logvar": torch.from_numpy(arrays[TARGET_LOGVAR]).float()[:, index],
-            "source_latent": torch.from_numpy(arrays[SOURCE_LATENT]).float()[:, index],
+            TARGET_MEAN: torch.from_numpy(arrays[TARGET_MEAN]).float()[:, index],
+            TARGET_LOGVAR: torch.from_numpy(arrays[TARGET_LOGVAR]).float()[:, index],
+            SOURCE_LATENT: torch.from_numpy(arrays[SOURCE_LATENT]).float()[:, index],
             "instruction": instruction,
             "key": key,
         }
         if self.empty_text is not None:
-            item["text_states"] = torch.from_numpy(arrays[TEXT_STATES]).float()
-            item["empty_text"] = self.empty_text
+            item[TEXT_STATES] = torch.from_numpy(arrays[TEXT_STATES]).float()
+            item[EMPTY_TEXT_STATES] = self.empty_text
         return item

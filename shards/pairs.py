@@ -1,0 +1,93 @@
+"""Pair samples decoded into model-ready (source, target, instruction) training clips, for training and caching."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import numpy as np
+
+from infer.pipeline import to_model_frames
+from infer.video import VideoError
+
+from .augment import apply_windows, crop_windows
+from .camera import CameraBounds, lift_pair
+from .schema import META, SOURCE, TARGET, VIDEO_EXT, shard_frames
+
+log = logging.getLogger(__name__)
+
+
+IMAGE_CLIPS = ("camera", "repeat")
+
+
+def image_pair_clip(source: np.ndarray, target: np.ndarray, num_frames: int, how: str, rng: np.random.Generator,
+                    bounds: CameraBounds = CameraBounds()) -> tuple[np.ndarray, np.ndarray]:
+    """A single-frame pair (an image edit) as a ``num_frames`` clip pair: the frame repeated
+    (``repeat``: a clip without motion), or filmed by one random camera path shared by source and
+    target (``camera``: the lifting of ``synth lift``, drawn anew each time the sample is read)."""
+    if how == "repeat":
+        return np.repeat(source[:1], num_frames, 0), np.repeat(target[:1], num_frames, 0)
+    size = min(source.shape[1:3])
+    clip_source, clip_target, _ = lift_pair(source[0], target[0], bounds, num_frames, size, rng)
+    return clip_source, clip_target
+
+
+def sample_frames(num_available: int, num_frames: int, stride: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of ``num_frames`` frames ``stride`` apart from a random start; a clip too short
+    repeats its last frame (so every clip trains, at its native motion)."""
+    span = (num_frames - 1) * stride + 1
+    start = int(rng.integers(0, num_available - span + 1)) if num_available >= span else 0
+    return np.minimum(start + np.arange(num_frames) * stride, num_available - 1)
+
+
+class PairDecoder:
+    """Turn a raw shard sample into training tensors; a broken sample becomes ``None`` (counted)."""
+
+    def __init__(self, num_frames: int, frame_stride: int, resolution: int, augment: dict[str, float] | None,
+                 image_clips: str = "camera"):
+        if image_clips not in IMAGE_CLIPS:
+            raise ValueError(f"image_clips must be one of {', '.join(IMAGE_CLIPS)}, got {image_clips!r}")
+        self.num_frames, self.frame_stride, self.resolution = num_frames, frame_stride, resolution
+        self.augment, self.image_clips = augment, image_clips
+        self.skipped = 0
+
+    def __call__(self, sample: dict[str, Any], rng: np.random.Generator) -> dict[str, Any] | None:
+        """``rng`` draws the frames and the crop."""
+        key = sample.get("__key__", "?")
+        index = None
+        try:
+            meta = json.loads(sample[META])
+            instruction = str(meta["instruction"])
+            stated = meta.get("num_frames")
+            if isinstance(stated, int) and stated > 1 and f"{SOURCE}.{VIDEO_EXT}" in sample:
+                # the frames to train on are drawn from the stated count, and the clips decoded only that far
+                index = sample_frames(stated, self.num_frames, self.frame_stride, rng)
+                source, target = (shard_frames(sample, stem, int(index.max()) + 1) for stem in (SOURCE, TARGET))
+            else:
+                source, target = shard_frames(sample, SOURCE), shard_frames(sample, TARGET)
+            if source.shape != target.shape:
+                raise ValueError(f"source {source.shape} and target {target.shape} differ")
+        except (KeyError, ValueError, VideoError, json.JSONDecodeError, UnicodeDecodeError, MemoryError) as err:
+            self.skipped += 1
+            log.warning("skipping corrupt sample %s (%s); %d skipped so far", key, err, self.skipped)
+            return None
+        if len(source) == 1 and self.num_frames > 1:
+            source, target = image_pair_clip(source, target, self.num_frames, self.image_clips, rng)
+            index = None
+        if index is None or index.max() >= len(source):  # fewer frames than stated: drawn from those there
+            index = sample_frames(len(source), self.num_frames, self.frame_stride, rng)
+        source, target = source[index], target[index]
+        h, w = source.shape[1:3]
+        if self.augment:
+            boxes = crop_windows(self.num_frames, h, w, rng, **self.augment)
+        else:  # centred square
+            side = min(h, w)
+            x0, y0 = (w - side) / 2, (h - side) / 2
+            boxes = np.tile([x0, y0, x0 + side, y0 + side], (self.num_frames, 1))
+        return {
+            "source": to_model_frames(apply_windows(source, boxes, self.resolution))[0],
+            "target": to_model_frames(apply_windows(target, boxes, self.resolution))[0],
+            "instruction": instruction,
+            "key": key,
+        }
