@@ -6,88 +6,38 @@ import argparse
 import sys
 from pathlib import Path
 
-USAGE_ERROR = 2
-
-
-class UsageError(Exception):
-    """Bad input from the user: reported as one line, exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line instead of usage + message
-        raise UsageError(message)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _crf(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 63:
-        raise argparse.ArgumentTypeError(f"must be in 0..63, got {text}")
-    return value
-
-
-def _unit_float(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
+from .arguments import (USAGE_ERROR, OneLineParser, UsageError, crf, non_negative_float, non_negative_int, positive_float,
+                        positive_int, quiet_libraries, unit_float)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="infer", description="Edit videos with an InsV2V editor.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = OneLineParser(prog="infer", description="Edit videos with an InsV2V editor.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     edit = sub.add_parser("edit", help="edit a video by an instruction", description="Edit a video by an instruction.")
     edit.add_argument("input", help="video file (mp4, mov, mkv, webm, avi, gif, animated webp) or image sequence (frames/%%05d.png)")
     edit.add_argument("--prompt", required=True, help='the instruction, e.g. "make it snowy"')
     edit.add_argument("-o", "--output", help="output .mp4, .mov, .mkv, .webm or .gif (default: <input stem>.edited.mp4 here)")
     edit.add_argument("--model", help="editor folder or training checkpoint (default: the tiny editor)")
-    edit.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default: the editor's, else 20)")
+    edit.add_argument("--steps", type=positive_int, default=None, help="denoising steps (default: the editor's, else 20)")
     edit.add_argument("--scheduler", default=None, help="diffusers scheduler class (default: the model's, DDPM)")
-    edit.add_argument("--text-guidance", type=_positive_float, default=None, help="s_T (default: the editor's, else 7.5)")
-    edit.add_argument("--video-guidance", type=_positive_float, default=None, help="s_V (default: the editor's, else 1.2)")
+    edit.add_argument("--text-guidance", type=positive_float, default=None, help="s_T (default: the editor's, else 7.5)")
+    edit.add_argument("--video-guidance", type=positive_float, default=None, help="s_V (default: the editor's, else 1.2)")
     edit.add_argument("--negative-prompt", default=None)
-    edit.add_argument("--clip-frames", type=_positive_int, default=16, help="frames per clip (default 16)")
-    edit.add_argument("--reference-frames", type=_non_negative_int, default=4, help="overlap (default 4)")
-    edit.add_argument("--lvsc", type=_unit_float, default=0.5, help="fraction of steps corrected (default 0.5)")
+    edit.add_argument("--clip-frames", type=positive_int, default=16, help="frames per clip (default 16)")
+    edit.add_argument("--reference-frames", type=non_negative_int, default=4, help="overlap (default 4)")
+    edit.add_argument("--lvsc", type=unit_float, default=0.5, help="fraction of steps corrected (default 0.5)")
     edit.add_argument("--no-lvsc", action="store_true", help="no Long Video Sampling Correction")
     edit.add_argument("--motion-compensation", action="store_true", help="warp LVSC corrections along optical flow")
-    edit.add_argument("--resolution", type=_positive_int, default=None, help="short side in pixels (default: the model's)")
-    edit.add_argument("--max-frames", type=_positive_int, default=None, help="edit at most this many frames")
-    edit.add_argument("--max-pixels", type=_positive_int, default=None,
+    edit.add_argument("--resolution", type=positive_int, default=None, help="short side in pixels (default: the model's)")
+    edit.add_argument("--max-frames", type=positive_int, default=None, help="edit at most this many frames")
+    edit.add_argument("--max-pixels", type=positive_int, default=None,
                       help="largest working frame in pixels (default 2,088,960, about 1920x1088; long side at most 4096)")
-    edit.add_argument("--stride", type=_positive_int, default=1, help="take every N-th frame (default 1)")
+    edit.add_argument("--stride", type=positive_int, default=1, help="take every N-th frame (default 1)")
     edit.add_argument("--ignore-decode-errors", action="store_true",
                       help="edit a damaged video as FFmpeg conceals it instead of stopping at the first damaged frame")
-    edit.add_argument("--start", type=_non_negative_float, default=None, help="edit from this time (seconds)")
-    edit.add_argument("--end", type=_non_negative_float, default=None, help="edit up to this time (seconds)")
-    edit.add_argument("--crf", type=_crf, default=18, help="output quality for x264/x265/VP9, 0 (lossless) to 51 (default 18)")
+    edit.add_argument("--start", type=non_negative_float, default=None, help="edit from this time (seconds)")
+    edit.add_argument("--end", type=non_negative_float, default=None, help="edit up to this time (seconds)")
+    edit.add_argument("--crf", type=crf, default=18, help="output quality for x264/x265/VP9, 0 (lossless) to 51 (default 18)")
     edit.add_argument("--codec", default=None, help="output video encoder (default: libx264; VP9 for .webm, gif for .gif)")
     edit.add_argument("--seed", type=int, default=0)
     edit.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
@@ -107,14 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--judge-model", default=None, help="the judge's model name")
     ev.add_argument("--judge-api-key-env", default="OPENAI_API_KEY",
                     help="environment variable holding the judge's key (default OPENAI_API_KEY)")
-    ev.add_argument("--judge-frames", type=_positive_int, default=3, help="frames of each video the judge sees (default 3)")
+    ev.add_argument("--judge-frames", type=positive_int, default=3, help="frames of each video the judge sees (default 3)")
     ev.add_argument("--setting", action="append", default=[], metavar="NAME:KEY=VAL,...",
                     help="a named set of edit options, repeatable (default: no-lvsc, lvsc, lvsc+mc)")
-    ev.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default: the editor's, else 20)")
-    ev.add_argument("--clip-frames", type=_positive_int, default=16)
-    ev.add_argument("--reference-frames", type=_non_negative_int, default=4)
-    ev.add_argument("--max-frames", type=_positive_int, default=None)
-    ev.add_argument("--resolution", type=_positive_int, default=None)
+    ev.add_argument("--steps", type=positive_int, default=None, help="denoising steps (default: the editor's, else 20)")
+    ev.add_argument("--clip-frames", type=positive_int, default=16)
+    ev.add_argument("--reference-frames", type=non_negative_int, default=4)
+    ev.add_argument("--max-frames", type=positive_int, default=None)
+    ev.add_argument("--resolution", type=positive_int, default=None)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--resume", action="store_true", help="keep the rows already in --out/per_video.csv and edit only the rest")
     ev.add_argument("--quiet", action="store_true")
@@ -123,13 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Serve a page to edit videos in a browser; its HTTP API works from gradio_client.")
     srv.add_argument("--model", help="editor folder or training checkpoint (default: the tiny editor)")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
-    srv.add_argument("--port", type=_positive_int, default=7860)
-    srv.add_argument("--max-seconds", type=_positive_float, default=60.0, help="longest video the page accepts (default 60)")
-    srv.add_argument("--max-frames", type=_positive_int, default=1800, help="most frames a video may have (default 1800)")
-    srv.add_argument("--max-pixels", type=_positive_int, default=None,
+    srv.add_argument("--port", type=positive_int, default=7860)
+    srv.add_argument("--max-seconds", type=positive_float, default=60.0, help="longest video the page accepts (default 60)")
+    srv.add_argument("--max-frames", type=positive_int, default=1800, help="most frames a video may have (default 1800)")
+    srv.add_argument("--max-pixels", type=positive_int, default=None,
                      help="largest working frame in pixels (default 2,088,960, about 1920x1088)")
     srv.add_argument("--max-file-size", default="200mb", help="largest upload (default 200mb)")
-    srv.add_argument("--max-queue", type=_positive_int, default=16, help="edits that may wait in the queue (default 16)")
+    srv.add_argument("--max-queue", type=positive_int, default=16, help="edits that may wait in the queue (default 16)")
     srv.add_argument("--auth", default=None, metavar="USER:PASSWORD",
                      help="ask for this login (default: $INSV2V_SERVE_AUTH if set, else none)")
     srv.add_argument("--device", default=None)
@@ -374,19 +324,8 @@ def serve_command(args: argparse.Namespace) -> None:
     launch(build_app(pipe, limits=limits), args.host, args.port, auth=auth)
 
 
-def _quiet_libraries() -> None:
-    """Library loading bars and notices would bury the command's own output."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
-    diffusers_logging.set_verbosity_error()
-
-
 def main(argv: list[str] | None = None) -> int:
-    _quiet_libraries()
+    quiet_libraries()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

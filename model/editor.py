@@ -17,8 +17,10 @@ from diffusers import AutoencoderKL, MotionAdapter, UNet2DConditionModel, UNetMo
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from .animatediff import motion_adapter_from_original
 from .inflate import MIN_TEMPORAL_POSITIONS, inflate, skipping_identity_motion_modules
 from .norm_layout import NORM_LAYOUTS, norm_layout_of, set_norm_layout
+from .weights import EditorLoadError, load_component, require_files
 
 COMPONENTS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
 INDEX_FILE = "model_index.json"
@@ -37,11 +39,6 @@ CONFIG_FILES = {
     "unet": "config.json",
     "scheduler": "scheduler_config.json",
 }
-
-
-class EditorLoadError(ValueError):
-    """An editor (or base model) folder is missing a part or holds one that cannot be read."""
-
 
 @dataclass
 class Editor:
@@ -296,7 +293,7 @@ class Editor:
         for name in COMPONENTS:
             if name == "vae" and pixel_space:
                 continue
-            _require(directory / name, CONFIG_FILES[name], WEIGHT_FILES.get(name))
+            require_files(directory / name, CONFIG_FILES[name], WEIGHT_FILES.get(name))
         unet_class = index["unet"][1]
         if unet_class != "UNetMotionModel":
             raise EditorLoadError(f"{index_path}: unet is {unet_class}, expected UNetMotionModel")
@@ -304,17 +301,17 @@ class Editor:
         if layout not in NORM_LAYOUTS:
             raise EditorLoadError(f"{index_path}: norm_layout must be one of {', '.join(NORM_LAYOUTS)}, got {layout!r}")
         editor = cls(
-            tokenizer=_load("tokenizer", lambda: CLIPTokenizer.from_pretrained(directory / "tokenizer")),
-            text_encoder=_load(
+            tokenizer=load_component("tokenizer", lambda: CLIPTokenizer.from_pretrained(directory / "tokenizer")),
+            text_encoder=load_component(
                 "text_encoder",
                 lambda: CLIPTextModel.from_pretrained(directory / "text_encoder", use_safetensors=True, dtype=torch_dtype),
             ),
             vae=None if pixel_space else load_vae_folder(directory / "vae", torch_dtype, vae_weights),
-            unet=_load(
+            unet=load_component(
                 "unet",
                 lambda: UNetMotionModel.from_pretrained(directory / "unet", use_safetensors=True, torch_dtype=torch_dtype),
             ),
-            scheduler=_load("scheduler", lambda: scheduler_class(index["scheduler"][1]).from_pretrained(directory / "scheduler")),
+            scheduler=load_component("scheduler", lambda: scheduler_class(index["scheduler"][1]).from_pretrained(directory / "scheduler")),
             source_prior_std=index.get("source_prior_std"),
             preconditioned=bool(index.get("preconditioned", False)),
             sampling=check_sampling(index.get("sampling"), str(index_path)),
@@ -345,27 +342,25 @@ class Editor:
         if not base.is_dir():
             raise EditorLoadError(f"base model folder not found: {base}")
         for name in COMPONENTS:
-            _require(base / name, CONFIG_FILES[name], WEIGHT_FILES.get(name))
+            require_files(base / name, CONFIG_FILES[name], WEIGHT_FILES.get(name))
         adapter = None
         if motion_adapter is not None and Path(motion_adapter).suffix in ORIGINAL_CHECKPOINT_SUFFIXES:
-            from .insv2v import motion_adapter_from_original  # it imports this module
-
             adapter = motion_adapter_from_original(motion_adapter, torch_dtype=torch_dtype)
         elif motion_adapter is not None:
             adapter_dir = Path(motion_adapter)
-            _require(adapter_dir, "config.json", "diffusion_pytorch_model.safetensors", what="motion adapter")
-            adapter = _load(
+            require_files(adapter_dir, "config.json", "diffusion_pytorch_model.safetensors", what="motion adapter")
+            adapter = load_component(
                 "motion adapter",
                 lambda: MotionAdapter.from_pretrained(adapter_dir, use_safetensors=True, torch_dtype=torch_dtype),
             )
-        unet2d = _load(
+        unet2d = load_component(
             "unet",
             lambda: UNet2DConditionModel.from_pretrained(base / "unet", use_safetensors=True, torch_dtype=torch_dtype),
         )
-        schedule = _load("scheduler", lambda: scheduler_class(scheduler).from_pretrained(base / "scheduler"))
+        schedule = load_component("scheduler", lambda: scheduler_class(scheduler).from_pretrained(base / "scheduler"))
         return cls(
-            tokenizer=_load("tokenizer", lambda: CLIPTokenizer.from_pretrained(base / "tokenizer")),
-            text_encoder=_load(
+            tokenizer=load_component("tokenizer", lambda: CLIPTokenizer.from_pretrained(base / "tokenizer")),
+            text_encoder=load_component(
                 "text_encoder",
                 lambda: CLIPTextModel.from_pretrained(base / "text_encoder", use_safetensors=True, dtype=torch_dtype),
             ),
@@ -373,7 +368,6 @@ class Editor:
             unet=set_norm_layout(inflate(unet2d, adapter, min_temporal_positions=min_temporal_positions), norm_layout),
             scheduler=schedule,
         )
-
 
 def posterior_sample(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """A draw from the VAE's diagonal Gaussian posterior: ``z = mean + exp(logvar / 2) * n``,
@@ -383,7 +377,6 @@ def posterior_sample(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.
     noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
     return mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise
 
-
 def pooled_text(text_states: torch.Tensor) -> torch.Tensor:
     """One vector per prompt, ``(B, seq, dim) -> (B, dim)``: the state at the last position.
 
@@ -392,7 +385,6 @@ def pooled_text(text_states: torch.Tensor) -> torch.Tensor:
     to the timestep embedding: a global path that needs no spatial attention to learn).
     """
     return text_states[:, -1]
-
 
 def source_prior_estimate(noisy: torch.Tensor, source: torch.Tensor, alpha_bar: torch.Tensor, std: float) -> torch.Tensor:
     """The posterior mean of the clean clip under the prior ``x0 ~ N(source, std^2)``, given
@@ -406,9 +398,7 @@ def source_prior_estimate(noisy: torch.Tensor, source: torch.Tensor, alpha_bar: 
     c_skip = alpha_bar.sqrt() * std**2 / (alpha_bar * std**2 + 1 - alpha_bar)
     return source + c_skip * (noisy - alpha_bar.sqrt() * source)
 
-
 SAMPLING_KEYS = ("num_inference_steps", "text_guidance", "video_guidance")
-
 
 def check_sampling(sampling: Mapping[str, Any] | None, where: str) -> dict[str, Any] | None:
     """An editor's sampling defaults, checked: only :data:`SAMPLING_KEYS`, positive numbers."""
@@ -424,7 +414,6 @@ def check_sampling(sampling: Mapping[str, Any] | None, where: str) -> dict[str, 
             raise EditorLoadError(f"{where}: sampling.{key} must be a positive number, got {value!r}")
     return {k: (int(v) if k == "num_inference_steps" else float(v)) for k, v in sampling.items()}
 
-
 def source_prior_posterior_std(alpha_bar: torch.Tensor, std: float) -> torch.Tensor:
     """The posterior standard deviation of the clean clip under the prior ``x0 ~ N(source, std^2)``
     given ``x_t`` (EDM's ``c_out`` for a Gaussian of scale ``std``)::
@@ -435,7 +424,6 @@ def source_prior_posterior_std(alpha_bar: torch.Tensor, std: float) -> torch.Ten
     """
     return std * (1 - alpha_bar).sqrt() / (alpha_bar * std**2 + 1 - alpha_bar).sqrt()
 
-
 def scheduler_class(name: str) -> type[SchedulerMixin]:
     """A diffusers scheduler class by name (``"DDPMScheduler"``, ``"DDIMScheduler"``, ...)."""
     cls = getattr(diffusers, name, None)
@@ -444,47 +432,11 @@ def scheduler_class(name: str) -> type[SchedulerMixin]:
         raise ValueError(f"unknown scheduler {name!r}; choose one of: {', '.join(known)}")
     return cls
 
-
-def _require(folder: Path, config: str, weights: str | None, what: str | None = None) -> None:
-    what = what or folder.name
-    if not folder.is_dir():
-        raise EditorLoadError(f"missing {what} folder: {folder}")
-    for file in (config, weights):
-        if file is not None and not (folder / file).is_file():
-            raise EditorLoadError(f"{what} folder {folder} is missing {file}")
-
-
-def _load(what: str, load):
-    try:
-        loaded = load()
-    except EditorLoadError:
-        raise
-    except Exception as err:  # corrupt weights or configs surface as many library error types
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise EditorLoadError(f"cannot load {what}: {first}") from err
-    if isinstance(loaded, torch.nn.Module):
-        _own_memory(loaded)
-    return loaded
-
-
-@torch.no_grad()
-def _own_memory(module: torch.nn.Module) -> None:
-    """Copy every tensor out of the memory-mapped weights file into fresh allocations.
-
-    Mapped tensors are not SIMD-aligned, which changes CPU kernels' summation order (outputs then
-    differ from the saved model's in the last bit), and they pin the file, which must stay
-    rewritable (saving over the folder a model came from).
-    """
-    for tensor in (*module.parameters(), *module.buffers()):
-        tensor.data = tensor.data.clone()
-
-
 def load_vae_folder(folder: Path, torch_dtype: torch.dtype | None = None, weights: bool = True) -> AutoencoderKL:
     """A VAE folder's autoencoder; with ``weights=False`` only its config is read (:func:`vae_without_weights`)."""
     if not weights:
-        return _load("vae", lambda: vae_without_weights(AutoencoderKL.load_config(folder), torch_dtype))
-    return _load("vae", lambda: AutoencoderKL.from_pretrained(folder, use_safetensors=True, torch_dtype=torch_dtype))
-
+        return load_component("vae", lambda: vae_without_weights(AutoencoderKL.load_config(folder), torch_dtype))
+    return load_component("vae", lambda: AutoencoderKL.from_pretrained(folder, use_safetensors=True, torch_dtype=torch_dtype))
 
 def vae_without_weights(config: Mapping[str, Any], torch_dtype: torch.dtype | None = None) -> AutoencoderKL:
     """The autoencoder of ``config`` on the meta device: no memory and no weights read, only what its
@@ -492,7 +444,6 @@ def vae_without_weights(config: Mapping[str, Any], torch_dtype: torch.dtype | No
     with torch.device("meta"):
         vae = AutoencoderKL.from_config(config)
     return vae.to(dtype=torch_dtype) if torch_dtype not in (None, vae.dtype) else vae
-
 
 def build_text_encoder(tokenizer: CLIPTokenizer, config: Mapping[str, Any]) -> CLIPTextModel:
     return CLIPTextModel(

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import os
-from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-import yaml
-from diffusers import AutoencoderKL, MotionAdapter, UNetMotionModel
+from diffusers import AutoencoderKL, UNetMotionModel
 from diffusers.loaders.single_file_utils import (
     convert_animatediff_checkpoint_to_diffusers,
     convert_ldm_clip_checkpoint,
@@ -18,7 +16,10 @@ from diffusers.loaders.single_file_utils import (
 from diffusers.models.attention_processor import AttnProcessor2_0
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from .editor import CONFIG_FILES, WEIGHT_FILES, Editor, EditorLoadError, _load, _require, scheduler_class
+from .config import shipped_config
+from .editor import CONFIG_FILES, WEIGHT_FILES, Editor, scheduler_class
+from .weights import (UNET_PREFIX, EditorLoadError, load_component, module_state, read_checkpoint, require_files,
+                      state_mismatches)
 from .norm_layout import set_norm_layout
 
 # Their block names (modules/video_unet_temporal/unet_blocks.py) and diffusers' for the same block.
@@ -28,20 +29,15 @@ REFERENCE_BLOCKS = {
     "CrossAttnUpBlock3D": "CrossAttnUpBlockMotion",
     "UpBlock3D": "UpBlockMotion",
 }
-UNET_PREFIX = "unet."
 VAE_PREFIX = "vae."
 TEXT_PREFIX = "text_model.transformer."
 # Wrappers their trainer (Lightning, DeepSpeed) put around the module's own state dict.
-WRAPPER_PREFIXES = ("_forward_module.", "module.")
 PAPER_UNET_CONFIG = "model/insv2v-reference-unet.yaml"
 # Their config trains with DeepSpeed ZeRO-2, whose Lightning "checkpoint" is a folder.
-DEEPSPEED_MODEL_STATES = "checkpoint/mp_rank_00_model_states.pt"
-
 
 def paper_unet_config() -> dict[str, Any]:
     """The authors' ``unet.params`` of ``configs/instruct_v2v.yaml`` (the paper's U-Net), shipped here."""
-    return yaml.safe_load(resources.files("configs").joinpath(PAPER_UNET_CONFIG).read_text())
-
+    return shipped_config(PAPER_UNET_CONFIG)
 
 def unet_config_from_reference(reference: Mapping[str, Any]) -> dict[str, Any]:
     """``UNetMotionModel`` constructor arguments for the authors' ``UNet3DConditionModel(**reference)``.
@@ -101,33 +97,8 @@ def unet_config_from_reference(reference: Mapping[str, Any]) -> dict[str, Any]:
         "use_motion_mid_block": bool(ref.get("motion_module_mid_block", True)),
     }
 
-
-def module_state(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
-    """The flat state dict inside an authors' checkpoint.
-
-    Accepts the state dict itself, one nested under ``state_dict`` (Lightning) or ``module``
-    (DeepSpeed), and keys behind ``_forward_module.``/``module.`` wrappers.
-    """
-    state: Any = checkpoint
-    for key in ("state_dict", "module"):
-        if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
-            state = state[key]
-    if not isinstance(state, Mapping):
-        raise ValueError("checkpoint holds no state dict")
-    flat = {}
-    for key, value in state.items():
-        if not isinstance(key, str):
-            continue
-        for prefix in WRAPPER_PREFIXES:
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-        flat[key] = value
-    return flat
-
-
 def _with_prefix(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
     return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
-
 
 def unet_state_from_reference(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """Their ``unet.*`` weights under ``UNetMotionModel``'s names.
@@ -141,21 +112,6 @@ def unet_state_from_reference(state: Mapping[str, Any]) -> dict[str, torch.Tenso
     if not unet:
         raise ValueError("checkpoint has no 'unet.*' weights (not an InsV2V checkpoint?)")
     return convert_animatediff_checkpoint_to_diffusers(unet)
-
-
-def state_mismatches(module: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
-    """Every way ``state`` fails to fill ``module`` exactly: missing or unexpected keys and wrong
-    shapes (the recomputed sinusoidal ``pos_embed.pe`` tables may be absent)."""
-    own = module.state_dict()
-    problems = [f"missing {k}" for k in own if k not in state and not k.endswith("pos_embed.pe")]
-    problems += [f"unexpected {k}" for k in state if k not in own]
-    problems += [
-        f"shape of {k}: {tuple(state[k].shape)} vs {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in state and tuple(state[k].shape) != tuple(v.shape)
-    ]
-    return problems
-
 
 def unet_from_reference(state_dict: Mapping[str, Any], reference_config: Mapping[str, Any]) -> UNetMotionModel:
     """The authors' video U-Net as a diffusers ``UNetMotionModel`` computing the same function.
@@ -193,7 +149,6 @@ def unet_from_reference(state_dict: Mapping[str, Any], reference_config: Mapping
     unet.set_attn_processor(AttnProcessor2_0())
     return set_norm_layout(unet, "insv2v")
 
-
 def vae_from_reference(state: Mapping[str, Any], like: AutoencoderKL) -> AutoencoderKL | None:
     """Their LDM-format ``vae.*`` weights in a diffusers ``AutoencoderKL`` shaped as ``like``
     (diffusers' own LDM conversion); ``None`` when the checkpoint has none."""
@@ -209,7 +164,6 @@ def vae_from_reference(state: Mapping[str, Any], like: AutoencoderKL) -> Autoenc
     vae.load_state_dict(weights)
     return vae.to(dtype=like.dtype).eval()
 
-
 def text_encoder_from_reference(state: Mapping[str, Any], like: CLIPTextModel) -> CLIPTextModel | None:
     """Their ``text_model.transformer.*`` weights (a Hugging Face ``CLIPTextModel`` inside their
     ``FrozenCLIPEmbedder``) in a text encoder shaped as ``like``; ``None`` when absent."""
@@ -224,82 +178,6 @@ def text_encoder_from_reference(state: Mapping[str, Any], like: CLIPTextModel) -
         raise ValueError(f"the checkpoint's text encoder does not match the base one ({len(problems)} problems: {problems[0]})")
     encoder.load_state_dict(weights, strict=False)
     return encoder.to(dtype=like.dtype).eval()
-
-
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """A checkpoint file as a flat state dict: ``.safetensors``, or a pickle read with
-    ``weights_only=True`` (``.ckpt``/``.pt``/``.pth``/``.bin``), or the folder DeepSpeed ZeRO-2
-    writes for a Lightning checkpoint (its model states file). Unreadable files raise
-    :class:`EditorLoadError` with one line."""
-    path = Path(path)
-    if path.is_dir() and (path / DEEPSPEED_MODEL_STATES).is_file():
-        path = path / DEEPSPEED_MODEL_STATES
-    if not path.is_file():
-        raise EditorLoadError(f"checkpoint not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return module_state(load_file(str(path)))
-        return module_state(torch.load(path, map_location="cpu", weights_only=True))
-    except EditorLoadError:
-        raise
-    except Exception as err:  # pickle, zip and safetensors errors have no common base
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise EditorLoadError(f"{path} is not a readable checkpoint ({reason[:200]})") from None
-
-
-def motion_adapter_config(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-    """``MotionAdapter`` arguments read off an original AnimateDiff checkpoint's shapes.
-
-    Channels per level from each down level's first motion module, modules per level, a mid-block
-    module if present (v2), transformer depth and position-table length (24 in v1, 32 in v2).
-    """
-    levels: dict[int, int] = {}
-    per_level: dict[int, set[int]] = {}
-    depth = set()
-    max_len = 24
-    for key, value in state.items():
-        parts = key.split(".")
-        if parts[0] == "down_blocks" and parts[2] == "motion_modules":
-            level, index = int(parts[1]), int(parts[3])
-            per_level.setdefault(level, set()).add(index)
-            if key.endswith("temporal_transformer.proj_in.weight"):
-                levels[level] = value.shape[1]
-        if ".transformer_blocks." in key:
-            depth.add(int(key.split(".transformer_blocks.")[1].split(".")[0]))
-        if key.endswith("pos_encoder.pe"):
-            max_len = value.shape[1]
-    if not levels:
-        raise ValueError("no 'down_blocks.N.motion_modules' weights: not an AnimateDiff motion-module checkpoint")
-    return {
-        "block_out_channels": [levels[i] for i in sorted(levels)],
-        "motion_layers_per_block": max(len(v) for v in per_level.values()),
-        "motion_mid_block_layers_per_block": 1,
-        "motion_transformer_layers_per_block": max(depth) + 1 if depth else 1,
-        "use_motion_mid_block": any(k.startswith("mid_block.motion_modules") for k in state),
-        "motion_max_seq_length": max_len,
-        "motion_num_attention_heads": 8,
-    }
-
-
-def motion_adapter_from_original(path: str | os.PathLike, torch_dtype: torch.dtype | None = None) -> MotionAdapter:
-    """An original-format AnimateDiff motion-module file (``mm_sd_v15.ckpt``,
-    ``mm_sd_v15_v2.ckpt``, or a ``.safetensors`` of the same keys) as a diffusers ``MotionAdapter``."""
-    state = read_checkpoint(path)
-    state = {k[len(UNET_PREFIX):] if k.startswith(UNET_PREFIX) else k: v for k, v in state.items()}
-    try:
-        config = motion_adapter_config(state)
-    except ValueError as err:
-        raise EditorLoadError(f"{path}: {err}") from None
-    adapter = MotionAdapter(**config)
-    weights = convert_animatediff_checkpoint_to_diffusers(state)
-    problems = state_mismatches(adapter, weights)
-    if problems:
-        raise EditorLoadError(f"{path}: motion modules do not fit ({len(problems)} problems: {problems[0]})")
-    adapter.load_state_dict(weights, strict=False)
-    return adapter.to(dtype=torch_dtype) if torch_dtype is not None else adapter
-
 
 def editor_from_insv2v_checkpoint(
     checkpoint: str | os.PathLike | Mapping[str, Any],
@@ -322,13 +200,13 @@ def editor_from_insv2v_checkpoint(
     if not base.is_dir():
         raise EditorLoadError(f"base model folder not found: {base}")
     for name in ("tokenizer", "text_encoder", "vae", "scheduler"):
-        _require(base / name, CONFIG_FILES[name], WEIGHT_FILES.get(name))
+        require_files(base / name, CONFIG_FILES[name], WEIGHT_FILES.get(name))
     try:
         unet = unet_from_reference(state, unet_config if unet_config is not None else paper_unet_config())
     except ValueError as err:
         raise EditorLoadError(f"{checkpoint if not isinstance(checkpoint, Mapping) else 'checkpoint'}: {err}") from None
-    base_vae = _load("vae", lambda: AutoencoderKL.from_pretrained(base / "vae", use_safetensors=True, torch_dtype=torch_dtype))
-    base_text = _load(
+    base_vae = load_component("vae", lambda: AutoencoderKL.from_pretrained(base / "vae", use_safetensors=True, torch_dtype=torch_dtype))
+    base_text = load_component(
         "text_encoder", lambda: CLIPTextModel.from_pretrained(base / "text_encoder", use_safetensors=True, dtype=torch_dtype)
     )
     try:
@@ -339,9 +217,9 @@ def editor_from_insv2v_checkpoint(
     if torch_dtype is not None:
         unet = unet.to(dtype=torch_dtype)
     return Editor(
-        tokenizer=_load("tokenizer", lambda: CLIPTokenizer.from_pretrained(base / "tokenizer")),
+        tokenizer=load_component("tokenizer", lambda: CLIPTokenizer.from_pretrained(base / "tokenizer")),
         text_encoder=text_encoder,
         vae=vae,
         unet=unet,
-        scheduler=_load("scheduler", lambda: scheduler_class(scheduler).from_pretrained(base / "scheduler")),
+        scheduler=load_component("scheduler", lambda: scheduler_class(scheduler).from_pretrained(base / "scheduler")),
     )

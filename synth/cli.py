@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from infer.cli import USAGE_ERROR, UsageError, _Parser, _positive_int as _positive
+from infer.arguments import USAGE_ERROR, OneLineParser, UsageError, positive_int as _positive, quiet_libraries
 
 DEFAULT_CONFIG = "configs/synth/tiny.yaml"
 
@@ -16,11 +16,9 @@ def _load(args) -> dict:
     from .build import load_config
 
     if args.config is None:
-        from importlib import resources
+        from model import shipped_config
 
-        import yaml
-
-        config = yaml.safe_load(resources.files("configs").joinpath("synth/tiny.yaml").read_text())
+        config = shipped_config("synth/tiny.yaml")
     else:
         config = load_config(args.config)
     if getattr(args, "llm_base_url", None):
@@ -48,16 +46,14 @@ def cmd_build(args) -> None:
 
 
 def cmd_lift(args) -> None:
-    from importlib import resources
-
-    import yaml
+    from model import shipped_config
 
     from .build import load_config
     from .lift import LIFT_SECTIONS, lift
     from .ranks import rank_and_world
 
     if args.config is None:
-        config = yaml.safe_load(resources.files("configs").joinpath("synth/lift.yaml").read_text())
+        config = shipped_config("synth/lift.yaml")
     else:
         config = load_config(args.config, LIFT_SECTIONS)
     for key, value in (("num_frames", args.num_frames), ("size", args.size)):
@@ -116,8 +112,8 @@ def cmd_report(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="synth", description="Manufacture paired editing videos.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = OneLineParser(prog="synth", description="Manufacture paired editing videos.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     b = sub.add_parser("build", help="render, filter and shard pairs")
     b.add_argument("--config", default=None, help=f"synth YAML (default: the embedded {DEFAULT_CONFIG})")
     b.add_argument("--out", required=True, help="output folder of shards")
@@ -184,9 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from openai import OpenAIError
 
-    from infer.cli import _quiet_libraries  # noqa: I001
 
-    _quiet_libraries()
+    quiet_libraries()
     try:
         args = build_parser().parse_args(argv)
         {"build": cmd_build, "lift": cmd_lift, "cache": cmd_cache, "prompts": cmd_prompts, "report": cmd_report}[args.command](args)

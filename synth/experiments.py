@@ -7,11 +7,12 @@ import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from model import shipped_config
 
 FOLDER = Path("configs/experiments/shapes")  # relative to the project root, where every run starts
 REGISTRY = "experiments.yaml"
@@ -34,8 +35,7 @@ class Step:
 
 def registry() -> dict[str, dict[str, Any]]:
     """The experiments of ``configs/experiments/shapes/experiments.yaml``, by name."""
-    text = resources.files("configs").joinpath("experiments/shapes", REGISTRY).read_text()
-    return yaml.safe_load(text)["experiments"]
+    return shipped_config(f"experiments/shapes/{REGISTRY}")["experiments"]
 
 
 def layered(paths: list[Path]) -> dict[str, Any]:

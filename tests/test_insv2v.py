@@ -17,9 +17,9 @@ from safetensors.torch import load_file, save_file
 
 from infer.cli import main as infer_main
 from model import Editor, EditorLoadError, build_editor, load_editor, motion_modules, tiny_config
+from model.animatediff import motion_adapter_from_original
 from model.insv2v import (
     editor_from_insv2v_checkpoint,
-    motion_adapter_from_original,
     paper_unet_config,
     state_mismatches,
     unet_config_from_reference,
