@@ -107,11 +107,12 @@ def convert_insv2v_command(args: argparse.Namespace) -> Path:
     import shutil
     import tempfile
 
-    import torch
     import yaml
 
     from model import EditorLoadError
     from model.insv2v import editor_from_insv2v_checkpoint
+
+    from .placement import dtype_named
 
     out = Path(args.out)
     if out.exists():
@@ -127,7 +128,7 @@ def convert_insv2v_command(args: argparse.Namespace) -> Path:
             raise UsageError(f"--unet-config {path} does not hold a mapping")
     try:
         editor = editor_from_insv2v_checkpoint(args.checkpoint, args.base_model, unet_config=unet_config,
-                                               scheduler=args.scheduler, torch_dtype=getattr(torch, args.dtype))
+                                               scheduler=args.scheduler, torch_dtype=dtype_named(args.dtype))
     except (EditorLoadError, ValueError) as err:
         raise UsageError(str(err)) from None
     # written beside the target and renamed, so an interrupted run leaves no half editor at --out
@@ -224,6 +225,7 @@ def edit(args: argparse.Namespace) -> Path:
 
     from .edit_file import edit_file
     from .pipeline import MAX_WORKING_PIXELS, InsV2VPipeline, check_working_size, working_size
+    from .placement import compute_device, dtype_named
     from .video import VideoError, is_image_sequence, probe_video
     from .video_writer import ESTIMATED_BYTES_PER_PIXEL, check_output_path
 
@@ -259,14 +261,14 @@ def edit(args: argparse.Namespace) -> Path:
         raise UsageError(str(err)) from None
     max_pixels = args.max_pixels or MAX_WORKING_PIXELS
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = compute_device(args.device)
     try:
         if args.model is None:
             print("infer: no --model given; using the embedded tiny editor (random weights)", file=sys.stderr)
         pipe = InsV2VPipeline.load(args.model, scheduler=args.scheduler)
     except (EditorLoadError, ValueError, FileNotFoundError) as err:
         raise UsageError(str(err)) from None
-    pipe.to(device, getattr(torch, args.dtype) if args.dtype else None)
+    pipe.to(device, dtype_named(args.dtype))
 
     resolution = args.resolution or pipe.editor.resolution
     try:

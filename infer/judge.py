@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 from dataclasses import dataclass
 from typing import Any
 
 import cv2
 import numpy as np
 
-from .llm import RequestStats, chat_client, complete
+from .llm import RequestStats, chat_client, complete, json_reply
 
 # The EditVerse-Bench rubric: three criteria of 0–3 points each, 0–9 in all.
 CRITERIA = {
@@ -28,9 +27,6 @@ RUBRIC = (
     + 'Reply with one JSON object only, e.g. {"instruction": 2, "preservation": 3, "quality": 1, '
     '"reason": "one short sentence"}.'
 )
-
-_FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.S)
-
 
 class MalformedJudgment(ValueError):
     """The judge's reply is not a JSON object with every criterion scored 0–3."""
@@ -53,10 +49,8 @@ class Judgment:
 def parse_judgment(text: str) -> Judgment:
     """The judgment in a reply: one JSON object, bare or in a ```json fence, with an integer 0–3 for
     every criterion (a float equal to an integer is accepted) and an optional ``reason``."""
-    match = _FENCE.search(text)
-    body = (match.group(1) if match else text).strip()
     try:
-        data = json.loads(body)
+        data = json_reply(text)
     except json.JSONDecodeError:
         raise MalformedJudgment(f"not JSON: {text[:60]!r}") from None
     if not isinstance(data, dict):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +42,16 @@ def chat_client(base_url: str | None, api_key_env: str = "OPENAI_API_KEY", timeo
     import openai
 
     return openai.OpenAI(base_url=base_url, api_key=api_key(api_key_env), timeout=timeout, max_retries=0)
+
+
+_FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.S)
+
+
+def json_reply(text: str) -> Any:
+    """The JSON value a chat model answered with, bare or inside a ```json fence; ``ValueError``
+    (``json.JSONDecodeError``) when there is none."""
+    match = _FENCE.search(text)
+    return json.loads((match.group(1) if match else text).strip())
 
 
 class RefusedRequest(ConnectionError):

@@ -19,6 +19,7 @@ import torch
 
 from .edit_file import edit_file
 from .pipeline import MAX_WORKING_PIXELS, InsV2VPipeline, check_working_size, working_size
+from .placement import compute_device, dtype_named
 from .video import MAX_FRAME_PIXELS, VideoError, count_frames, encode_video, probe_video
 
 MAX_SECONDS = 60.0
@@ -192,8 +193,7 @@ def build_app(pipeline: InsV2VPipeline, max_seconds: float = MAX_SECONDS, title:
 def load_pipeline(model: str | None, device: str | None = None, dtype: str | None = None) -> InsV2VPipeline:
     """The editor ``infer serve`` shows: a folder, a ``.ckpt``, or the tiny random one."""
     pipe = InsV2VPipeline.load(model)
-    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return pipe.to(target, getattr(torch, dtype) if dtype else None)
+    return pipe.to(compute_device(device), dtype_named(dtype))
 
 
 def parse_auth(value: str | None) -> tuple[str, str] | None:

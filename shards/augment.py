@@ -2,8 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import cv2
 import numpy as np
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """The motion augmentation's parameters; the defaults are the InsV2V reference recipe's."""
+
+    translate_prob: float = 0.7  # a crop window sliding linearly over the clip
+    max_translate: float = 0.2  # by up to this fraction of height and width
+    zoom_prob: float = 0.2  # a linear zoom
+    max_zoom: float = 1.25  # to a scale in [1, max_zoom]
+
+
+AUGMENTATION = Augmentation()
 
 
 def crop_windows(
@@ -11,10 +26,10 @@ def crop_windows(
     height: int,
     width: int,
     rng: np.random.Generator,
-    translate_prob: float = 0.7,
-    max_translate: float = 0.2,
-    zoom_prob: float = 0.2,
-    max_zoom: float = 1.25,
+    translate_prob: float = AUGMENTATION.translate_prob,
+    max_translate: float = AUGMENTATION.max_translate,
+    zoom_prob: float = AUGMENTATION.zoom_prob,
+    max_zoom: float = AUGMENTATION.max_zoom,
 ) -> np.ndarray:
     """Per-frame crop boxes ``(F, 4)`` as ``(x0, y0, x1, y1)`` in pixels.
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -13,13 +12,10 @@ import numpy as np
 import torch
 
 from .pairs import sample_frames
-from .schema import (ARRAY_EXT, CACHE_INFO, EMPTY_TEXT, EMPTY_TEXT_STATES, META, SOURCE_LATENT, TARGET_LOGVAR,
+from .schema import (DAMAGED, ARRAY_EXT, SampleSkips, CACHE_INFO, EMPTY_TEXT, EMPTY_TEXT_STATES, META, SOURCE_LATENT, TARGET_LOGVAR,
                      TARGET_MEAN, TEXT_STATES, read_npy)
 
-log = logging.getLogger(__name__)
-
 STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16}
-
 
 @dataclass
 class CacheInfo:
@@ -62,17 +58,14 @@ class CacheInfo:
         if problems:
             raise ValueError(f"the latent cache was made by another kind of editor: {'; '.join(problems)}")
 
-
 def to_npy(array: torch.Tensor, dtype: str) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array.detach().float().cpu().numpy().astype(STORAGE_DTYPES[dtype]), allow_pickle=False)
     return buffer.getvalue()
 
-
 def from_npy(data: bytes) -> np.ndarray:
     """A cached array, its header checked against what the file holds before allocating."""
     return read_npy(data)
-
 
 @torch.no_grad()
 def encode_pair(editor, source: torch.Tensor, target: torch.Tensor, instructions: list[str] | None) -> dict[str, torch.Tensor]:
@@ -86,7 +79,6 @@ def encode_pair(editor, source: torch.Tensor, target: torch.Tensor, instructions
         out[TEXT_STATES] = editor.encode_text(instructions).float()
     return out
 
-
 class CachedDecoder:
     """A cached shard sample as training tensors: a random window of ``num_frames`` cached frames
     (drawn by ``rng``), the text states when cached, and the empty prompt's states (text dropout)."""
@@ -97,7 +89,11 @@ class CachedDecoder:
             raise ValueError(f"data.num_frames {num_frames} exceeds the {self.info.num_frames} frames cached in {folder}")
         self.num_frames = num_frames
         self.empty_text = torch.from_numpy(np.load(Path(folder) / EMPTY_TEXT)).float() if self.info.text_states else None
-        self.skipped = 0
+        self.skips = SampleSkips("cached sample")
+
+    @property
+    def skipped(self) -> int:
+        return self.skips.count
 
     def __call__(self, sample: dict[str, Any], rng: np.random.Generator) -> dict[str, Any] | None:
         key = sample.get("__key__", "?")
@@ -109,9 +105,8 @@ class CachedDecoder:
             frames = arrays[TARGET_MEAN].shape[1]
             if any(arrays[name].shape != arrays[TARGET_MEAN].shape for name in (TARGET_LOGVAR, SOURCE_LATENT)):
                 raise ValueError("cached latents differ in shape")
-        except (KeyError, ValueError, IndexError, json.JSONDecodeError, UnicodeDecodeError, MemoryError) as err:
-            self.skipped += 1
-            log.warning("skipping corrupt cached sample %s (%s); %d skipped so far", key, err, self.skipped)
+        except DAMAGED as err:
+            self.skips.skip(key, err)
             return None
         index = torch.from_numpy(sample_frames(frames, self.num_frames, 1, rng))
         item = {

@@ -3,23 +3,17 @@
 from __future__ import annotations
 
 import json
-import logging
 from typing import Any
 
 import numpy as np
 
 from infer.pipeline import to_model_frames
-from infer.video import VideoError
 
 from .augment import apply_windows, crop_windows
 from .camera import CameraBounds, lift_pair
-from .schema import META, SOURCE, TARGET, VIDEO_EXT, shard_frames
-
-log = logging.getLogger(__name__)
-
+from .schema import DAMAGED, META, SOURCE, TARGET, VIDEO_EXT, SampleSkips, shard_frames
 
 IMAGE_CLIPS = ("camera", "repeat")
-
 
 def image_pair_clip(source: np.ndarray, target: np.ndarray, num_frames: int, how: str, rng: np.random.Generator,
                     bounds: CameraBounds = CameraBounds()) -> tuple[np.ndarray, np.ndarray]:
@@ -32,14 +26,12 @@ def image_pair_clip(source: np.ndarray, target: np.ndarray, num_frames: int, how
     clip_source, clip_target, _ = lift_pair(source[0], target[0], bounds, num_frames, size, rng)
     return clip_source, clip_target
 
-
 def sample_frames(num_available: int, num_frames: int, stride: int, rng: np.random.Generator) -> np.ndarray:
     """Indices of ``num_frames`` frames ``stride`` apart from a random start; a clip too short
     repeats its last frame (so every clip trains, at its native motion)."""
     span = (num_frames - 1) * stride + 1
     start = int(rng.integers(0, num_available - span + 1)) if num_available >= span else 0
     return np.minimum(start + np.arange(num_frames) * stride, num_available - 1)
-
 
 class PairDecoder:
     """Turn a raw shard sample into training tensors; a broken sample becomes ``None`` (counted)."""
@@ -50,7 +42,11 @@ class PairDecoder:
             raise ValueError(f"image_clips must be one of {', '.join(IMAGE_CLIPS)}, got {image_clips!r}")
         self.num_frames, self.frame_stride, self.resolution = num_frames, frame_stride, resolution
         self.augment, self.image_clips = augment, image_clips
-        self.skipped = 0
+        self.skips = SampleSkips("sample")
+
+    @property
+    def skipped(self) -> int:
+        return self.skips.count
 
     def __call__(self, sample: dict[str, Any], rng: np.random.Generator) -> dict[str, Any] | None:
         """``rng`` draws the frames and the crop."""
@@ -68,9 +64,8 @@ class PairDecoder:
                 source, target = shard_frames(sample, SOURCE), shard_frames(sample, TARGET)
             if source.shape != target.shape:
                 raise ValueError(f"source {source.shape} and target {target.shape} differ")
-        except (KeyError, ValueError, VideoError, json.JSONDecodeError, UnicodeDecodeError, MemoryError) as err:
-            self.skipped += 1
-            log.warning("skipping corrupt sample %s (%s); %d skipped so far", key, err, self.skipped)
+        except DAMAGED as err:
+            self.skips.skip(key, err)
             return None
         if len(source) == 1 and self.num_frames > 1:
             source, target = image_pair_clip(source, target, self.num_frames, self.image_clips, rng)

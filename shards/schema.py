@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import io
 import json
+import logging
 import os
 import tarfile
 import time
@@ -16,6 +17,8 @@ import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 
 from infer.video import decode_video, encode_video
+
+log = logging.getLogger(__name__)
 
 # A pair sample's members: ``{SOURCE}.{ext}``, ``{TARGET}.{ext}`` and ``META``.
 SOURCE, TARGET, META = "src", "tgt", "json"
@@ -89,6 +92,21 @@ def tar_bytes(samples: list[dict[str, Any]]) -> bytes:
 
 
 # ---------------------------------------------------------------- reading
+# What reading a damaged or hostile member raises (VideoError is a ValueError): the sample is skipped.
+DAMAGED = (KeyError, IndexError, ValueError, UnicodeDecodeError, MemoryError)
+
+
+class SampleSkips:
+    """The damaged samples a decoder met: counted, each logged with the running count."""
+
+    def __init__(self, what: str = "sample"):
+        self.what, self.count = what, 0
+
+    def skip(self, key: str, err: BaseException) -> None:
+        self.count += 1
+        log.warning("skipping corrupt %s %s (%s); %d skipped so far", self.what, key, err, self.count)
+
+
 def expand_shards(pattern: str) -> list[str]:
     """Shard paths from a file, a folder (its ``*.tar``), a glob or a brace pattern ``a-{000..009}.tar``."""
     if not pattern:

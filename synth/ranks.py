@@ -6,7 +6,7 @@ import os
 
 import torch
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from infer.placement import DTYPES, compute_device, dtype_named  # noqa: F401  (DTYPES: synth's commands name them)
 
 
 def rank_and_world(shard_index: int | None, num_shards: int | None) -> tuple[int, int]:
@@ -27,17 +27,8 @@ def local_rank() -> int:
 
 
 def render_device(requested: str | None = None) -> torch.device:
-    """``requested``, else ``cuda:<local rank>`` when CUDA is there (made the current device, so
-    every rank of a node renders on its own GPU), else the CPU."""
-    if requested:
-        device = torch.device(requested)
-    elif torch.cuda.is_available():
-        device = torch.device("cuda", local_rank() % torch.cuda.device_count())
-    else:
-        device = torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return device
+    """``requested``, else this rank's GPU (``cuda:<local rank>``) when CUDA is there, else the CPU."""
+    return compute_device(requested, local_rank())
 
 
 def render_dtype(name: str | None, device: torch.device) -> torch.dtype:
@@ -45,6 +36,4 @@ def render_dtype(name: str | None, device: torch.device) -> torch.dtype:
     float32 elsewhere."""
     if name is None:
         return torch.float16 if device.type == "cuda" else torch.float32
-    if name not in DTYPES:
-        raise ValueError(f"generator.dtype must be one of {', '.join(DTYPES)}, got {name!r}")
-    return DTYPES[name]
+    return dtype_named(name, "generator.dtype")

@@ -6,12 +6,11 @@ import itertools
 import json
 import os
 import random
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from infer.llm import RequestStats, chat_client, complete
+from infer.llm import RequestStats, chat_client, complete, json_reply
 
 MIN_WORDS, MAX_CHARS = 2, 300
 
@@ -48,19 +47,14 @@ def validate(item: Any) -> Triplet:
     return Triplet(**fields)
 
 
-_FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.S)
-
-
 def parse_reply(text: str) -> tuple[list[Triplet], int]:
     """Triplets from an LLM reply: one JSON object or a list of them, bare or in a ```json fence.
 
     Returns the valid triplets and how many items were malformed or invalid (a reply that is not
     JSON at all counts as one).
     """
-    match = _FENCE.search(text)
-    body = (match.group(1) if match else text).strip()
     try:
-        data = json.loads(body)
+        data = json_reply(text)
     except json.JSONDecodeError:
         return [], 1
     items = data if isinstance(data, list) else [data]

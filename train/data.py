@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from shards.augment import AUGMENTATION
 from shards.pairs import IMAGE_CLIPS, PairDecoder
 from shards.schema import expand_shards
 from shards.cache import CachedDecoder
@@ -185,10 +186,10 @@ class ShardDataModule(L.LightningDataModule):
         batches_per_epoch: int = 100,
         val_batches: int = 2,
         augment: bool = True,
-        translate_prob: float = 0.7,
-        max_translate: float = 0.2,
-        zoom_prob: float = 0.2,
-        max_zoom: float = 1.25,
+        translate_prob: float = AUGMENTATION.translate_prob,
+        max_translate: float = AUGMENTATION.max_translate,
+        zoom_prob: float = AUGMENTATION.zoom_prob,
+        max_zoom: float = AUGMENTATION.max_zoom,
         image_clips: str = "camera",
         cached: str | None = None,
         stream_seed: int | None = None,
