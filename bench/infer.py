@@ -77,7 +77,7 @@ def tiny_cpu(args) -> None:
 def sd_gpu(args) -> None:
     device = torch.device(args.device)
     editor = build_editor(shipped_config("model/sd15-random.yaml"))
-    pipe = InsV2VPipeline(editor).to(device)
+    pipe = InsV2VPipeline.from_editor(editor).to(device)
     clip = synthetic_video(args.sd_frames + 4, size=args.sd_resolution)  # one clip + a second with references
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 

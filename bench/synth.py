@@ -70,7 +70,7 @@ def paper_flops(args) -> None:
     """FLOPs of one pair at the paper's settings, counted on the meta device (no memory, any machine)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from infer.clip import ClipScorer
+    from infer.clip_scorer import ClipScorer
 
     generator = yaml.safe_load(PAPER_SIZE.read_text())["generator"]
     frames, size, steps = generator["num_frames"], generator["height"], generator["steps"]

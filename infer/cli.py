@@ -150,7 +150,7 @@ def evaluate_command(args: argparse.Namespace) -> None:
 
     import numpy as np
 
-    from .clip import ClipScorer
+    from .clip_scorer import ClipScorer
     from .evaluate import (DEFAULT_SETTINGS, ROWS_FILE, RowLog, Scorers, evaluate, find_video, parse_setting, read_instructions,
                            read_rows, summarize, write_reports)
     from .judge import VisionJudge

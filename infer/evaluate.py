@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .clip import ClipScorer
+from .clip_scorer import ClipScorer
 from .judge import CRITERIA, VisionJudge
 from .metrics import (clip_directional, clip_frame_consistency, clip_text_score, pick_score, seam_error,
                       source_pair_flows, warp_error)

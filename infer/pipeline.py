@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import cv2
-from diffusers import SchedulerMixin
 import numpy as np
 import torch
+from diffusers import DiffusionPipeline, SchedulerMixin
 from tqdm.auto import tqdm
 
-from model import Editor, load_editor, scheduler_class
+from model import Editor, load_editor, norm_layout_of, scheduler_class, set_norm_layout
+from model.editor import INDEX_FILE, PIPELINE_CLASS, check_sampling, write_folder_staged, write_pipeline_module
 from model.lora import add_lora, load_lora, merge_lora
+from model.weights import own_memory
 
 from .flow import clip_flows
-from .sampling import guidance_weights, lvsc_correct, lvsc_correct_warped, stream_clips, to_epsilon, from_epsilon
+from .sampling import denoise_clip, stream_clips
 
 
 # The entry a training checkpoint keeps its editor spec (and EMA weights) under.
@@ -148,18 +152,62 @@ def sampling_scheduler(name: str, current: SchedulerMixin) -> SchedulerMixin:
     return cls.from_config(current.config)  # a fresh one: the trial step moved the probe's state
 
 
-class InsV2VPipeline:
-    """An editor plus a sampling scheduler; call it on frames with an instruction."""
+class InsV2VPipeline(DiffusionPipeline):
+    """An editor as a diffusers pipeline: call it on frames with an instruction.
 
-    def __init__(self, editor: Editor, scheduler: str | None = None):
-        self.editor = editor
-        self.scheduler = sampling_scheduler(scheduler or type(editor.scheduler).__name__, editor.scheduler)
+    Its components are an editor's (tokenizer, CLIP text encoder, VAE or none for pixel space,
+    video U-Net) and the scheduler it samples with; its config the editor's own settings
+    (``source_prior_std``, ``preconditioned``, ``sampling`` defaults, ``norm_layout``). So it saves
+    and loads through diffusers (``save_pretrained``; ``DiffusionPipeline.from_pretrained(folder)``
+    returns one) and has diffusers' pipeline features: ``enable_model_cpu_offload``,
+    ``set_progress_bar_config``, ``callback_on_step_end``. ``editor`` is the same components as an
+    :class:`model.Editor` (what training and the sampling math use).
+    """
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+    _optional_components = ["vae"]
+    _callback_tensor_inputs = ["latents"]
+
+    def __init__(self, tokenizer, text_encoder, vae, unet, scheduler, source_prior_std: float | None = None,
+                 preconditioned: bool = False, sampling: dict[str, Any] | None = None, norm_layout: str = "diffusers"):
+        super().__init__()
+        set_norm_layout(unet, norm_layout)  # a loaded U-Net is in diffusers' layout until told otherwise
+        for module in (text_encoder, vae, unet):
+            if module is not None:
+                own_memory(module)  # out of the weights file's mapping: aligned, and the file stays rewritable
+        self.register_modules(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, scheduler=scheduler)
+        self.register_to_config(source_prior_std=source_prior_std, preconditioned=bool(preconditioned),
+                                sampling=check_sampling(sampling, "pipeline sampling"), norm_layout=norm_layout)
+        self.editor = Editor(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, scheduler=scheduler,
+                             source_prior_std=source_prior_std, preconditioned=bool(preconditioned),
+                             sampling=self.config.sampling)
+        self.scheduler = sampling_scheduler(type(scheduler).__name__, scheduler)  # checked: it can sample this editor
 
     # ---------------------------------------------------------------- construction
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, scheduler: str | None = None, torch_dtype=None) -> "InsV2VPipeline":
-        """Load an editor folder (or any spec :func:`model.load_editor` takes)."""
-        return cls(load_editor(path, torch_dtype=torch_dtype), scheduler=scheduler)
+    def from_editor(cls, editor: Editor, scheduler: str | None = None) -> "InsV2VPipeline":
+        """A pipeline over ``editor``'s own modules (shared, not copied), sampling with ``scheduler``
+        (a diffusers scheduler class name; default: the editor's own)."""
+        pipe = cls.__new__(cls)
+        DiffusionPipeline.__init__(pipe)
+        pipe.register_modules(tokenizer=editor.tokenizer, text_encoder=editor.text_encoder, vae=editor.vae,
+                              unet=editor.unet, scheduler=sampling_scheduler(scheduler or type(editor.scheduler).__name__,
+                                                                             editor.scheduler))
+        pipe.register_to_config(source_prior_std=editor.source_prior_std, preconditioned=editor.preconditioned,
+                                sampling=editor.sampling, norm_layout=norm_layout_of(editor.unet))
+        pipe.editor = editor
+        return pipe
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, scheduler: str | None = None, torch_dtype=None,
+                        **kwargs) -> "InsV2VPipeline":
+        """An editor folder (today's, or one written before editors were diffusers pipelines), or
+        any spec :func:`model.load_editor` takes (``tiny``, a model YAML); a missing or unreadable
+        part is one ``EditorLoadError`` line."""
+        if kwargs:
+            raise TypeError(f"InsV2VPipeline.from_pretrained takes no {', '.join(kwargs)}; "
+                            "DiffusionPipeline.from_pretrained(folder, ...) loads through diffusers")
+        return cls.from_editor(load_editor(path, torch_dtype=torch_dtype), scheduler=scheduler)
 
     @classmethod
     def from_checkpoint(
@@ -189,7 +237,7 @@ class InsV2VPipeline:
         editor = editor_from_weights(meta["editor"], lora, weights, where=str(path))
         if lora:
             merge_lora(editor.unet)  # sampling then costs what the base U-Net costs
-        return cls(editor, scheduler=scheduler)
+        return cls.from_editor(editor, scheduler=scheduler)
 
     def load_lora(self, path: str | os.PathLike, scale: float = 1.0) -> "InsV2VPipeline":
         """Apply a LoRA adapter (diffusers' LoRA safetensors, as ``export_lora_only`` writes it) to
@@ -207,19 +255,30 @@ class InsV2VPipeline:
             return cls.from_checkpoint(model, scheduler=scheduler)
         return cls.from_pretrained(model, scheduler=scheduler)
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        replace(self.editor, scheduler=self.scheduler).save_pretrained(directory)
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """Write the pipeline through diffusers (safetensors), whole or not at all: the folder
+        ``DiffusionPipeline.from_pretrained`` and ``InsV2VPipeline.from_pretrained`` load."""
+        def write(folder: Path) -> None:
+            DiffusionPipeline.save_pretrained(self, folder, safe_serialization=True, **kwargs)
+            index_path = folder / INDEX_FILE
+            index = json.loads(index_path.read_text())
+            index["_class_name"] = list(PIPELINE_CLASS)  # where diffusers finds this class
+            index_path.write_text(json.dumps(index, indent=2) + "\n")
+            write_pipeline_module(folder)
+
+        write_folder_staged(save_directory, write)
 
     def set_scheduler(self, name: str) -> None:
         """Sample with another diffusers scheduler (same noise schedule)."""
         self.scheduler = sampling_scheduler(name, self.scheduler)
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "InsV2VPipeline":
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None, **kwargs) -> "InsV2VPipeline":
         """Move to ``device``; run the text encoder and U-Net in ``dtype`` (the VAE stays float32,
         whose half-precision decode overflows)."""
-        self.editor.to(device=device)
+        if device is not None:
+            super().to(device, **kwargs)
         if dtype is not None:
-            for module in (self.editor.text_encoder, self.editor.unet):
+            for module in (self.text_encoder, self.unet):
                 if module.dtype != dtype:
                     module.to(dtype=dtype)
         return self
@@ -246,11 +305,15 @@ class InsV2VPipeline:
         generator: torch.Generator | None = None,
         progress: bool = True,
         resolution: int | None = None,
+        callback_on_step_end: Callable[..., dict[str, Any]] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | tuple[str, ...] = ("latents",),
         **options,
     ) -> EditOutput:
         """Edit ``video`` (uint8 ``(F, H, W, 3)`` or an iterable of frames) by ``prompt``.
 
         Steps and guidance scales left ``None`` take the editor's defaults (:meth:`settings`).
+        ``callback_on_step_end(pipe, step, timestep, {"latents": z})`` runs after every denoising
+        step of every clip (diffusers' convention); the ``latents`` it returns, if any, replace them.
         """
         settings = self.settings(
             prompt,
@@ -265,7 +328,11 @@ class InsV2VPipeline:
             resolution=resolution,
             **options,
         )
-        frames = list(self.edit_stream(video, settings, generator=generator, progress=progress))
+        unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs may name {self._callback_tensor_inputs}, got {sorted(unknown)}")
+        frames = list(self.edit_stream(video, settings, generator=generator, progress=progress,
+                                       callback_on_step_end=callback_on_step_end))
         return EditOutput(frames=np.stack(frames))
 
     @torch.no_grad()
@@ -276,6 +343,7 @@ class InsV2VPipeline:
         generator: torch.Generator | None = None,
         progress: bool = True,
         total_frames: int | None = None,
+        callback_on_step_end: Callable[..., dict[str, Any]] | None = None,
     ) -> Iterator[np.ndarray]:
         """Yield edited uint8 frames while reading source frames, one clip at a time.
 
@@ -283,11 +351,11 @@ class InsV2VPipeline:
         """
         settings.validate()
         ed = self.editor
-        device = ed.device
+        device = self._execution_device
         text_states = ed.encode_text([settings.negative_prompt or "", settings.prompt])
         prev = None  # (latents, noise, source frames) of the previous clip
         size = None
-        bar = tqdm(total=total_frames, unit="frame", desc="editing", disable=not progress)
+        bar = self._bar(progress, total=total_frames, unit="frame", desc="editing")
         for clip, window in stream_clips(frames, settings.clip_frames, settings.reference_frames):
             if size is None:
                 h, w = window[0].shape[:2]
@@ -313,7 +381,8 @@ class InsV2VPipeline:
                     flows = flows.to(device)
             else:
                 noise, z_ref, flows = noise_new, None, None
-            latents = self.denoise(condition, text_states, noise, settings, z_ref, flows, generator, progress)
+            latents = self.denoise(condition, text_states, noise, settings, z_ref, flows, generator, progress,
+                                   callback_on_step_end)
             edited = ed.decode_latents(latents[:, :, refs:])
             for frame in to_uint8_frames(edited):
                 yield frame
@@ -331,41 +400,26 @@ class InsV2VPipeline:
         flows: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         progress: bool = False,
+        callback_on_step_end: Callable[..., dict[str, Any]] | None = None,
     ) -> torch.Tensor:
-        """Sample one clip's clean (scaled) latents from ``noise`` given the source latents.
+        """One clip's clean (scaled) latents from ``noise``: :func:`infer.sampling.denoise_clip`
+        with this pipeline's editor and scheduler."""
+        on_step_end = None if callback_on_step_end is None else partial(self._step_end, callback_on_step_end)
+        return denoise_clip(
+            self.editor.predict, self.scheduler, condition, text_states, noise, settings.text_guidance,
+            settings.video_guidance, settings.num_inference_steps, lvsc=settings.lvsc, z_ref=z_ref, flows=flows,
+            generator=generator, batched_guidance=settings.batched_guidance, on_step_end=on_step_end,
+            steps=lambda timesteps: self._bar(progress, timesteps, desc="steps", leave=False),
+        )
 
-        Each step makes the guidance predictions (no video/no text, video/no text, video/text)
-        that :func:`guidance_weights` weighs, and while ``i < lvsc * steps`` on a clip with
-        references applies LVSC.
-        """
-        ed, sch = self.editor, self.scheduler
-        sch.set_timesteps(settings.num_inference_steps, device=condition.device)
-        prediction_type = sch.config.prediction_type
-        alphas = sch.alphas_cumprod.to(condition.device)
-        uncond, cond = text_states[:1], text_states[1:]
-        zero = torch.zeros_like(condition)
-        z = noise * sch.init_noise_sigma
-        correct_until = settings.lvsc * len(sch.timesteps) if z_ref is not None else 0
-        # only the predictions guidance weighs (at video guidance 1 the unconditional one has weight 0)
-        weighted = [(w, c, s) for w, c, s in zip(guidance_weights(settings.text_guidance, settings.video_guidance),
-                                                  (zero, condition, condition), (uncond, uncond, cond)) if w]
-        if settings.batched_guidance:  # one U-Net batch a step: its conditions are the same at every step
-            conditions, texts = torch.cat([c for _, c, _ in weighted]), torch.cat([s for _, _, s in weighted])
-        steps = tqdm(sch.timesteps, desc="steps", leave=False, disable=not progress)
-        for i, t in enumerate(steps):
-            z_in = sch.scale_model_input(z, t)
-            if settings.batched_guidance:
-                outs = ed.predict(torch.cat([z_in] * len(weighted)), conditions, texts, t).chunk(len(weighted))
-            else:
-                outs = [ed.predict(z_in, c, s, t) for _, c, s in weighted]
-            output = sum(w * o for (w, _, _), o in zip(weighted, outs))
-            if i < correct_until:
-                a = alphas[int(t)]
-                eps = to_epsilon(output, z_in, a, prediction_type)
-                if flows is not None:
-                    eps = lvsc_correct_warped(eps, z_in, z_ref, a, flows)
-                else:
-                    eps = lvsc_correct(eps, z_in, z_ref, a)
-                output = from_epsilon(eps, z_in, a, prediction_type)
-            z = sch.step(output, t, z, generator=generator).prev_sample
-        return z
+    def _step_end(self, callback: Callable[..., dict[str, Any]], i: int, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """diffusers' step callback: ``callback(pipe, step, timestep, {"latents": z})``; latents it returns replace ``z``."""
+        returned = callback(self, i, t, {"latents": z}) or {}
+        return returned.get("latents", z)
+
+    def _bar(self, progress: bool, iterable=None, **options):
+        """A progress bar that ``set_progress_bar_config`` configures, off when ``progress`` is False."""
+        config = {**options, **getattr(self, "_progress_bar_config", {})}
+        if not progress:
+            config["disable"] = True
+        return tqdm(iterable, **config)

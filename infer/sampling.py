@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -216,3 +217,59 @@ def stream_clips(frames, clip_frames: int = 16, reference_frames: int = 4):
         window = window[len(window) - refs :] + new
         yield Clip(done - refs, done + len(new), refs), window
         done += len(new)
+
+
+def denoise_clip(
+    predict: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    scheduler,
+    condition: torch.Tensor,
+    text_states: torch.Tensor,
+    noise: torch.Tensor,
+    text_guidance: float,
+    video_guidance: float,
+    num_inference_steps: int,
+    lvsc: float = 0.0,
+    z_ref: torch.Tensor | None = None,
+    flows: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    batched_guidance: bool = True,
+    on_step_end: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    steps: Callable[[Iterable], Iterable] = lambda timesteps: timesteps,
+) -> torch.Tensor:
+    """One clip's clean latents sampled from ``noise`` by ``scheduler``, given the source latents.
+
+    Each step weighs the predictions ``predict(z, c, text, t)`` that two-scale guidance needs
+    (:func:`guidance_weights`: no video/no text, video/no text, video/text; ``text_states`` is
+    ``[negative, prompt]``), in one batch with ``batched_guidance``. While ``i < lvsc * steps``, on
+    a clip with reference latents ``z_ref``, the prediction is corrected by LVSC (warped along
+    ``flows`` when given). ``on_step_end(i, t, z)`` sees the latents after each step and returns
+    the ones to go on with; ``steps`` wraps the timesteps (a progress bar).
+    """
+    scheduler.set_timesteps(num_inference_steps, device=condition.device)
+    prediction_type = scheduler.config.prediction_type
+    alphas = scheduler.alphas_cumprod.to(condition.device)
+    uncond, cond = text_states[:1], text_states[1:]
+    zero = torch.zeros_like(condition)
+    z = noise * scheduler.init_noise_sigma
+    correct_until = lvsc * len(scheduler.timesteps) if z_ref is not None else 0
+    # only the predictions guidance weighs (at video guidance 1 the unconditional one has weight 0)
+    weighted = [(w, c, s) for w, c, s in zip(guidance_weights(text_guidance, video_guidance),
+                                              (zero, condition, condition), (uncond, uncond, cond)) if w]
+    if batched_guidance:  # one U-Net batch a step: its conditions are the same at every step
+        conditions, texts = torch.cat([c for _, c, _ in weighted]), torch.cat([s for _, _, s in weighted])
+    for i, t in enumerate(steps(scheduler.timesteps)):
+        z_in = scheduler.scale_model_input(z, t)
+        if batched_guidance:
+            outs = predict(torch.cat([z_in] * len(weighted)), conditions, texts, t).chunk(len(weighted))
+        else:
+            outs = [predict(z_in, c, s, t) for _, c, s in weighted]
+        output = sum(w * o for (w, _, _), o in zip(weighted, outs))
+        if i < correct_until:
+            a = alphas[int(t)]
+            eps = to_epsilon(output, z_in, a, prediction_type)
+            eps = lvsc_correct_warped(eps, z_in, z_ref, a, flows) if flows is not None else lvsc_correct(eps, z_in, z_ref, a)
+            output = from_epsilon(eps, z_in, a, prediction_type)
+        z = scheduler.step(output, t, z, generator=generator).prev_sample
+        if on_step_end is not None:
+            z = on_step_end(i, t, z)
+    return z

@@ -24,6 +24,45 @@ from .weights import EditorLoadError, load_component, require_files
 
 COMPONENTS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
 INDEX_FILE = "model_index.json"
+# How diffusers finds the pipeline class of a folder: ``_class_name`` names a module file in the
+# folder and a class in it; the file only imports the installed class.
+PIPELINE_CLASS = ("pipeline", "InsV2VPipeline")
+PIPELINE_MODULE = "from infer.pipeline import InsV2VPipeline  # noqa: F401  (the class this folder loads as)\n"
+
+
+def write_pipeline_module(directory: Path) -> None:
+    """The module file ``DiffusionPipeline.from_pretrained`` reads this folder's class from."""
+    (Path(directory) / f"{PIPELINE_CLASS[0]}.py").write_text(PIPELINE_MODULE)
+
+
+def write_folder_staged(directory: str | os.PathLike, write) -> None:
+    """``write(folder)`` into a folder beside ``directory``, then renamed into place: a reader (or
+    a crash) never sees half a folder, and an editor already there is replaced whole, not mixed
+    with the new one. A non-empty folder that is not an editor is refused, never deleted."""
+    directory = Path(directory)
+    if directory.exists() and any(directory.iterdir()) and not (directory / INDEX_FILE).is_file():
+        raise FileExistsError(f"{directory} exists and is not an editor folder: choose another folder")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.staging-", dir=directory.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp's folder is private; the editor is as readable as any file made here
+    try:
+        write(staging)
+        old = None
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old-{staging.name.rsplit('-', 1)[-1]}")
+            directory.rename(old)
+        try:
+            staging.rename(directory)
+        except OSError:
+            if old is not None:
+                old.rename(directory)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 # File suffixes of original-format (non-diffusers) checkpoints.
 ORIGINAL_CHECKPOINT_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth", ".bin")
 # The weights file each saved component folder must hold (safetensors only, never pickles).
@@ -226,34 +265,13 @@ class Editor:
 
     # ---------------------------------------------------------------- persistence
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write a diffusers-style folder: ``model_index.json`` and one sub-folder a component.
-        The folder is written beside its place and renamed into it: a reader (or a crash) never
-        sees half an editor, and an editor already there is replaced whole, not mixed with the new
-        one. A non-empty folder that is not an editor is refused, never deleted."""
-        directory = Path(directory)
-        if directory.exists() and any(directory.iterdir()) and not (directory / INDEX_FILE).is_file():
-            raise FileExistsError(f"{directory} exists and is not an editor folder: choose another folder")
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.staging-", dir=directory.parent))
-        try:
-            self._write_folder(staging)
-            old = None
-            if directory.exists():
-                old = directory.with_name(f".{directory.name}.old-{staging.name.rsplit('-', 1)[-1]}")
-                directory.rename(old)
-            try:
-                staging.rename(directory)
-            except OSError:
-                if old is not None:
-                    old.rename(directory)
-                raise
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        """Write a diffusers pipeline folder (``DiffusionPipeline.from_pretrained`` loads it as an
+        ``InsV2VPipeline``): ``model_index.json``, one sub-folder a component, safetensors
+        weights; written whole or not at all (:func:`write_folder_staged`)."""
+        write_folder_staged(directory, self._write_folder)
 
     def _write_folder(self, directory: Path) -> None:
-        index: dict[str, Any] = {"_class_name": "InsV2VEditor", "_diffusers_version": diffusers.__version__}
+        index: dict[str, Any] = {"_class_name": list(PIPELINE_CLASS), "_diffusers_version": diffusers.__version__}
         for name in COMPONENTS:
             component = getattr(self, name)
             if component is None:
@@ -270,6 +288,7 @@ class Editor:
         index["sampling"] = self.sampling
         index["norm_layout"] = norm_layout_of(self.unet)
         (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        write_pipeline_module(directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, torch_dtype: torch.dtype | None = None,

@@ -14,7 +14,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from infer.clip import ClipScorer
+from infer.clip_scorer import ClipScorer
 from infer.judge import VisionJudge
 from shards.schema import pair_sample, sample_key
 

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from infer.arguments import USAGE_ERROR, OneLineParser, UsageError, positive_int as _positive, quiet_libraries
+from infer.arguments import USAGE_ERROR, OneLineParser, UsageError, positive_int, quiet_libraries
 
 DEFAULT_CONFIG = "configs/synth/tiny.yaml"
 
@@ -117,11 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="render, filter and shard pairs")
     b.add_argument("--config", default=None, help=f"synth YAML (default: the embedded {DEFAULT_CONFIG})")
     b.add_argument("--out", required=True, help="output folder of shards")
-    b.add_argument("--num-samples", type=_positive, default=32, help="kept pairs this rank writes (default 32)")
-    b.add_argument("--samples-per-shard", type=_positive, default=None)
+    b.add_argument("--num-samples", type=positive_int, default=32, help="kept pairs this rank writes (default 32)")
+    b.add_argument("--samples-per-shard", type=positive_int, default=None)
     b.add_argument("--resume", action="store_true", help="continue a build in --out")
     b.add_argument("--shard-index", type=int, default=None, help="this rank (default: $RANK or $SLURM_PROCID)")
-    b.add_argument("--num-shards", type=_positive, default=None, help="ranks in all (default: $WORLD_SIZE)")
+    b.add_argument("--num-shards", type=positive_int, default=None, help="ranks in all (default: $WORLD_SIZE)")
     b.add_argument("--llm-base-url", default=None, help="OpenAI-compatible server (sets prompts.source: openai)")
     b.add_argument("--llm-model", default=None)
     b.add_argument("--device", default=None, help="render device (default: cuda:$LOCAL_RANK when CUDA is there, else cpu)")
@@ -134,42 +134,42 @@ def build_parser() -> argparse.ArgumentParser:
                          "folder, or a .jsonl of {input, edited, instruction}")
     lf.add_argument("--out", required=True, help="output folder of shards")
     lf.add_argument("--config", default=None, help="lift YAML (default: the embedded configs/synth/lift.yaml)")
-    lf.add_argument("--num-frames", type=_positive, default=None, help="frames per clip (camera.num_frames, default 16)")
-    lf.add_argument("--size", type=_positive, default=None, help="square clip side in pixels (camera.size, default 256)")
-    lf.add_argument("--num-samples", type=_positive, default=None, help="stop after this many kept pairs (default: all rows)")
-    lf.add_argument("--samples-per-shard", type=_positive, default=None)
+    lf.add_argument("--num-frames", type=positive_int, default=None, help="frames per clip (camera.num_frames, default 16)")
+    lf.add_argument("--size", type=positive_int, default=None, help="square clip side in pixels (camera.size, default 256)")
+    lf.add_argument("--num-samples", type=positive_int, default=None, help="stop after this many kept pairs (default: all rows)")
+    lf.add_argument("--samples-per-shard", type=positive_int, default=None)
     lf.add_argument("--name", default=None, help='the dataset\'s name in source: "lift:<name>" (default: file or folder name)')
     lf.add_argument("--resume", action="store_true", help="continue a lift in --out")
     lf.add_argument("--allow-absolute", action="store_true",
                     help="let a .jsonl name images outside its own folder (absolute or ../ paths)")
     lf.add_argument("--shard-index", type=int, default=None, help="this rank (default: $RANK or $SLURM_PROCID)")
-    lf.add_argument("--num-shards", type=_positive, default=None, help="ranks in all (default: $WORLD_SIZE)")
+    lf.add_argument("--num-shards", type=positive_int, default=None, help="ranks in all (default: $WORLD_SIZE)")
     lf.add_argument("--quiet", action="store_true")
     c = sub.add_parser("cache", help="encode training shards once: latents and text states for lightning fit --data.cached")
     c.add_argument("shards", help="training shards: a .tar, a folder of them, a glob or a brace pattern")
     c.add_argument("--editor", default="tiny",
                    help="the editor whose VAE and text encoder encode (a spec as model.editor; default: tiny)")
     c.add_argument("--out", required=True, help="output folder of latent shards")
-    c.add_argument("--num-frames", type=_positive, default=16, help="frames cached per clip (training draws a window of them)")
-    c.add_argument("--frame-stride", type=_positive, default=1)
-    c.add_argument("--resolution", type=_positive, default=256, help="square training size in pixels (default 256)")
+    c.add_argument("--num-frames", type=positive_int, default=16, help="frames cached per clip (training draws a window of them)")
+    c.add_argument("--frame-stride", type=positive_int, default=1)
+    c.add_argument("--resolution", type=positive_int, default=256, help="square training size in pixels (default 256)")
     c.add_argument("--image-clips", choices=["camera", "repeat"], default="camera",
                    help="how a single-frame pair becomes a clip (as data.image_clips)")
     c.add_argument("--no-text-states", action="store_true", help="leave out text states (runs that train the text encoder)")
     c.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="storage precision (default float32)")
     c.add_argument("--compute-dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="encoder precision (default float32)")
-    c.add_argument("--samples-per-shard", type=_positive, default=64)
-    c.add_argument("--num-samples", type=_positive, default=None, help="stop after this many clips on this rank")
+    c.add_argument("--samples-per-shard", type=positive_int, default=64)
+    c.add_argument("--num-samples", type=positive_int, default=None, help="stop after this many clips on this rank")
     c.add_argument("--resume", action="store_true", help="continue a cache in --out")
     c.add_argument("--shard-index", type=int, default=None, help="this rank (default: $RANK or $SLURM_PROCID)")
-    c.add_argument("--num-shards", type=_positive, default=None, help="ranks in all (default: $WORLD_SIZE)")
+    c.add_argument("--num-shards", type=positive_int, default=None, help="ranks in all (default: $WORLD_SIZE)")
     c.add_argument("--device", default=None, help="encoding device (default: cuda:$LOCAL_RANK when CUDA is there, else cpu)")
     c.add_argument("--quiet", action="store_true")
     p = sub.add_parser("prompts", help="only write triplets")
     p.add_argument("--config", default=None)
     p.add_argument("--out", required=True, help="triplets.jsonl to write")
-    p.add_argument("--num", type=_positive, default=100)
+    p.add_argument("--num", type=positive_int, default=100)
     p.add_argument("--llm-base-url", default=None)
     p.add_argument("--llm-model", default=None)
     r = sub.add_parser("report", help="summarise a build folder")

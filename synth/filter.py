@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from infer.clip import ClipScorer, pair_scores
+from infer.clip_scorer import ClipScorer, pair_scores
 from infer.judge import VisionJudge
 
 

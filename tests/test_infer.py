@@ -28,7 +28,7 @@ def pipe():
     torch.manual_seed(0)
     for module in motion_modules(editor.unet):  # a trained-looking editor: frames interact
         torch.nn.init.normal_(module.proj_out.weight, std=0.05)
-    return InsV2VPipeline(editor)
+    return InsV2VPipeline.from_editor(editor)
 
 
 def moving_square(frames=14, size=32):
@@ -157,7 +157,7 @@ def test_bfloat16_edit_with_lvsc_and_motion_compensation_stays_near_float32(pipe
     float32 within a mean of 3/255 (measured: 1.5/255 at guidance 7.5 and 1.2, 0.2/255 at 1 and 1)."""
     import copy
 
-    half = InsV2VPipeline(copy.deepcopy(pipe.editor)).to("cpu", torch.bfloat16)
+    half = InsV2VPipeline.from_editor(copy.deepcopy(pipe.editor)).to("cpu", torch.bfloat16)
     assert half.editor.unet.dtype == torch.bfloat16
     captured = []
     real = half.denoise

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from clip_reference import OPENAI_MEAN, OPENAI_STD, clip_pixels
-from infer.clip import ClipScorer
+from infer.clip_scorer import ClipScorer
 from infer.metrics import clip_directional, clip_frame_consistency, clip_text_score, pair_warp_errors, seam_error, warp_error
 
 

@@ -79,7 +79,7 @@ def test_a_real_size_p2p_pair_in_bfloat16(backbone):
 
 @pytest.mark.slow
 def test_a_vit_l14_filter_from_its_config_and_from_a_folder(tmp_path):
-    from infer.clip import ClipScorer
+    from infer.clip_scorer import ClipScorer
     from synth.filter import ClipFilter, Thresholds
 
     scorer = ClipScorer.load(ROOT_CONFIGS / VIT_L14)
@@ -120,7 +120,7 @@ def test_a_bf16_mixed_sd_size_step_reaches_exactly_the_motion_modules(sd_module)
 
 @pytest.mark.slow
 def test_an_sd_size_edit_with_lvsc_and_motion_compensation(sd_module):
-    pipe = InsV2VPipeline(sd_module.editor)
+    pipe = InsV2VPipeline.from_editor(sd_module.editor)
     sd_module.unet.eval()
     rng = np.random.default_rng(0)
     base = rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)

@@ -347,7 +347,7 @@ def test_word_effect_is_zero_for_an_editor_blind_to_the_word():
     held_out = [world.sample(HELD_OUT + i) for i in range(9)]
     kinds = [world.kind(HELD_OUT + i) for i in range(9)]
     assert set(kinds) == set(world.edits)
-    pipe = InsV2VPipeline(load_editor(str(ROOT / "configs/model/shapes-pixel.yaml")))
+    pipe = InsV2VPipeline.from_editor(load_editor(str(ROOT / "configs/model/shapes-pixel.yaml")))
     assert all(v == 0 for v in word_effects(pipe, held_out, kinds).values())  # conv_out starts at zero: the prior alone
     torch.manual_seed(0)
     torch.nn.init.normal_(pipe.editor.unet.conv_out.weight, std=0.1)  # a U-Net whose output reads the words
@@ -413,7 +413,7 @@ def test_demo_path_learns_briefly(tmp_path):
     # the prior "edited clip ~ N(source, std^2)": noise around the source, worse than the source.
     assert trained.sampling and trained.sampling["num_inference_steps"] >= 10
     errors = {"trained": [], "untrained": [], "source": []}
-    pipes = {"trained": InsV2VPipeline(trained), "untrained": InsV2VPipeline(untrained)}
+    pipes = {"trained": InsV2VPipeline.from_editor(trained), "untrained": InsV2VPipeline.from_editor(untrained)}
     for i in range(16):
         triplet, source, target = world.sample(HELD_OUT + i)
         for name, pipe in pipes.items():

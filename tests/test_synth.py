@@ -18,7 +18,7 @@ import yaml
 
 from clip_reference import clip_pixels
 from fake_openai import FakeOpenAI, completion
-from infer.clip import ClipScorer
+from infer.clip_scorer import ClipScorer
 from synth import PairParams, TemplateSource, Triplet, VideoRenderer, align_tokens, parse_reply
 from synth.cli import main
 from synth.filter import ClipFilter, Thresholds

@@ -68,7 +68,7 @@ class EditSamples(L.Callback):
         source = batch["source"][:1].float()
         target = batch["target"][:1].float()
         frames = source.shape[2]
-        pipe = InsV2VPipeline(pl_module.editor)
+        pipe = InsV2VPipeline.from_editor(pl_module.editor)
         settings = pipe.settings(batch["instruction"][0], clip_frames=frames, reference_frames=0, **self.settings)
         was_training = pl_module.unet.training
         pl_module.unet.eval()
