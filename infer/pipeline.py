@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from model.lora import add_lora, load_lora, merge_lora
 from model.weights import own_memory
 
 from .flow import clip_flows
-from .sampling import denoise_clip, stream_clips
+from .sampling import denoise_clip, flow_scheduler, is_flow_scheduler, scheduler_step, stream_clips
 
 
 # The entry a training checkpoint keeps its editor spec (and EMA weights) under.
@@ -137,19 +138,28 @@ def editor_from_weights(spec: Any, lora: dict[str, Any] | None, weights: dict[st
 
 def sampling_scheduler(name: str, current: SchedulerMixin) -> SchedulerMixin:
     """Scheduler ``name`` on ``current``'s noise schedule and prediction type, after one trial step
-    on a tiny tensor: a scheduler that cannot take the editor's prediction type, or the sampler's
-    seeded ``step``, fails here with one ValueError, not in the middle of an edit."""
+    on a tiny tensor: a scheduler that cannot take the editor's prediction type, or that samples
+    the other objective (flow matching against noise prediction), fails here with one ValueError,
+    not in the middle of an edit."""
     cls = scheduler_class(name)
-    probe = cls.from_config(current.config)
+    config = dict(current.config)
+    flow_mode = "use_flow_sigmas" in inspect.signature(cls.__init__).parameters
+    if is_flow_scheduler(current) and flow_mode:
+        # a multistep scheduler (UniPC, DPM-Solver) in flow mode, on the editor's time shift
+        config.update(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=current.config.get("shift", 1.0))
+    if is_flow_scheduler(current) != (cls.__name__.startswith("FlowMatch") or (flow_mode and is_flow_scheduler(current))):
+        trained = "flow matching (velocity)" if is_flow_scheduler(current) else "noise prediction (DDPM)"
+        raise ValueError(f"scheduler {name} cannot sample this editor: it was trained for {trained}")
     try:
+        probe = cls.from_config(config)
         probe.set_timesteps(2)
         x = torch.zeros(1, 1, 1, 1)
-        probe.step(x, probe.timesteps[0], x, generator=torch.Generator().manual_seed(0))
+        scheduler_step(probe, x, probe.timesteps[0], x, torch.Generator().manual_seed(0))
     except Exception as err:  # diffusers raises NotImplementedError, ValueError or TypeError here
-        kind = current.config.get("prediction_type", "epsilon")
+        kind = "flow" if is_flow_scheduler(current) else current.config.get("prediction_type", "epsilon")
         raise ValueError(f"scheduler {name} cannot sample this editor ({kind} prediction): "
                          f"{type(err).__name__}: {err}") from None
-    return cls.from_config(current.config)  # a fresh one: the trial step moved the probe's state
+    return cls.from_config(config)  # a fresh one: the trial step moved the probe's state
 
 
 class InsV2VPipeline(DiffusionPipeline):
@@ -235,6 +245,9 @@ class InsV2VPipeline(DiffusionPipeline):
             weights.update(meta["ema"])
         lora = meta.get("lora")
         editor = editor_from_weights(meta["editor"], lora, weights, where=str(path))
+        objective = meta.get("objective") or {}
+        if objective.get("kind") == "flow":  # trained for velocities: sampled by the flow scheduler
+            editor.scheduler = flow_scheduler(editor.scheduler, objective.get("flow_shift", 1.0))
         if lora:
             merge_lora(editor.unet)  # sampling then costs what the base U-Net costs
         return cls.from_editor(editor, scheduler=scheduler)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -91,10 +92,25 @@ def lvsc_correct(
         eps'[:N] = eps_ref                                 (x0-prediction of a reference == z_ref)
         eps'[N:] = eps[N:] + mean_n delta_n                (one shared correction for new frames)
     """
-    n = z_ref.shape[2]
-    eps_ref = reference_noise(z_t, z_ref, alpha_bar_t)
-    delta = eps_ref - eps[:, :, :n]
-    return torch.cat([eps_ref, eps[:, :, n:] + delta.mean(dim=2, keepdim=True)], dim=2)
+    return lvsc_blend(eps, reference_noise(z_t, z_ref, alpha_bar_t))
+
+
+def lvsc_blend(prediction: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """LVSC in any parametrisation in which the prediction is linear in the clean latents (noise
+    or velocity): the ``N`` leading reference frames take ``reference`` (the prediction whose
+    clean estimate is the known reference latents), and every new frame is shifted by the mean
+    correction ``mean_n (reference_n - prediction_n)``."""
+    n = reference.shape[2]
+    delta = reference - prediction[:, :, :n]
+    return torch.cat([reference, prediction[:, :, n:] + delta.mean(dim=2, keepdim=True)], dim=2)
+
+
+def flow_reference_velocity(z_sigma: torch.Tensor, z_ref: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    """The velocity under which the reference frames' clean estimate is exactly ``z_ref``::
+
+        v_ref = (z_sigma[:N] - z_ref) / sigma        (from x0 = z_sigma - sigma v)
+    """
+    return (z_sigma[:, :, : z_ref.shape[2]] - z_ref) / sigma
 
 
 def warp(values: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
@@ -136,13 +152,19 @@ def lvsc_correct_warped(
     ``flows`` ``(B, F-N, N, 2, h, w)``: flow from new frame ``j`` to reference frame ``n`` on the
     latent grid (estimated on the source video), so ``frame_j(x) ~ frame_n(x + f_jn(x))``.
     """
-    b, c, frames, h, w = eps.shape
-    n = z_ref.shape[2]
+    return lvsc_blend_warped(eps, reference_noise(z_t, z_ref, alpha_bar_t), flows, min_coverage)
+
+
+def lvsc_blend_warped(prediction: torch.Tensor, reference: torch.Tensor, flows: torch.Tensor,
+                      min_coverage: float = 0.5) -> torch.Tensor:
+    """:func:`lvsc_blend` with each new frame's correction moved along ``flows`` from the
+    reference frames (the mean where the warped references cover less than ``min_coverage``)."""
+    b, c, frames, h, w = prediction.shape
+    n = reference.shape[2]
     new = frames - n
     if flows.shape[:3] != (b, new, n) or flows.shape[-2:] != (h, w):
         raise ValueError(f"flows must be {(b, new, n, 2, h, w)}, got {tuple(flows.shape)}")
-    eps_ref = reference_noise(z_t, z_ref, alpha_bar_t)
-    delta = eps_ref - eps[:, :, :n]  # (B, C, N, h, w)
+    delta = reference - prediction[:, :, :n]  # (B, C, N, h, w)
     # every (new frame, reference) pair as one batch of warps
     values = delta.permute(0, 2, 1, 3, 4).unsqueeze(1).expand(b, new, n, c, h, w)
     values = torch.cat([values, torch.ones_like(values[:, :, :, :1])], dim=3).reshape(b * new * n, c + 1, h, w)
@@ -152,7 +174,7 @@ def lvsc_correct_warped(
     moved = summed[:, :, :c] / coverage.clamp_min(1e-6)
     mean = delta.mean(dim=2).unsqueeze(1)  # (B, 1, C, h, w)
     correction = torch.where(coverage > min_coverage, moved, mean).permute(0, 2, 1, 3, 4)
-    return torch.cat([eps_ref, eps[:, :, n:] + correction], dim=2)
+    return torch.cat([reference, prediction[:, :, n:] + correction], dim=2)
 
 
 @dataclass(frozen=True)
@@ -219,6 +241,28 @@ def stream_clips(frames, clip_frames: int = 16, reference_frames: int = 4):
         done += len(new)
 
 
+def scheduler_step(scheduler, output: torch.Tensor, t, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One scheduler step from ``z``; the seeded generator goes to the schedulers that draw noise
+    (DDPM, ancestral ones), deterministic ones (DDIM, UniPC, Heun) take none."""
+    if "generator" in inspect.signature(scheduler.step).parameters:
+        return scheduler.step(output, t, z, generator=generator).prev_sample
+    return scheduler.step(output, t, z).prev_sample
+
+
+def is_flow_scheduler(scheduler) -> bool:
+    """Whether ``scheduler`` integrates a velocity along the straight path (``sigma = t / T``):
+    diffusers' flow-matching schedulers, or a multistep one in flow mode (``use_flow_sigmas``)."""
+    return type(scheduler).__name__.startswith("FlowMatch") or bool(scheduler.config.get("use_flow_sigmas"))
+
+
+def flow_scheduler(current, shift: float = 1.0):
+    """The sampler of a flow-matching editor: diffusers' flow Euler scheduler over ``current``'s
+    number of training timesteps, with the training's time shift."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=current.config.num_train_timesteps, shift=shift)
+
+
 def denoise_clip(
     predict: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
     scheduler,
@@ -244,7 +288,14 @@ def denoise_clip(
     a clip with reference latents ``z_ref``, the prediction is corrected by LVSC (warped along
     ``flows`` when given). ``on_step_end(i, t, z)`` sees the latents after each step and returns
     the ones to go on with; ``steps`` wraps the timesteps (a progress bar).
+
+    A flow-matching scheduler (:func:`is_flow_scheduler`) gets velocities: the guidance weighs
+    them alike, and LVSC gives the reference frames ``v_ref = (z - z_ref) / sigma``
+    (:func:`flow_reference_velocity`), so their clean estimate ``z - sigma v`` is exactly ``z_ref``.
     """
+    if is_flow_scheduler(scheduler):
+        return _denoise_flow(predict, scheduler, condition, text_states, noise, text_guidance, video_guidance,
+                             num_inference_steps, lvsc, z_ref, flows, generator, batched_guidance, on_step_end, steps)
     scheduler.set_timesteps(num_inference_steps, device=condition.device)
     prediction_type = scheduler.config.prediction_type
     alphas = scheduler.alphas_cumprod.to(condition.device)
@@ -269,7 +320,40 @@ def denoise_clip(
             eps = to_epsilon(output, z_in, a, prediction_type)
             eps = lvsc_correct_warped(eps, z_in, z_ref, a, flows) if flows is not None else lvsc_correct(eps, z_in, z_ref, a)
             output = from_epsilon(eps, z_in, a, prediction_type)
-        z = scheduler.step(output, t, z, generator=generator).prev_sample
+        z = scheduler_step(scheduler, output, t, z, generator)
+        if on_step_end is not None:
+            z = on_step_end(i, t, z)
+    return z
+
+
+def _guided(predict, weighted, conditions, texts, z_in, t, batched: bool) -> torch.Tensor:
+    """The guidance-weighted sum of the predictions ``weighted`` lists, batched or one by one."""
+    if batched:
+        outs = predict(torch.cat([z_in] * len(weighted)), conditions, texts, t).chunk(len(weighted))
+    else:
+        outs = [predict(z_in, c, s, t) for _, c, s in weighted]
+    return sum(w * o for (w, _, _), o in zip(weighted, outs))
+
+
+def _denoise_flow(predict, scheduler, condition, text_states, noise, text_guidance, video_guidance,
+                  num_inference_steps, lvsc, z_ref, flows, generator, batched_guidance, on_step_end, steps):
+    """:func:`denoise_clip` for a flow-matching scheduler (velocity predictions, ``sigma = t / T``)."""
+    scheduler.set_timesteps(num_inference_steps, device=condition.device)
+    total = scheduler.config.num_train_timesteps
+    uncond, cond = text_states[:1], text_states[1:]
+    zero = torch.zeros_like(condition)
+    weighted = [(w, c, s) for w, c, s in zip(guidance_weights(text_guidance, video_guidance),
+                                              (zero, condition, condition), (uncond, uncond, cond)) if w]
+    conditions, texts = torch.cat([c for _, c, _ in weighted]), torch.cat([s for _, _, s in weighted])
+    correct_until = lvsc * len(scheduler.timesteps) if z_ref is not None else 0
+    z = noise.clone()
+    for i, t in enumerate(steps(scheduler.timesteps)):
+        velocity = _guided(predict, weighted, conditions, texts, z, t.expand(1).to(z.dtype), batched_guidance)
+        sigma = float(t) / total
+        if i < correct_until and sigma > 0:
+            reference = flow_reference_velocity(z, z_ref, sigma)
+            velocity = lvsc_blend_warped(velocity, reference, flows) if flows is not None else lvsc_blend(velocity, reference)
+        z = scheduler_step(scheduler, velocity, t, z, generator)
         if on_step_end is not None:
             z = on_step_end(i, t, z)
     return z

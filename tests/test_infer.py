@@ -201,10 +201,14 @@ def test_scheduler_by_name_and_round_trip(pipe, tmp_path):
     assert loaded(video, "make it red", generator=gen(), **FAST).frames.shape == video.shape
     with pytest.raises(ValueError, match="unknown scheduler"):
         loaded.set_scheduler("NoSuchScheduler")
-    # Heun's step takes no generator: refused when chosen, not at the first step of an edit
-    with pytest.raises(ValueError, match="scheduler HeunDiscreteScheduler cannot sample this editor .*generator"):
-        loaded.set_scheduler("HeunDiscreteScheduler")
-    assert type(loaded.scheduler).__name__ == "DDIMScheduler"  # the one in use is kept
+    # a deterministic scheduler takes no generator and samples; one for the other objective is
+    # refused when chosen, not at the first step of an edit
+    loaded.set_scheduler("HeunDiscreteScheduler")
+    assert loaded(video, "make it red", generator=gen(), **FAST).frames.shape == video.shape
+    with pytest.raises(ValueError, match="scheduler FlowMatchEulerDiscreteScheduler cannot sample this editor: "
+                                         "it was trained for noise prediction"):
+        loaded.set_scheduler("FlowMatchEulerDiscreteScheduler")
+    assert type(loaded.scheduler).__name__ == "HeunDiscreteScheduler"  # the one in use is kept
 
 
 def test_scheduler_is_refused_for_a_prediction_type_it_cannot_take():
@@ -319,7 +323,7 @@ def _empty(tmp_path):
         ("no prompt", ["{car}"], "required: --prompt"),
         ("bad model", ["{car}", "--prompt", "x", "--model", "{tmp}/nomodel"], "no editor at"),
         ("unknown scheduler", ["{car}", "--prompt", "x", "--scheduler", "NoSuchScheduler"], "unknown scheduler"),
-        ("scheduler unfit", ["{car}", "--prompt", "x", "--scheduler", "HeunDiscreteScheduler"], "cannot sample this editor"),
+        ("scheduler unfit", ["{car}", "--prompt", "x", "--scheduler", "FlowMatchEulerDiscreteScheduler"], "cannot sample this editor"),
     ],
 )
 def test_cli_bad_input_one_line_exit_2_no_output(tmp_path, capsys, monkeypatch, case, args, message):

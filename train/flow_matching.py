@@ -44,3 +44,4 @@ def flow_clean_estimate(noisy: torch.Tensor, velocity: torch.Tensor, sigma: torc
 def flow_timestep(sigma: torch.Tensor, num_train_timesteps: int = 1000) -> torch.Tensor:
     """The timestep a network is conditioned on, ``t = sigma * T`` (as diffusers' flow schedulers give it)."""
     return sigma * num_train_timesteps
+

@@ -19,6 +19,9 @@ from model.lora import DEFAULT_TARGETS, add_lora, merge_lora, save_lora
 from model.trainable import MOTION_PATTERN, count_parameters
 from shards.schema import EMPTY_TEXT_STATES, SOURCE_LATENT, TARGET_LOGVAR, TARGET_MEAN, TEXT_STATES, is_cached
 
+from infer.sampling import flow_scheduler
+
+from .flow_matching import flow_noisy, flow_timestep, flow_velocity, shifted_sigma
 from .guards import NonFiniteSteps, require_finite
 from .objective import LOSS_WEIGHTINGS, dropout_masks, edit_balanced_weights, edit_size_weights, loss_weights, regression_target, sample_timesteps
 from .strategies import is_sharded, shard_editor
@@ -45,6 +48,12 @@ class EditorModule(L.LightningModule):
         warmup_steps: linear warm-up; lr_schedule: ``constant`` or ``cosine`` (to 0 at max_steps).
         drop_text, drop_both, drop_video: per-sample conditioning dropout fractions.
         timestep_bias: ``1`` samples timesteps uniformly; larger values favour high noise.
+        objective: ``noise`` (the scheduler's DDPM objective: epsilon, v or x0 per its
+            ``prediction_type``) or ``flow`` (rectified flow: the velocity ``eps - x0`` at
+            ``z = (1 - sigma) x0 + sigma eps``, sigma from the shifted density of
+            :func:`train.flow_matching.shifted_sigma` with ``flow_shift``; see
+            :mod:`train.flow_matching`). With ``flow`` the editor samples with
+            ``FlowMatchEulerDiscreteScheduler`` (same shift), which its export records.
         loss_weighting: ``uniform``, ``min_snr`` (with ``min_snr_gamma``) or ``preconditioned``
             (for a preconditioned editor: each timestep's error in units of the U-Net's own output);
             see :func:`train.objective.loss_weights`.
@@ -93,6 +102,8 @@ class EditorModule(L.LightningModule):
         drop_both: float = 0.05,
         drop_video: float = 0.05,
         timestep_bias: float = 1.0,
+        objective: str = "noise",
+        flow_shift: float = 1.0,
         loss_weighting: str = "uniform",
         min_snr_gamma: float = 5.0,
         edit_balance: float = 0.0,
@@ -133,6 +144,14 @@ class EditorModule(L.LightningModule):
             self.editor = load_editor(editor, vae_weights=not cached_latents)
         except EditorLoadError as err:
             raise EditorLoadError(f"model.editor: {err}") from None
+        if objective not in ("noise", "flow"):
+            raise ValueError(f"objective must be 'noise' or 'flow', got {objective!r}")
+        if objective == "flow":
+            if self.editor.source_prior_std is not None or loss_weighting != "uniform":
+                raise ValueError("objective 'flow' takes an editor without source_prior_std and loss_weighting 'uniform'")
+            if not flow_shift > 0:
+                raise ValueError(f"flow_shift must be positive, got {flow_shift}")
+            self.editor.scheduler = flow_scheduler(self.editor.scheduler, flow_shift)
         if loss_weighting == "preconditioned" and not self.editor.preconditioned:
             raise ValueError("loss_weighting 'preconditioned' needs an editor built with preconditioned: true")
         # registered here so Lightning moves, casts and checkpoints them
@@ -223,14 +242,21 @@ class EditorModule(L.LightningModule):
         condition = torch.where(drop_video[:, None, None, None, None], torch.zeros_like(condition), condition)
 
         u_t = torch.rand(b, device=self.device, generator=generator)
-        t = sample_timesteps(u_t, scheduler.config.num_train_timesteps, self.hparams.timestep_bias)
-        noise = torch.randn(clean.shape, device=self.device, generator=generator, dtype=clean.dtype)
-        noisy = scheduler.add_noise(clean, noise, t)
-        alpha_bar = scheduler.alphas_cumprod.to(self.device)[t]
-        goal = regression_target(scheduler.config.prediction_type, clean, noise, alpha_bar)
-        prediction = editor.predict(noisy, condition, text, t)
-        weights = loss_weights(self.hparams.loss_weighting, alpha_bar.float(), scheduler.config.prediction_type,
-                               editor.output_scale(t, clean).float(), self.hparams.min_snr_gamma)
+        if self.hparams.objective == "flow":  # rectified flow: the straight path's velocity at a shifted sigma
+            sigma = shifted_sigma(u_t, self.hparams.flow_shift)
+            noise = torch.randn(clean.shape, device=self.device, generator=generator, dtype=clean.dtype)
+            noisy, goal = flow_noisy(clean, noise, sigma), flow_velocity(clean, noise)
+            prediction = editor.predict(noisy, condition, text, flow_timestep(sigma, scheduler.config.num_train_timesteps))
+            weights = torch.ones(b, device=self.device)
+        else:
+            t = sample_timesteps(u_t, scheduler.config.num_train_timesteps, self.hparams.timestep_bias)
+            noise = torch.randn(clean.shape, device=self.device, generator=generator, dtype=clean.dtype)
+            noisy = scheduler.add_noise(clean, noise, t)
+            alpha_bar = scheduler.alphas_cumprod.to(self.device)[t]
+            goal = regression_target(scheduler.config.prediction_type, clean, noise, alpha_bar)
+            prediction = editor.predict(noisy, condition, text, t)
+            weights = loss_weights(self.hparams.loss_weighting, alpha_bar.float(), scheduler.config.prediction_type,
+                                   editor.output_scale(t, clean).float(), self.hparams.min_snr_gamma)
         error = (prediction.float() - goal.float()).pow(2)
         if self.hparams.edit_balance or self.hparams.edit_size_balance:
             source = (batch_source * editor.scaling_factor).float()  # at the target's scale, before video dropout
@@ -343,6 +369,7 @@ class EditorModule(L.LightningModule):
             "lora": self._lora_spec(),
             "ema": {k: v.cpu() for k, v in self.ema.items()} if self.ema else None,
             "nonfinite_skipped": self.nonfinite.skipped,
+            "objective": {"kind": self.hparams.objective, "flow_shift": self.hparams.flow_shift},
         }
 
     def _lora_spec(self) -> dict[str, Any] | None:
