@@ -293,67 +293,45 @@ def denoise_clip(
     them alike, and LVSC gives the reference frames ``v_ref = (z - z_ref) / sigma``
     (:func:`flow_reference_velocity`), so their clean estimate ``z - sigma v`` is exactly ``z_ref``.
     """
-    if is_flow_scheduler(scheduler):
-        return _denoise_flow(predict, scheduler, condition, text_states, noise, text_guidance, video_guidance,
-                             num_inference_steps, lvsc, z_ref, flows, generator, batched_guidance, on_step_end, steps)
+    flow = is_flow_scheduler(scheduler)
     scheduler.set_timesteps(num_inference_steps, device=condition.device)
-    prediction_type = scheduler.config.prediction_type
-    alphas = scheduler.alphas_cumprod.to(condition.device)
     uncond, cond = text_states[:1], text_states[1:]
     zero = torch.zeros_like(condition)
-    z = noise * scheduler.init_noise_sigma
-    correct_until = lvsc * len(scheduler.timesteps) if z_ref is not None else 0
     # only the predictions guidance weighs (at video guidance 1 the unconditional one has weight 0)
     weighted = [(w, c, s) for w, c, s in zip(guidance_weights(text_guidance, video_guidance),
                                               (zero, condition, condition), (uncond, uncond, cond)) if w]
-    if batched_guidance:  # one U-Net batch a step: its conditions are the same at every step
-        conditions, texts = torch.cat([c for _, c, _ in weighted]), torch.cat([s for _, _, s in weighted])
+    # one U-Net batch a step: its conditions are the same at every step
+    conditions, texts = torch.cat([c for _, c, _ in weighted]), torch.cat([s for _, _, s in weighted])
+    correct_until = lvsc * len(scheduler.timesteps) if z_ref is not None else 0
+    z = noise.clone() if flow else noise * scheduler.init_noise_sigma  # flow schedulers start at sigma 1
     for i, t in enumerate(steps(scheduler.timesteps)):
-        z_in = scheduler.scale_model_input(z, t)
+        # flow schedulers take the latents as they are and a timestep per clip (sigma * T)
+        z_in, t_in = (z, t.expand(1).to(z.dtype)) if flow else (scheduler.scale_model_input(z, t), t)
         if batched_guidance:
-            outs = predict(torch.cat([z_in] * len(weighted)), conditions, texts, t).chunk(len(weighted))
+            outs = predict(torch.cat([z_in] * len(weighted)), conditions, texts, t_in).chunk(len(weighted))
         else:
-            outs = [predict(z_in, c, s, t) for _, c, s in weighted]
+            outs = [predict(z_in, c, s, t_in) for _, c, s in weighted]
         output = sum(w * o for (w, _, _), o in zip(weighted, outs))
         if i < correct_until:
-            a = alphas[int(t)]
-            eps = to_epsilon(output, z_in, a, prediction_type)
-            eps = lvsc_correct_warped(eps, z_in, z_ref, a, flows) if flows is not None else lvsc_correct(eps, z_in, z_ref, a)
-            output = from_epsilon(eps, z_in, a, prediction_type)
+            output = _lvsc_step(output, z_in, z_ref, flows, scheduler, t, flow)
         z = scheduler_step(scheduler, output, t, z, generator)
         if on_step_end is not None:
             z = on_step_end(i, t, z)
     return z
 
 
-def _guided(predict, weighted, conditions, texts, z_in, t, batched: bool) -> torch.Tensor:
-    """The guidance-weighted sum of the predictions ``weighted`` lists, batched or one by one."""
-    if batched:
-        outs = predict(torch.cat([z_in] * len(weighted)), conditions, texts, t).chunk(len(weighted))
-    else:
-        outs = [predict(z_in, c, s, t) for _, c, s in weighted]
-    return sum(w * o for (w, _, _), o in zip(weighted, outs))
-
-
-def _denoise_flow(predict, scheduler, condition, text_states, noise, text_guidance, video_guidance,
-                  num_inference_steps, lvsc, z_ref, flows, generator, batched_guidance, on_step_end, steps):
-    """:func:`denoise_clip` for a flow-matching scheduler (velocity predictions, ``sigma = t / T``)."""
-    scheduler.set_timesteps(num_inference_steps, device=condition.device)
-    total = scheduler.config.num_train_timesteps
-    uncond, cond = text_states[:1], text_states[1:]
-    zero = torch.zeros_like(condition)
-    weighted = [(w, c, s) for w, c, s in zip(guidance_weights(text_guidance, video_guidance),
-                                              (zero, condition, condition), (uncond, uncond, cond)) if w]
-    conditions, texts = torch.cat([c for _, c, _ in weighted]), torch.cat([s for _, _, s in weighted])
-    correct_until = lvsc * len(scheduler.timesteps) if z_ref is not None else 0
-    z = noise.clone()
-    for i, t in enumerate(steps(scheduler.timesteps)):
-        velocity = _guided(predict, weighted, conditions, texts, z, t.expand(1).to(z.dtype), batched_guidance)
-        sigma = float(t) / total
-        if i < correct_until and sigma > 0:
-            reference = flow_reference_velocity(z, z_ref, sigma)
-            velocity = lvsc_blend_warped(velocity, reference, flows) if flows is not None else lvsc_blend(velocity, reference)
-        z = scheduler_step(scheduler, velocity, t, z, generator)
-        if on_step_end is not None:
-            z = on_step_end(i, t, z)
-    return z
+def _lvsc_step(output: torch.Tensor, z_in: torch.Tensor, z_ref: torch.Tensor, flows: torch.Tensor | None,
+               scheduler, t, flow: bool) -> torch.Tensor:
+    """One step's LVSC, in the parametrisation the scheduler samples: velocities against
+    ``v_ref = (z - z_ref) / sigma``, else noise against ``eps_ref`` through the prediction type."""
+    if flow:
+        sigma = float(t) / scheduler.config.num_train_timesteps
+        if sigma <= 0:
+            return output
+        reference = flow_reference_velocity(z_in, z_ref, sigma)
+        return lvsc_blend_warped(output, reference, flows) if flows is not None else lvsc_blend(output, reference)
+    prediction_type = scheduler.config.prediction_type
+    a = scheduler.alphas_cumprod.to(z_in.device)[int(t)]
+    eps = to_epsilon(output, z_in, a, prediction_type)
+    eps = lvsc_correct_warped(eps, z_in, z_ref, a, flows) if flows is not None else lvsc_correct(eps, z_in, z_ref, a)
+    return from_epsilon(eps, z_in, a, prediction_type)
