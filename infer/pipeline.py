@@ -16,13 +16,13 @@ import torch
 from diffusers import DiffusionPipeline, SchedulerMixin
 from tqdm.auto import tqdm
 
-from model import Editor, load_editor, norm_layout_of, scheduler_class, set_norm_layout
+from model import Editor, WanEditor, load_editor, norm_layout_of, scheduler_class, set_norm_layout
 from model.editor import INDEX_FILE, PIPELINE_CLASS, check_sampling, write_folder_staged, write_pipeline_module
 from model.lora import add_lora, load_lora, merge_lora
 from model.weights import own_memory
 
 from .flow import clip_flows
-from .sampling import denoise_clip, flow_scheduler, is_flow_scheduler, scheduler_step, stream_clips
+from .sampling import denoise_clip, flow_scheduler, is_flow_scheduler, latent_count, scheduler_step, stream_clips
 
 
 # The entry a training checkpoint keeps its editor spec (and EMA weights) under.
@@ -115,14 +115,24 @@ def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
     return ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
 
 
+def clip_noise(latents: torch.Tensor, start: int, shape: torch.Size) -> torch.Tensor:
+    """A clip's slice ``latents[:, :, start : start + f]`` of a whole video's initial noise, checked
+    against the clip's latent shape ``shape`` (one clip of ``(1, c, f, h, w)``)."""
+    if latents.dim() != 5 or latents.shape[1] != shape[1] or latents.shape[-2:] != shape[-2:] or \
+            latents.shape[2] < start + shape[2]:
+        raise ValueError(f"latents must be (1, {shape[1]}, F, {shape[3]}, {shape[4]}) with F covering the video's "
+                         f"latent frames (at least {start + shape[2]}), got {tuple(latents.shape)}")
+    return latents[:, :, start: start + shape[2]]
+
+
 def editor_from_weights(spec: Any, lora: dict[str, Any] | None, weights: dict[str, torch.Tensor],
                         where: str = "checkpoint") -> Editor:
     """The editor a spec builds, with trained weights (``unet.*``, ``text_encoder.*``) loaded over it
     and, given a LoRA spec (rank, alpha, targets), the adapters they belong to (unmerged)."""
     editor = load_editor(spec)
     if lora:
-        add_lora(editor.unet, lora["rank"], lora["alpha"], tuple(lora["targets"]))
-    for prefix, module in (("unet.", editor.unet), ("text_encoder.", editor.text_encoder)):
+        add_lora(editor.denoiser, lora["rank"], lora["alpha"], tuple(lora["targets"]))
+    for prefix, module in ((f"{editor.denoiser_name}.", editor.denoiser), ("text_encoder.", editor.text_encoder)):
         part = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
         shapes = module.state_dict()
         wrong = [f"{k} {tuple(v.shape)} vs {tuple(shapes[k].shape)}" for k, v in part.items()
@@ -165,8 +175,9 @@ def sampling_scheduler(name: str, current: SchedulerMixin) -> SchedulerMixin:
 class InsV2VPipeline(DiffusionPipeline):
     """An editor as a diffusers pipeline: call it on frames with an instruction.
 
-    Its components are an editor's (tokenizer, CLIP text encoder, VAE or none for pixel space,
-    video U-Net) and the scheduler it samples with; its config the editor's own settings
+    Its components are an editor's: a U-Net editor's (tokenizer, CLIP text encoder, VAE or none
+    for pixel space, video U-Net) or a DiT editor's (UMT5, causal Wan VAE, ``transformer``,
+    :class:`model.WanEditor`), and the scheduler it samples with; its config the editor's own settings
     (``source_prior_std``, ``preconditioned``, ``sampling`` defaults, ``norm_layout``). So it saves
     and loads through diffusers (``save_pretrained``; ``DiffusionPipeline.from_pretrained(folder)``
     returns one) and has diffusers' pipeline features: ``enable_model_cpu_offload``,
@@ -174,23 +185,46 @@ class InsV2VPipeline(DiffusionPipeline):
     :class:`model.Editor` (what training and the sampling math use).
     """
 
-    model_cpu_offload_seq = "text_encoder->unet->vae"
-    _optional_components = ["vae"]
+    model_cpu_offload_seq = "text_encoder->unet->transformer->vae"
+    _optional_components = ["vae", "unet", "transformer"]
     _callback_tensor_inputs = ["latents"]
 
-    def __init__(self, tokenizer, text_encoder, vae, unet, scheduler, source_prior_std: float | None = None,
-                 preconditioned: bool = False, sampling: dict[str, Any] | None = None, norm_layout: str = "diffusers"):
+    def __init__(self, tokenizer, text_encoder, vae, scheduler, unet=None, transformer=None,
+                 source_prior_std: float | None = None, preconditioned: bool = False,
+                 sampling: dict[str, Any] | None = None, norm_layout: str = "diffusers", max_sequence_length: int = 512,
+                 expand_timesteps: bool = False, resolution: int = 480):
         super().__init__()
-        set_norm_layout(unet, norm_layout)  # a loaded U-Net is in diffusers' layout until told otherwise
-        for module in (text_encoder, vae, unet):
+        # diffusers hands an absent optional component over as its index entry, [null, null]
+        unet, transformer = (None if isinstance(m, (list, tuple)) else m for m in (unet, transformer))
+        if (unet is None) == (transformer is None):
+            raise ValueError("an editor pipeline has a unet or a transformer, not both or neither")
+        if unet is not None:
+            set_norm_layout(unet, norm_layout)  # a loaded U-Net is in diffusers' layout until told otherwise
+        for module in (text_encoder, vae, unet, transformer):
             if module is not None:
                 own_memory(module)  # out of the weights file's mapping: aligned, and the file stays rewritable
-        self.register_modules(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, scheduler=scheduler)
-        self.register_to_config(source_prior_std=source_prior_std, preconditioned=bool(preconditioned),
-                                sampling=check_sampling(sampling, "pipeline sampling"), norm_layout=norm_layout)
-        self.editor = Editor(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, scheduler=scheduler,
-                             source_prior_std=source_prior_std, preconditioned=bool(preconditioned),
-                             sampling=self.config.sampling)
+        sampling = check_sampling(sampling, "pipeline sampling")
+        if transformer is not None:
+            editor = WanEditor(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                               scheduler=scheduler, max_sequence_length=max_sequence_length,
+                               expand_timesteps=expand_timesteps, sampling=sampling, resolution=resolution)
+        else:
+            editor = Editor(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, scheduler=scheduler,
+                            source_prior_std=source_prior_std, preconditioned=bool(preconditioned), sampling=sampling)
+        self._register_editor(editor, scheduler)
+
+    def _register_editor(self, editor: Editor | WanEditor, scheduler: SchedulerMixin) -> None:
+        """The editor's modules and settings as this pipeline's components and config."""
+        denoiser = {"unet": None, "transformer": None, editor.denoiser_name: editor.denoiser}
+        self.register_modules(tokenizer=editor.tokenizer, text_encoder=editor.text_encoder, vae=editor.vae,
+                              scheduler=scheduler, **denoiser)
+        if isinstance(editor, WanEditor):
+            self.register_to_config(sampling=editor.sampling, max_sequence_length=editor.max_sequence_length,
+                                    expand_timesteps=editor.expand_timesteps, resolution=editor.resolution)
+        else:
+            self.register_to_config(source_prior_std=editor.source_prior_std, preconditioned=editor.preconditioned,
+                                    sampling=editor.sampling, norm_layout=norm_layout_of(editor.unet))
+        self.editor = editor
         self.scheduler = sampling_scheduler(type(scheduler).__name__, scheduler)  # checked: it can sample this editor
 
     # ---------------------------------------------------------------- construction
@@ -200,12 +234,7 @@ class InsV2VPipeline(DiffusionPipeline):
         (a diffusers scheduler class name; default: the editor's own)."""
         pipe = cls.__new__(cls)
         DiffusionPipeline.__init__(pipe)
-        pipe.register_modules(tokenizer=editor.tokenizer, text_encoder=editor.text_encoder, vae=editor.vae,
-                              unet=editor.unet, scheduler=sampling_scheduler(scheduler or type(editor.scheduler).__name__,
-                                                                             editor.scheduler))
-        pipe.register_to_config(source_prior_std=editor.source_prior_std, preconditioned=editor.preconditioned,
-                                sampling=editor.sampling, norm_layout=norm_layout_of(editor.unet))
-        pipe.editor = editor
+        pipe._register_editor(editor, sampling_scheduler(scheduler or type(editor.scheduler).__name__, editor.scheduler))
         return pipe
 
     @classmethod
@@ -249,13 +278,13 @@ class InsV2VPipeline(DiffusionPipeline):
         if objective.get("kind") == "flow":  # trained for velocities: sampled by the flow scheduler
             editor.scheduler = flow_scheduler(editor.scheduler, objective.get("flow_shift", 1.0))
         if lora:
-            merge_lora(editor.unet)  # sampling then costs what the base U-Net costs
+            merge_lora(editor.denoiser)  # sampling then costs what the base network costs
         return cls.from_editor(editor, scheduler=scheduler)
 
     def load_lora(self, path: str | os.PathLike, scale: float = 1.0) -> "InsV2VPipeline":
         """Apply a LoRA adapter (diffusers' LoRA safetensors, as ``export_lora_only`` writes it) to
         this editor's U-Net at ``scale``."""
-        load_lora(self.editor.unet, path, scale)
+        load_lora(self.editor.denoiser, path, scale, prefix=self.editor.denoiser_name)
         return self
 
     @classmethod
@@ -271,6 +300,12 @@ class InsV2VPipeline(DiffusionPipeline):
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         """Write the pipeline through diffusers (safetensors), whole or not at all: the folder
         ``DiffusionPipeline.from_pretrained`` and ``InsV2VPipeline.from_pretrained`` load."""
+        if isinstance(self.editor, WanEditor):
+            from dataclasses import replace
+
+            replace(self.editor, scheduler=self.scheduler).save_pretrained(save_directory)
+            return
+
         def write(folder: Path) -> None:
             DiffusionPipeline.save_pretrained(self, folder, safe_serialization=True, **kwargs)
             index_path = folder / INDEX_FILE
@@ -291,7 +326,7 @@ class InsV2VPipeline(DiffusionPipeline):
         if device is not None:
             super().to(device, **kwargs)
         if dtype is not None:
-            for module in (self.text_encoder, self.unet):
+            for module in (self.text_encoder, self.editor.denoiser):
                 if module.dtype != dtype:
                     module.to(dtype=dtype)
         return self
@@ -301,7 +336,7 @@ class InsV2VPipeline(DiffusionPipeline):
         """The settings of one edit: :class:`EditSettings`' defaults, overridden by the editor's own
         sampling defaults (``editor.sampling``), overridden by every option given that is not ``None``."""
         given = {k: v for k, v in options.items() if v is not None}
-        return EditSettings(prompt=prompt, **{**(self.editor.sampling or {}), **given})
+        return EditSettings(prompt=prompt, **{**self.editor.sampling_defaults(), **given})
 
     def __call__(
         self,
@@ -311,20 +346,24 @@ class InsV2VPipeline(DiffusionPipeline):
         num_inference_steps: int | None = None,
         text_guidance: float | None = None,
         video_guidance: float | None = None,
-        clip_frames: int = 16,
-        reference_frames: int = 4,
+        clip_frames: int | None = None,
+        reference_frames: int | None = None,
         lvsc: float = 0.5,
         motion_compensation: bool = False,
         generator: torch.Generator | None = None,
         progress: bool = True,
         resolution: int | None = None,
+        latents: torch.Tensor | None = None,
         callback_on_step_end: Callable[..., dict[str, Any]] | None = None,
         callback_on_step_end_tensor_inputs: list[str] | tuple[str, ...] = ("latents",),
         **options,
     ) -> EditOutput:
         """Edit ``video`` (uint8 ``(F, H, W, 3)`` or an iterable of frames) by ``prompt``.
 
-        Steps and guidance scales left ``None`` take the editor's defaults (:meth:`settings`).
+        Steps, guidance scales and clip lengths left ``None`` take the editor's defaults
+        (:meth:`settings`). ``latents`` is the initial noise of the whole video, ``(1, c, f, h, w)``
+        with ``f`` its latent frames (a causal VAE's: ``1 + ceil((F - 1) / T)``); each clip takes
+        its slice, so references share their noise with the clip before, as drawn noise does.
         ``callback_on_step_end(pipe, step, timestep, {"latents": z})`` runs after every denoising
         step of every clip (diffusers' convention); the ``latents`` it returns, if any, replace them.
         """
@@ -345,7 +384,7 @@ class InsV2VPipeline(DiffusionPipeline):
         if unknown:
             raise ValueError(f"callback_on_step_end_tensor_inputs may name {self._callback_tensor_inputs}, got {sorted(unknown)}")
         frames = list(self.edit_stream(video, settings, generator=generator, progress=progress,
-                                       callback_on_step_end=callback_on_step_end))
+                                       callback_on_step_end=callback_on_step_end, latents=latents))
         return EditOutput(frames=np.stack(frames))
 
     @torch.no_grad()
@@ -357,51 +396,71 @@ class InsV2VPipeline(DiffusionPipeline):
         progress: bool = True,
         total_frames: int | None = None,
         callback_on_step_end: Callable[..., dict[str, Any]] | None = None,
+        latents: torch.Tensor | None = None,
     ) -> Iterator[np.ndarray]:
         """Yield edited uint8 frames while reading source frames, one clip at a time.
 
-        Memory holds one clip (frames, latents, noise), whatever the video's length.
+        Memory holds one clip (frames, latents, noise), whatever the video's length. A clip's
+        reference latent frames (:func:`infer.sampling.stream_clips`) are the previous clip's
+        latents for the frames both hold; under a causal VAE the clip's first latent frame holds
+        its first frame alone, and its reference is that frame of the previous clip's edit,
+        encoded alone (:meth:`_anchor_latent`). Motion compensation estimates flow between the
+        last frames of the latent frames.
         """
         settings.validate()
         ed = self.editor
+        temporal = ed.temporal_compression
         device = self._execution_device
         text_states = ed.encode_text([settings.negative_prompt or "", settings.prompt])
-        prev = None  # (latents, noise, source frames) of the previous clip
+        prev = None  # (clip, latents, noise, decoded frames) of the previous clip
         size = None
         bar = self._bar(progress, total=total_frames, unit="frame", desc="editing")
-        for clip, window in stream_clips(frames, settings.clip_frames, settings.reference_frames):
+        for clip, window in stream_clips(frames, settings.clip_frames, settings.reference_frames, temporal):
             if size is None:
                 h, w = window[0].shape[:2]
-                size = working_size(h, w, settings.resolution or None, multiple=8)
+                size = working_size(h, w, settings.resolution or None, multiple=ed.size_multiple)
             source = to_model_frames(window, *size).to(device)
-            # latents, noise, flows and LVSC stay float32 whatever the U-Net's precision
+            # latents, noise, flows and LVSC stay float32 whatever the denoiser's precision
             condition = ed.encode_video(source).float()
-            refs = clip.num_reference
-            new = len(window) - refs
-            noise_new = torch.randn(
-                (1, condition.shape[1], new, *condition.shape[-2:]),
-                generator=generator,
-                device=generator.device if generator is not None else device,
-                dtype=torch.float32,
-            ).to(device)
+            refs = latent_count(clip.num_reference, temporal)
+            new = condition.shape[2] - refs
+            if latents is not None:
+                noise = clip_noise(latents, clip.start // temporal, condition.shape).to(device, torch.float32)
+            else:
+                noise = torch.randn((1, condition.shape[1], new, *condition.shape[-2:]), generator=generator,
+                                    device=generator.device if generator is not None else device,
+                                    dtype=torch.float32).to(device)
+                if refs:
+                    noise = torch.cat([prev[2][:, :, -refs:], noise], dim=2)
+            z_ref, flows = None, None
             if refs:
-                noise = torch.cat([prev[1][:, :, -refs:], noise_new], dim=2)
-                z_ref = prev[0][:, :, -refs:]
-                flows = None
+                z_ref = prev[1][:, :, -refs:]
+                if temporal > 1:  # the first latent frame holds one frame: the previous edit of it, encoded alone
+                    z_ref = torch.cat([self._anchor_latent(prev, clip), prev[1][:, :, prev[1].shape[2] - refs + 1:]], 2)
                 if settings.motion_compensation and settings.lvsc > 0:
                     small = [cv2.resize(f, (size[1], size[0]), interpolation=cv2.INTER_AREA) for f in window]
+                    small = small[::temporal]  # the last frame of each latent frame (every frame when T = 1)
                     flows = clip_flows(np.stack(small), refs, *condition.shape[-2:], method=settings.flow_method)
                     flows = flows.to(device)
-            else:
-                noise, z_ref, flows = noise_new, None, None
-            latents = self.denoise(condition, text_states, noise, settings, z_ref, flows, generator, progress,
-                                   callback_on_step_end)
-            edited = ed.decode_latents(latents[:, :, refs:])
+            clean = self.denoise(condition, text_states, noise, settings, z_ref, flows, generator, progress,
+                                 callback_on_step_end)
+            if temporal == 1:  # frame by frame: only the new latent frames are decoded
+                edited = ed.decode_latents(clean[:, :, refs:])
+            else:  # the causal decoder reads a clip whole
+                decoded = ed.decode_latents(clean)
+                edited = decoded[:, :, clip.num_reference: decoded.shape[2] - clip.padding]
             for frame in to_uint8_frames(edited):
                 yield frame
-            bar.update(new)
-            prev = (latents, noise, window)
+            bar.update(len(clip) - clip.num_reference)
+            prev = (clip, clean, noise, decoded if temporal > 1 else None)
         bar.close()
+
+    def _anchor_latent(self, prev: tuple, clip) -> torch.Tensor:
+        """The latent of a causal clip's first frame as the previous clip edited it, encoded alone
+        (a causal VAE's first latent frame is one frame's)."""
+        prev_clip, _, _, decoded = prev
+        frame = decoded[:, :, clip.start - prev_clip.start: clip.start - prev_clip.start + 1]
+        return self.editor.encode_video(frame).float()
 
     def denoise(
         self,

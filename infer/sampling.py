@@ -179,11 +179,13 @@ def lvsc_blend_warped(prediction: torch.Tensor, reference: torch.Tensor, flows: 
 
 @dataclass(frozen=True)
 class Clip:
-    """Frames ``start .. stop-1`` of the video; the first ``num_reference`` repeat the previous clip."""
+    """Frames ``start .. stop-1`` of the video; the first ``num_reference`` repeat the previous clip.
+    ``padding`` copies of the last frame follow ``stop`` (a causal clip's length is ``1 + T k``)."""
 
     start: int
     stop: int
     num_reference: int
+    padding: int = 0
 
     @property
     def new_start(self) -> int:
@@ -216,29 +218,54 @@ def clip_plan(num_frames: int, clip_frames: int = 16, reference_frames: int = 4)
     return plan
 
 
-def stream_clips(frames, clip_frames: int = 16, reference_frames: int = 4):
+def check_causal_clip(clip_frames: int, reference_frames: int, temporal: int) -> None:
+    """A causal VAE packs ``temporal`` frames into a latent frame after a first frame of its own:
+    clips and their references are ``1 + temporal k`` frames long, so consecutive clips share whole
+    latent frames."""
+    if temporal > 1 and ((clip_frames - 1) % temporal or reference_frames < 1 or (reference_frames - 1) % temporal):
+        raise ValueError(f"this editor's VAE packs {temporal} frames into one latent frame after the first: "
+                         f"clip_frames and reference_frames must be 1 + {temporal}k (e.g. {1 + 4 * temporal} and "
+                         f"{1 + temporal}), got {clip_frames} and {reference_frames}")
+
+
+def stream_clips(frames, clip_frames: int = 16, reference_frames: int = 4, temporal: int = 1):
     """Walk a frame iterator of unknown length clip by clip, yielding ``(Clip, frames)``.
 
     ``frames`` of each clip is the list of its source frames, references first; the result is
     :func:`clip_plan` of the total length, found without knowing that length in advance: the final
     clip is recognised when the iterator runs dry. At most one clip of frames is held at a time.
+
+    For a causal VAE (``temporal`` T > 1) clips are ``1 + T K`` frames with ``1 + T R`` references
+    (:func:`check_causal_clip`), every clip starts on a multiple of T, and the last clip (or a
+    video shorter than a clip) is padded with copies of the last frame to ``1 + T k`` frames
+    (``Clip.padding``): latent frame ``i >= 1`` of a clip starting at ``T a`` covers the frames
+    ``T (a + i - 1) + 1 .. T (a + i)``, which the previous clip's latent frame covering them matches.
     """
+    check_causal_clip(clip_frames, reference_frames, temporal)
     it = iter(frames)
     window = [f for _, f in zip(range(clip_frames), it)]
     if not window:
         return
     if len(window) == clip_frames and reference_frames >= clip_frames:
         raise ValueError(f"reference_frames ({reference_frames}) must be smaller than clip_frames ({clip_frames})")
-    yield Clip(0, len(window), 0), window
+    pad = -(len(window) - 1) % temporal
+    yield Clip(0, len(window), 0, pad), window + [window[-1]] * pad
     done = len(window)
     while True:
         new = [f for _, f in zip(range(clip_frames - reference_frames), it)]
         if not new:
             return
-        refs = clip_frames - len(new)
+        pad = -len(new) % temporal
+        refs = clip_frames - len(new) - pad
         window = window[len(window) - refs :] + new
-        yield Clip(done - refs, done + len(new), refs), window
+        yield Clip(done - refs, done + len(new), refs, pad), window + [new[-1]] * pad
         done += len(new)
+
+
+def latent_count(frames: int, temporal: int) -> int:
+    """Latent frames of ``frames`` frames: one each (``temporal`` 1), or ``1 + (F - 1) / T`` for a
+    causal VAE (0 frames: 0)."""
+    return frames if temporal == 1 or frames == 0 else 1 + (frames - 1) // temporal
 
 
 def scheduler_step(scheduler, output: torch.Tensor, t, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -22,9 +22,12 @@ from .inflate import (
 from .norm_layout import NORM_LAYOUTS, norm_layout_of, set_norm_layout
 from .tokenizer import tiny_clip_tokenizer
 from .trainable import ParameterCount, count_parameters, set_trainable
+from .wan_editor import WanEditor, build_wan_editor
 
 __all__ = [
     "Editor",
+    "WanEditor",
+    "build_wan_editor",
     "EditorLoadError",
     "ParameterCount",
     "build_editor",

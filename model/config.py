@@ -24,11 +24,15 @@ from .editor import (
 from .inflate import MIN_TEMPORAL_POSITIONS, inflate, random_motion_adapter, zero_motion_outputs
 from .norm_layout import set_norm_layout
 from .tokenizer import tiny_clip_tokenizer
+from .wan_editor import WanEditor, build_wan_editor, is_dit_folder, wan_vae
 
 EditorSpec = Union[str, os.PathLike, Mapping[str, Any], None]
 
 TINY = "model/tiny.yaml"
 TINY_PIXEL = "model/tiny-pixel.yaml"
+WAN_TINY = "model/wan-tiny.yaml"
+# specs naming a shipped configuration
+SHIPPED = {"tiny": TINY, "tiny-pixel": TINY_PIXEL, "wan-tiny": WAN_TINY}
 
 
 def shipped_config(name: str) -> dict[str, Any]:
@@ -51,6 +55,7 @@ def build_editor(config: Mapping[str, Any]) -> Editor:
     starts as its 2D U-Net applied per frame.
     """
     config = dict(config)
+    config.pop("backbone", None)  # "unet", the default
     unknown = set(config) - {"seed", "tokenizer", "text_encoder", "vae", "unet", "scheduler", "min_temporal_positions",
                             "source_prior_std", "preconditioned", "sampling", "norm_layout", "motion_adapter",
                             "zero_motion_outputs"}
@@ -102,11 +107,15 @@ def build_editor(config: Mapping[str, Any]) -> Editor:
                   sampling=check_sampling(config.get("sampling"), "editor config"))
 
 
-def load_editor(spec: EditorSpec = None, torch_dtype: torch.dtype | None = None, vae_weights: bool = True) -> Editor:
+def load_editor(spec: EditorSpec = None, torch_dtype: torch.dtype | None = None,
+                vae_weights: bool = True) -> Editor | WanEditor:
     """Build or load an editor from a spec.
 
-    * ``None`` or ``"tiny"`` / ``"tiny-pixel"``: the embedded tiny configuration;
-    * a folder with ``model_index.json``: :meth:`Editor.from_pretrained`;
+    * ``None`` or ``"tiny"`` / ``"tiny-pixel"`` / ``"wan-tiny"``: an embedded tiny configuration;
+    * a folder with ``model_index.json``: :meth:`Editor.from_pretrained`, or
+      :meth:`WanEditor.from_pretrained` when it names a transformer (a DiT editor, a diffusers
+      ``LucyEditPipeline`` or ``WanPipeline`` folder);
+    * a mapping with ``backbone: wan``: :func:`model.wan_editor.build_wan_editor`;
     * a YAML file or a mapping: ``{pretrained: DIR}``, ``{base_model: DIR, motion_adapter:
       DIR|FILE|null, scheduler: NAME, norm_layout: diffusers|insv2v}`` (Stable Diffusion /
       InstructPix2Pix + AnimateDiff; FILE is an original-format motion-module checkpoint) or
@@ -118,17 +127,21 @@ def load_editor(spec: EditorSpec = None, torch_dtype: torch.dtype | None = None,
     """
     if not vae_weights and _vae_folder(spec) is None:  # built from configs: the real VAE costs nothing to build
         editor = load_editor(spec, torch_dtype)
-        if editor.vae is not None:
+        if isinstance(editor, WanEditor):
+            with torch.device("meta"):
+                editor.vae = type(editor.vae).from_config(editor.vae.config)
+        elif editor.vae is not None:
             editor.vae = vae_without_weights(editor.vae.config, editor.vae.dtype)
         return editor
-    if spec is None or spec == "tiny":
-        return build_editor(tiny_config())
-    if spec == "tiny-pixel":
-        return build_editor(tiny_config(pixel_space=True))
+    if spec is None:
+        spec = "tiny"
+    if isinstance(spec, str) and spec in SHIPPED:
+        config = shipped_config(SHIPPED[spec])
+        return build_wan_editor(config) if config.get("backbone") == "wan" else build_editor(config)
     if isinstance(spec, (str, os.PathLike)):
         path = Path(spec)
         if path.is_dir():
-            return Editor.from_pretrained(path, torch_dtype=torch_dtype, vae_weights=vae_weights)
+            return _from_folder(path, torch_dtype, vae_weights)
         if path.suffix in (".yaml", ".yml") and path.is_file():
             spec = yaml.safe_load(path.read_text())
             if not isinstance(spec, Mapping):
@@ -137,7 +150,11 @@ def load_editor(spec: EditorSpec = None, torch_dtype: torch.dtype | None = None,
             raise EditorLoadError(f"no editor at {path}: expected a folder or a .yaml file")
     spec = dict(spec)
     if "pretrained" in spec:
-        return Editor.from_pretrained(_path_value(spec, "pretrained"), torch_dtype=torch_dtype, vae_weights=vae_weights)
+        return _from_folder(_path_value(spec, "pretrained"), torch_dtype, vae_weights)
+    if spec.get("backbone") == "wan":
+        return build_wan_editor(spec)
+    if "backbone" in spec and spec["backbone"] != "unet":
+        raise EditorLoadError(f"backbone must be 'unet' or 'wan', got {spec['backbone']!r}")
     if "base_model" in spec:
         return Editor.from_stable_diffusion(
             _path_value(spec, "base_model"),
@@ -151,6 +168,16 @@ def load_editor(spec: EditorSpec = None, torch_dtype: torch.dtype | None = None,
     return build_editor(spec)
 
 
+def _from_folder(path: Path, torch_dtype: torch.dtype | None, vae_weights: bool):
+    """An editor folder: a U-Net editor's, or one with a transformer (a DiT editor, a diffusers
+    ``LucyEditPipeline`` or ``WanPipeline`` folder)."""
+    if not path.is_dir():
+        raise EditorLoadError(f"editor folder not found: {path}")
+    if is_dit_folder(path):
+        return WanEditor.from_pretrained(path, torch_dtype=torch_dtype, vae_weights=vae_weights)
+    return Editor.from_pretrained(path, torch_dtype=torch_dtype, vae_weights=vae_weights)
+
+
 def _spec_mapping(spec: EditorSpec) -> Mapping[str, Any] | None:
     if isinstance(spec, Mapping):
         return spec
@@ -162,7 +189,7 @@ def _spec_mapping(spec: EditorSpec) -> Mapping[str, Any] | None:
 
 def _vae_folder(spec: EditorSpec) -> Path | None:
     """Where a spec's VAE weights are read from (``None``: the spec builds it from a config, or has none)."""
-    if isinstance(spec, (str, os.PathLike)) and spec not in ("tiny", "tiny-pixel") and Path(spec).is_dir():
+    if isinstance(spec, (str, os.PathLike)) and spec not in SHIPPED and Path(spec).is_dir():
         return Path(spec) / "vae"
     mapping = _spec_mapping(spec)
     if mapping is not None and mapping.get("pretrained"):
@@ -180,6 +207,8 @@ def load_vae(spec: EditorSpec = None, torch_dtype: torch.dtype | None = None) ->
         return load_editor(spec, torch_dtype).vae
     if folder.parent.joinpath(INDEX_FILE).is_file() and not folder.is_dir():
         return None  # a pixel-space editor folder
+    if is_dit_folder(folder.parent):
+        return wan_vae(folder)
     return load_vae_folder(folder, torch_dtype)
 
 

@@ -114,7 +114,20 @@ class Editor:
     preconditioned: bool = False
     sampling: dict[str, Any] | None = None
 
+    denoiser_name = "unet"  # the denoiser's component name (the DiT editor's is "transformer")
+    temporal_compression = 1  # one latent frame per frame
+    size_multiple = 8  # frame sides are multiples of this
+
     # ---------------------------------------------------------------- properties
+    @property
+    def denoiser(self) -> UNetMotionModel:
+        return self.unet
+
+    @property
+    def text_length(self) -> int:
+        """Tokens per prompt in the text states."""
+        return self.tokenizer.model_max_length
+
     @property
     def latent_channels(self) -> int:
         return self.unet.config.out_channels
@@ -144,6 +157,10 @@ class Editor:
     @property
     def dtype(self) -> torch.dtype:
         return self.unet.dtype
+
+    def sampling_defaults(self) -> dict[str, Any]:
+        """The editor's own edit settings (:data:`SAMPLING_KEYS`), over the pipeline's defaults."""
+        return dict(self.sampling or {})
 
     def modules(self) -> dict[str, torch.nn.Module]:
         mods = {"text_encoder": self.text_encoder, "unet": self.unet}
@@ -417,7 +434,8 @@ def source_prior_estimate(noisy: torch.Tensor, source: torch.Tensor, alpha_bar: 
     c_skip = alpha_bar.sqrt() * std**2 / (alpha_bar * std**2 + 1 - alpha_bar)
     return source + c_skip * (noisy - alpha_bar.sqrt() * source)
 
-SAMPLING_KEYS = ("num_inference_steps", "text_guidance", "video_guidance")
+SAMPLING_KEYS = ("num_inference_steps", "text_guidance", "video_guidance", "clip_frames", "reference_frames")
+INTEGER_SAMPLING_KEYS = ("num_inference_steps", "clip_frames", "reference_frames")
 
 def check_sampling(sampling: Mapping[str, Any] | None, where: str) -> dict[str, Any] | None:
     """An editor's sampling defaults, checked: only :data:`SAMPLING_KEYS`, positive numbers."""
@@ -431,7 +449,7 @@ def check_sampling(sampling: Mapping[str, Any] | None, where: str) -> dict[str, 
     for key, value in sampling.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise EditorLoadError(f"{where}: sampling.{key} must be a positive number, got {value!r}")
-    return {k: (int(v) if k == "num_inference_steps" else float(v)) for k, v in sampling.items()}
+    return {k: (int(v) if k in INTEGER_SAMPLING_KEYS else float(v)) for k, v in sampling.items()}
 
 def source_prior_posterior_std(alpha_bar: torch.Tensor, std: float) -> torch.Tensor:
     """The posterior standard deviation of the clean clip under the prior ``x0 ~ N(source, std^2)``

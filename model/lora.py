@@ -10,6 +10,13 @@ import torch
 ADAPTER = "insv2v"
 # the motion modules' and the spatial transformers' attention projections (diffusers' names)
 DEFAULT_TARGETS = (r".*motion_modules\..*\.(to_q|to_k|to_v|to_out\.0)", r".*attentions\..*\.(to_q|to_k|to_v|to_out\.0)")
+# a Wan DiT's self- and cross-attention projections
+DIT_TARGETS = (r".*blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)",)
+
+
+def default_targets(denoiser_name: str) -> tuple[str, ...]:
+    """The layers LoRA wraps unless told otherwise: the denoiser's attention projections."""
+    return DIT_TARGETS if denoiser_name == "transformer" else DEFAULT_TARGETS
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
@@ -43,9 +50,10 @@ def merge_lora(unet: torch.nn.Module) -> torch.nn.Module:
     return unet
 
 
-def save_lora(unet: torch.nn.Module, directory: str | os.PathLike) -> Path:
+def save_lora(unet: torch.nn.Module, directory: str | os.PathLike, prefix: str = "unet") -> Path:
     """The adapter alone, as diffusers writes it (``pytorch_lora_weights.safetensors``, keys
-    ``unet.<module>.lora_A.weight`` / ``lora_B.weight``)."""
+    ``<prefix>.<module>.lora_A.weight`` / ``lora_B.weight``; ``prefix`` is the network's component
+    name: ``unet``, or ``transformer`` for a DiT, which ``LucyEditPipeline.load_lora_weights`` reads)."""
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
@@ -54,12 +62,13 @@ def save_lora(unet: torch.nn.Module, directory: str | os.PathLike) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     config = unet.peft_config[ADAPTER]
     metadata = {"format": "pt", "lora_rank": str(config.r), "lora_alpha": str(config.lora_alpha)}
-    save_file({f"unet.{k}": v.detach().contiguous().cpu() for k, v in state.items()}, directory / LORA_WEIGHTS,
+    save_file({f"{prefix}.{k}": v.detach().contiguous().cpu() for k, v in state.items()}, directory / LORA_WEIGHTS,
               metadata=metadata)
     return directory / LORA_WEIGHTS
 
 
-def load_lora(unet: torch.nn.Module, path: str | os.PathLike, scale: float = 1.0, name: str = ADAPTER) -> None:
+def load_lora(unet: torch.nn.Module, path: str | os.PathLike, scale: float = 1.0, name: str = ADAPTER,
+              prefix: str = "unet") -> None:
     """Apply a LoRA file (or a folder holding ``pytorch_lora_weights.safetensors``) to ``unet`` at
     ``scale`` (0 turns it off)."""
     path = Path(path)
@@ -67,5 +76,5 @@ def load_lora(unet: torch.nn.Module, path: str | os.PathLike, scale: float = 1.0
         path = path / LORA_WEIGHTS
     if not path.is_file():
         raise FileNotFoundError(f"no LoRA weights at {path}")
-    unet.load_lora_adapter(str(path), prefix="unet", adapter_name=name)
+    unet.load_lora_adapter(str(path), prefix=prefix, adapter_name=name)
     unet.set_adapters([name], weights=[float(scale)])

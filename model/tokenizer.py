@@ -71,3 +71,29 @@ def tiny_clip_tokenizer(model_max_length: int = 77, words: list[str] | None = No
     """A CLIP tokenizer built fully in memory over :data:`CAPTION_WORDS`."""
     vocab, merges = build_vocab(words)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+
+
+UMT5_SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")
+
+
+def tiny_umt5_tokenizer(model_max_length: int = 512, words: list[str] | None = None):
+    """A UMT5-style tokenizer built in memory: a ``tokenizers`` Unigram model over
+    :data:`CAPTION_WORDS` (each a ``▁word`` piece) and single characters, pad 0, eos 1, unk 2, with
+    ``</s>`` appended, wrapped as ``T5TokenizerFast`` (what ``AutoTokenizer`` loads from its folder)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    words = CAPTION_WORDS if words is None else words
+    characters = sorted(set("".join(words)) | set("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"))
+    # log-probabilities: whole words are likelier than their letters, so they stay one piece
+    vocab = [(token, 0.0) for token in UMT5_SPECIAL_TOKENS] + [("▁", -2.0)]
+    vocab += [(f"▁{word}", -5.0) for word in dict.fromkeys(words)]
+    vocab += [(c, -10.0) for c in characters] + [(f"▁{c}", -9.0) for c in characters]
+    model = Tokenizer(models.Unigram(list(dict(vocab).items()), unk_id=2, byte_fallback=False))
+    model.normalizer = normalizers.Sequence([normalizers.Lowercase()])
+    model.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    model.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    model.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                         special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=model, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=model_max_length)

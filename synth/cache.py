@@ -60,7 +60,7 @@ def cache(shards: str, editor_spec: Any, out: Path, num_frames: int = 16, frame_
     editor = load_editor(editor_spec, torch_dtype=compute_dtype).to(device)
     if editor.vae is None:
         raise ValueError("the editor works in pixel space (no VAE): there are no latents to cache")
-    seq, width = editor.tokenizer.model_max_length, editor.text_encoder.config.hidden_size
+    seq, width = editor.text_length, editor.text_encoder.config.hidden_size
     info = CacheInfo(editor=editor_spec, num_frames=num_frames, frame_stride=frame_stride, resolution=resolution,
                      image_clips=image_clips, latent_channels=editor.latent_channels,
                      scaling_factor=editor.scaling_factor, text_states=text, text_shape=[seq, width], dtype=dtype)

@@ -69,14 +69,16 @@ class EditSamples(L.Callback):
         target = batch["target"][:1].float()
         frames = source.shape[2]
         pipe = InsV2VPipeline.from_editor(pl_module.editor)
-        settings = pipe.settings(batch["instruction"][0], clip_frames=frames, reference_frames=0, **self.settings)
-        was_training = pl_module.unet.training
-        pl_module.unet.eval()
+        # one clip: no references (a causal clip's plan takes its first frame as one)
+        references = 0 if pl_module.editor.temporal_compression == 1 else 1
+        settings = pipe.settings(batch["instruction"][0], clip_frames=frames, reference_frames=references, **self.settings)
+        was_training = pl_module.denoiser.training
+        pl_module.denoiser.eval()
         try:
             generator = torch.Generator(device="cpu").manual_seed(0)
             edited = np.stack(list(pipe.edit_stream(iter(to_uint8_frames(source)), settings, generator, progress=False)))
         finally:
-            pl_module.unet.train(was_training)
+            pl_module.denoiser.train(was_training)
         return np.concatenate([to_uint8_frames(source), edited, to_uint8_frames(target)], axis=2)
 
     def log_panel(self, trainer, folder: Path, panel: np.ndarray, caption: str, step: int) -> None:

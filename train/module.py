@@ -15,7 +15,7 @@ import torch
 
 from infer.pipeline import CHECKPOINT_KEY, editor_from_weights
 from model import EditorLoadError, load_editor, load_vae, posterior_sample, set_trainable, skipping_identity_motion_modules
-from model.lora import DEFAULT_TARGETS, add_lora, merge_lora, save_lora
+from model.lora import add_lora, default_targets, merge_lora, save_lora
 from model.trainable import MOTION_PATTERN, count_parameters
 from shards.schema import EMPTY_TEXT_STATES, SOURCE_LATENT, TARGET_LOGVAR, TARGET_MEAN, TEXT_STATES, is_cached
 
@@ -146,6 +146,8 @@ class EditorModule(L.LightningModule):
             raise EditorLoadError(f"model.editor: {err}") from None
         if objective not in ("noise", "flow"):
             raise ValueError(f"objective must be 'noise' or 'flow', got {objective!r}")
+        if self.editor.temporal_compression > 1 and objective != "flow":
+            raise ValueError("a DiT editor (model.editor with a transformer) trains with model.objective: flow")
         if objective == "flow":
             if self.editor.source_prior_std is not None or loss_weighting != "uniform":
                 raise ValueError("objective 'flow' takes an editor without source_prior_std and loss_weighting 'uniform'")
@@ -154,19 +156,21 @@ class EditorModule(L.LightningModule):
             self.editor.scheduler = flow_scheduler(self.editor.scheduler, flow_shift)
         if loss_weighting == "preconditioned" and not self.editor.preconditioned:
             raise ValueError("loss_weighting 'preconditioned' needs an editor built with preconditioned: true")
-        # registered here so Lightning moves, casts and checkpoints them
-        self.unet = self.editor.unet
+        # registered here so Lightning moves, casts and checkpoints them (as unet.* or transformer.*)
+        setattr(self, self.editor.denoiser_name, self.editor.denoiser)
         self.text_encoder = self.editor.text_encoder.requires_grad_(train_text_encoder)
         # without weights (cached latents) the VAE stays out of the module: nothing moves or saves it
         has_vae = self.editor.vae is not None and not cached_latents
         self.vae = self.editor.vae.requires_grad_(False).eval() if has_vae else None
         if trainable == "lora":
-            add_lora(self.unet, lora_rank, lora_alpha, tuple(lora_targets or DEFAULT_TARGETS))
-            self.counts = count_parameters(self.unet)
+            add_lora(self.denoiser, lora_rank, lora_alpha, tuple(lora_targets or self._default_targets()))
+            self.counts = count_parameters(self.denoiser)
         else:
-            self.counts = set_trainable(self.unet, trainable)
+            if trainable == "motion" and self.editor.denoiser_name != "unet":
+                raise ValueError("a DiT editor has no motion modules: model.trainable all, lora or name patterns")
+            self.counts = set_trainable(self.denoiser, trainable)
         if gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
+            self.denoiser.enable_gradient_checkpointing()
         if motion_frozen_steps < 0 or (motion_frozen_steps and not self._motion_trains()):
             raise ValueError(f"motion_frozen_steps must be >= 0 and needs trainable temporal layers (trainable: "
                              f"{trainable!r}), got {motion_frozen_steps}")
@@ -175,6 +179,14 @@ class EditorModule(L.LightningModule):
         self.ema: dict[str, torch.Tensor] | None = None
 
     # ---------------------------------------------------------------- helpers
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The network that trains: the editor's video U-Net or its DiT."""
+        return self.editor.denoiser
+
+    def _default_targets(self) -> tuple[str, ...]:
+        return default_targets(self.editor.denoiser_name)
+
     def train(self, mode: bool = True):
         super().train(mode)
         if not self.hparams.train_text_encoder:
@@ -184,7 +196,8 @@ class EditorModule(L.LightningModule):
         return self
 
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
-        """Every trained weight, named as in the module's state dict (``unet.*``, ``text_encoder.*``)."""
+        """Every trained weight, named as in the module's state dict (``unet.*`` or ``transformer.*``,
+        ``text_encoder.*``)."""
         return {name: p for name, p in self.named_parameters() if p.requires_grad}
 
     def _step_generator(self) -> torch.Generator:
@@ -201,18 +214,18 @@ class EditorModule(L.LightningModule):
     def configure_model(self) -> None:
         """Shard the U-Net when the strategy gives a device mesh (``editor_fsdp``); else nothing."""
         mesh = getattr(self, "_device_mesh", None)
-        if mesh is None or is_sharded(self.unet):
+        if mesh is None or is_sharded(self.denoiser):
             return
         if self.hparams.ema_decay:
             raise ValueError("model.ema_decay is not supported with sharded training (editor_fsdp): use ddp")
-        shard_editor(self.unet, self.text_encoder if self.hparams.train_text_encoder else None, mesh["data_parallel"])
+        shard_editor(self.denoiser, self.text_encoder if self.hparams.train_text_encoder else None, mesh["data_parallel"])
 
     def setup(self, stage: str) -> None:
         info = getattr(getattr(self._trainer, "datamodule", None), "cache_info", None)
         if info is not None:  # a latent cache must come from an editor with these shapes
             encoder = self.text_encoder.config
             info.check_editor(self.editor.latent_channels, self.editor.scaling_factor, encoder.hidden_size,
-                              self.editor.tokenizer.model_max_length)
+                              self.editor.text_length)
 
     # ---------------------------------------------------------------- objective
     def loss(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
@@ -226,6 +239,10 @@ class EditorModule(L.LightningModule):
         elif self.hparams.cached_latents:
             raise ValueError("this module was built for cached latents (model.cached_latents) but got raw clips")
         else:
+            frames = batch["target"].shape[2]
+            if (frames - 1) % editor.temporal_compression:
+                raise ValueError(f"this editor's causal VAE takes clips of 1 + {editor.temporal_compression}k frames, "
+                                 f"got {frames}: set data.num_frames to one")
             with torch.no_grad():
                 clean = editor.encode_video(batch["target"], sample=True, generator=generator) * editor.scaling_factor
                 condition = editor.encode_video(batch["source"])  # unscaled mode: InstructPix2Pix convention
@@ -327,7 +344,8 @@ class EditorModule(L.LightningModule):
         """A context leaving the temporal layers out of this step's forward pass when they take no
         step now (frozen, or before ``motion_frozen_steps``) and are still identity maps (zeroed
         outputs): the same loss and gradients, at about two thirds of the step's time."""
-        if self.global_step >= self.hparams.motion_frozen_steps and self._motion_trains():
+        if self.editor.denoiser_name != "unet" or (self.global_step >= self.hparams.motion_frozen_steps
+                                                   and self._motion_trains()):
             return contextlib.nullcontext()
         return skipping_identity_motion_modules(self.unet)
 
@@ -377,7 +395,7 @@ class EditorModule(L.LightningModule):
         if self.hparams.trainable != "lora":
             return None
         hp = self.hparams
-        return {"rank": hp.lora_rank, "alpha": hp.lora_alpha, "targets": list(hp.lora_targets or DEFAULT_TARGETS)}
+        return {"rank": hp.lora_rank, "alpha": hp.lora_alpha, "targets": list(hp.lora_targets or self._default_targets())}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get(CHECKPOINT_KEY) or {}
@@ -387,7 +405,7 @@ class EditorModule(L.LightningModule):
     # ---------------------------------------------------------------- export
     def on_fit_end(self) -> None:
         path = self.export_path()  # on every rank: trainer.log_dir is a collective under DDP
-        if is_sharded(self.unet):  # gather the trained weights whole (a collective: every rank)
+        if is_sharded(self.denoiser):  # gather the trained weights whole (a collective: every rank)
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
             full = get_model_state_dict(self, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -442,9 +460,10 @@ class EditorModule(L.LightningModule):
             editor.save_pretrained(directory)
             return
         if self.hparams.export_lora_only:
-            save_lora(editor.unet, directory)
+            save_lora(editor.denoiser, directory, prefix=editor.denoiser_name)
             return
         import copy
         from dataclasses import replace
 
-        replace(editor, unet=merge_lora(copy.deepcopy(editor.unet))).save_pretrained(directory)
+        merged = {editor.denoiser_name: merge_lora(copy.deepcopy(editor.denoiser))}
+        replace(editor, **merged).save_pretrained(directory)

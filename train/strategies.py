@@ -10,7 +10,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 # The U-Net's blocks: each becomes one FSDP unit, gathered for its forward and freed after it.
 # Frozen 2D weights and trained motion weights share a unit: FSDP2 keeps requires_grad per weight.
 EDITOR_BLOCKS = ("DownBlockMotion", "CrossAttnDownBlockMotion", "UNetMidBlockCrossAttnMotion",
-                 "CrossAttnUpBlockMotion", "UpBlockMotion")
+                 "CrossAttnUpBlockMotion", "UpBlockMotion", "WanTransformerBlock")
 
 
 def is_sharded(module: torch.nn.Module) -> bool:
@@ -20,7 +20,7 @@ def is_sharded(module: torch.nn.Module) -> bool:
 
 
 def shard_editor(unet: torch.nn.Module, text_encoder: torch.nn.Module | None, mesh) -> None:
-    """``fully_shard`` each U-Net block, then the U-Net (its remaining weights), and the text
+    """``fully_shard`` each U-Net block (or DiT block), then the U-Net (its remaining weights), and the text
     encoder when it trains (its gradients must be reduced too). The frozen VAE and a frozen text
     encoder stay whole on every rank: they hold no gradients, and sharding them would only add
     all-gathers to every step."""
