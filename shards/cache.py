@@ -32,6 +32,7 @@ class CacheInfo:
     text_shape: list[int]
     dtype: str
     format: int = 1
+    temporal_compression: int = 1  # frames per latent frame after the first (a causal VAE's 4)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1) + "\n"
@@ -87,6 +88,9 @@ class CachedDecoder:
         self.info = CacheInfo.read(folder)
         if num_frames > self.info.num_frames:
             raise ValueError(f"data.num_frames {num_frames} exceeds the {self.info.num_frames} frames cached in {folder}")
+        temporal = self.info.temporal_compression
+        if temporal > 1 and (num_frames - 1) % temporal:
+            raise ValueError(f"data.num_frames must be 1 + {temporal}k for a cache of causal latents, got {num_frames}")
         self.num_frames = num_frames
         self.empty_text = torch.from_numpy(np.load(Path(folder) / EMPTY_TEXT)).float() if self.info.text_states else None
         self.skips = SampleSkips("cached sample")
@@ -108,7 +112,11 @@ class CachedDecoder:
         except DAMAGED as err:
             self.skips.skip(key, err)
             return None
-        index = torch.from_numpy(sample_frames(frames, self.num_frames, 1, rng))
+        temporal = self.info.temporal_compression
+        if temporal > 1:  # causal latents: the first 1 + k latent frames are exactly those of the first 1 + Tk frames
+            index = torch.arange(1 + (self.num_frames - 1) // temporal)
+        else:
+            index = torch.from_numpy(sample_frames(frames, self.num_frames, 1, rng))
         item = {
             TARGET_MEAN: torch.from_numpy(arrays[TARGET_MEAN]).float()[:, index],
             TARGET_LOGVAR: torch.from_numpy(arrays[TARGET_LOGVAR]).float()[:, index],

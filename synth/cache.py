@@ -60,10 +60,14 @@ def cache(shards: str, editor_spec: Any, out: Path, num_frames: int = 16, frame_
     editor = load_editor(editor_spec, torch_dtype=compute_dtype).to(device)
     if editor.vae is None:
         raise ValueError("the editor works in pixel space (no VAE): there are no latents to cache")
+    temporal = editor.temporal_compression
+    if temporal > 1 and (num_frames - 1) % temporal:
+        raise ValueError(f"--num-frames must be 1 + {temporal}k for this editor's causal VAE, got {num_frames}")
     seq, width = editor.text_length, editor.text_encoder.config.hidden_size
     info = CacheInfo(editor=editor_spec, num_frames=num_frames, frame_stride=frame_stride, resolution=resolution,
                      image_clips=image_clips, latent_channels=editor.latent_channels,
-                     scaling_factor=editor.scaling_factor, text_states=text, text_shape=[seq, width], dtype=dtype)
+                     scaling_factor=editor.scaling_factor, text_states=text, text_shape=[seq, width], dtype=dtype,
+                     temporal_compression=editor.temporal_compression)
     digest = cache_settings(editor_spec, urls, num_frames, frame_stride, resolution, image_clips, text, dtype, compute_dtype)
     writer = ShardWriter(out, rank, PREFIX, digest, resume, world)
     if rank == 0:  # the folder's shared files: one writer (every rank would write the same bytes)
