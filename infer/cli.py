@@ -23,8 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--text-guidance", type=positive_float, default=None, help="s_T (default: the editor's, else 7.5)")
     edit.add_argument("--video-guidance", type=positive_float, default=None, help="s_V (default: the editor's, else 1.2)")
     edit.add_argument("--negative-prompt", default=None)
-    edit.add_argument("--clip-frames", type=positive_int, default=16, help="frames per clip (default 16)")
-    edit.add_argument("--reference-frames", type=non_negative_int, default=4, help="overlap (default 4)")
+    edit.add_argument("--clip-frames", type=positive_int, default=None,
+                      help="frames per clip (default: the editor's, else 16; 1 + 4k for a DiT editor)")
+    edit.add_argument("--reference-frames", type=non_negative_int, default=None,
+                      help="overlap (default: the editor's, else 4; 1 + 4k for a DiT editor)")
     edit.add_argument("--lvsc", type=unit_float, default=0.5, help="fraction of steps corrected (default 0.5)")
     edit.add_argument("--no-lvsc", action="store_true", help="no Long Video Sampling Correction")
     edit.add_argument("--motion-compensation", action="store_true", help="warp LVSC corrections along optical flow")
@@ -61,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--setting", action="append", default=[], metavar="NAME:KEY=VAL,...",
                     help="a named set of edit options, repeatable (default: no-lvsc, lvsc, lvsc+mc)")
     ev.add_argument("--steps", type=positive_int, default=None, help="denoising steps (default: the editor's, else 20)")
-    ev.add_argument("--clip-frames", type=positive_int, default=16)
-    ev.add_argument("--reference-frames", type=non_negative_int, default=4)
+    ev.add_argument("--clip-frames", type=positive_int, default=None, help="default: the editor's, else 16")
+    ev.add_argument("--reference-frames", type=non_negative_int, default=None, help="default: the editor's, else 4")
     ev.add_argument("--max-frames", type=positive_int, default=None)
     ev.add_argument("--resolution", type=positive_int, default=None)
     ev.add_argument("--seed", type=int, default=0)
@@ -155,6 +157,7 @@ def evaluate_command(args: argparse.Namespace) -> None:
                            read_rows, summarize, write_reports)
     from .judge import VisionJudge
     from .pipeline import InsV2VPipeline
+    from .sampling import check_causal_clip
     from .video import VideoError
 
     videos = Path(args.videos)
@@ -186,7 +189,9 @@ def evaluate_command(args: argparse.Namespace) -> None:
         notes.append(f"{len(found)} edits on {len({i[0] for i in found})} videos; {skipped} listed videos not found")
         base = dict(num_inference_steps=args.steps, clip_frames=args.clip_frames, reference_frames=args.reference_frames)
         for name, options in settings.items():
-            pipe.settings("x", **{**base, **options}).validate()
+            setting = pipe.settings("x", **{**base, **options})
+            setting.validate()
+            check_causal_clip(setting.clip_frames, setting.reference_frames, pipe.editor.temporal_compression)
         out = Path(args.out)
         if (out / ROWS_FILE).is_file() and not args.resume:
             raise ValueError(f"{out / ROWS_FILE} holds an earlier run's rows: pass --resume to continue it, or choose another --out")
@@ -226,6 +231,7 @@ def edit(args: argparse.Namespace) -> Path:
     from .edit_file import edit_file
     from .pipeline import MAX_WORKING_PIXELS, InsV2VPipeline, check_working_size, working_size
     from .placement import compute_device, dtype_named
+    from .sampling import check_causal_clip
     from .video import VideoError, is_image_sequence, probe_video
     from .video_writer import ESTIMATED_BYTES_PER_PIXEL, check_output_path
 
@@ -234,7 +240,7 @@ def edit(args: argparse.Namespace) -> Path:
     av.logging.set_level(None)
     if not args.prompt.strip():
         raise UsageError("--prompt is empty")
-    if args.clip_frames <= args.reference_frames:
+    if args.clip_frames is not None and args.reference_frames is not None and args.clip_frames <= args.reference_frames:
         raise UsageError(
             f"--clip-frames ({args.clip_frames}) must be larger than --reference-frames ({args.reference_frames})"
         )
@@ -271,8 +277,9 @@ def edit(args: argparse.Namespace) -> Path:
     pipe.to(device, dtype_named(args.dtype))
 
     resolution = args.resolution or pipe.editor.resolution
+    multiple = pipe.editor.size_multiple
     try:
-        check_working_size(*working_size(info.height, info.width, resolution), max_pixels)
+        check_working_size(*working_size(info.height, info.width, resolution, multiple), max_pixels)
     except ValueError as err:
         raise UsageError(f"{err} (--resolution, --max-pixels)") from None
     settings = pipe.settings(
@@ -287,6 +294,11 @@ def edit(args: argparse.Namespace) -> Path:
         motion_compensation=args.motion_compensation,
         resolution=resolution,
     )
+    try:
+        settings.validate()
+        check_causal_clip(settings.clip_frames, settings.reference_frames, pipe.editor.temporal_compression)
+    except ValueError as err:
+        raise UsageError(f"{err} (--clip-frames, --reference-frames)") from None
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     try:
         writer = edit_file(pipe, source, output, info, settings, generator, start=args.start, end=args.end,
@@ -294,7 +306,7 @@ def edit(args: argparse.Namespace) -> Path:
                            crf=args.crf, codec=args.codec, progress=not args.quiet, total_frames=expected or None)
     except VideoError as err:
         raise UsageError(str(err)) from None
-    h, w = working_size(info.height, info.width, resolution)
+    h, w = working_size(info.height, info.width, resolution, multiple)
     if not args.quiet:
         print(f"wrote {output} ({writer.frames_written} frames, {w}x{h}, {float(info.fps / args.stride):.3f} fps)", file=sys.stderr)
     return output

@@ -21,7 +21,7 @@ from .judge import CRITERIA, VisionJudge
 from .metrics import (clip_directional, clip_frame_consistency, clip_text_score, pick_score, seam_error,
                       source_pair_flows, warp_error)
 from .pipeline import EditSettings, InsV2VPipeline, working_size
-from .sampling import clip_plan
+from .sampling import stream_clips
 from .video import VideoError, atomic_write, read_video
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".gif")
@@ -162,7 +162,7 @@ def evaluate(pipe: InsV2VPipeline, videos: Path, instructions: list[tuple[str, s
     for video, edit, instruction in jobs:
         if video not in cache:
             frames = read_video(find_video(videos, video), max_frames=max_frames)
-            h, w = working_size(*frames.shape[1:3], resolution or pipe.editor.resolution)
+            h, w = working_size(*frames.shape[1:3], resolution or pipe.editor.resolution, pipe.editor.size_multiple)
             frames = np.stack([cv2.resize(f, (w, h), interpolation=cv2.INTER_AREA) for f in frames])
             # the source's embeddings and optical flow serve every edit and setting of this video
             cache = {video: (frames, scorers.clip.image_embeds(frames), source_pair_flows(frames))}
@@ -176,7 +176,8 @@ def evaluate(pipe: InsV2VPipeline, videos: Path, instructions: list[tuple[str, s
             edited = pipe(source, instruction, generator=torch.Generator().manual_seed(seed), progress=False,
                           **{k: v for k, v in vars(setting).items() if k != "prompt"}).frames
             emb = scorers.clip.image_embeds(edited)
-            plan = clip_plan(len(source), setting.clip_frames, setting.reference_frames)
+            plan = [clip for clip, _ in stream_clips(range(len(source)), setting.clip_frames, setting.reference_frames,
+                                                     pipe.editor.temporal_compression)]
             row = {
                 "video": video, "edit": edit, "setting": name, "frames": len(source),
                 "clip_t": clip_text_score(emb, texts[0]),

@@ -99,7 +99,7 @@ class Editing:
         limits = self.limits
         try:
             info = probe_video(video, max_pixels=limits.max_source_pixels)
-            height, width = working_size(info.height, info.width, int(resolution), multiple=8)
+            height, width = working_size(info.height, info.width, int(resolution), multiple=self.pipe.editor.size_multiple)
             check_working_size(height, width, limits.max_working_pixels)
             # measured from the packets: a container may state no duration, or a false one
             frames, seconds = count_frames(video, stop_after=limits.max_frames)

@@ -302,3 +302,49 @@ def test_a_causal_latent_cache_trains_as_the_raw_clips_do(tmp_path, dit_shards):
     assert abs(losses[0] - losses[1]) < 1e-4, losses
     with pytest.raises(ValueError, match="1 \\+ 4k"):
         CachedDecoder(out, 6)
+
+
+def test_infer_edit_with_a_lucy_folder_keeps_every_frame_fps_and_audio(tmp_path, lucy_folder, capsys):
+    from fractions import Fraction
+
+    from test_video_io import write_input
+
+    from infer.cli import main
+    from infer.video import probe_video, read_video
+
+    source = write_input(tmp_path / "in.mp4", list(video(30, 48, 64)), rate=Fraction(30000, 1001), audio="aac")
+    out = tmp_path / "out.mp4"
+    code = main(["edit", str(source), "--prompt", PROMPT, "--model", str(lucy_folder), "-o", str(out), "--steps", "2",
+                 "--resolution", "32", "--clip-frames", "9", "--reference-frames", "5", "--motion-compensation",
+                 "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    info = probe_video(out)
+    assert info.num_frames == 30 and info.fps == Fraction(30000, 1001) and info.has_audio
+    assert (info.width, info.height) == (48, 32) and len(read_video(out)) == 30  # sides on the DiT's 16-pixel grid
+    code = main(["edit", str(source), "--prompt", PROMPT, "--model", str(lucy_folder), "-o", str(tmp_path / "bad.mp4"),
+                 "--clip-frames", "8", "--reference-frames", "4", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "1 + 4k" in err[0] and not (tmp_path / "bad.mp4").exists()
+
+
+def test_the_page_and_eval_edit_with_a_dit_editor(tmp_path, tiny):
+    from infer.cli import main
+    from infer.serve import Editing, Limits
+    from infer import write_video
+    from infer.video import probe_video
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    clip = write_video(videos / "clip.mp4", video(12, 32, 32), 8)
+    page = Editing(InsV2VPipeline.from_editor(tiny), limits=Limits(max_seconds=5))
+    edited, _ = page(str(clip), PROMPT, 4.0, 1.5, 2, True, False, 0, 32)
+    assert probe_video(edited).num_frames == 12
+    page.close()
+    folder = tmp_path / "dit"
+    tiny.save_pretrained(folder)
+    (tmp_path / "edits.csv").write_text(f"video,instruction\nclip,{PROMPT}\n")
+    code = main(["eval", "--videos", str(videos), "--instructions", str(tmp_path / "edits.csv"), "--out",
+                 str(tmp_path / "eval"), "--model", str(folder), "--steps", "1", "--resolution", "32", "--quiet"])
+    assert code == 0
+    rows = (tmp_path / "eval" / "per_video.csv").read_text().splitlines()
+    assert len(rows) > 1 and rows[1].startswith("clip,")
