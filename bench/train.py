@@ -6,6 +6,8 @@ reference recipe.
     python bench/train.py --sd-flops           # SD 1.5 size, FLOPs of a step's parts (meta device: any machine)
     python bench/train.py --sd --device cuda   # SD 1.5 size, 16x256², bf16 vs the reference recipe, cached
     python bench/train.py --shapes-heads 8 2 1 # the shapes demo's step against its temporal attention heads
+    python bench/train.py --dit-flops          # Wan2.1-1.3B / Wan2.2-TI2V-5B editor layouts: parameters, FLOPs per step
+    python bench/train.py --dit-cpu            # the Wan2.1-1.3B-layout editor on CPU: a bf16-mixed LoRA step, an edit, peak RSS
 """
 
 from __future__ import annotations
@@ -157,6 +159,92 @@ def sd_flops(args) -> None:
           f"= x{reference / total:.2f} this recipe's")
 
 
+DIT_LAYOUTS = {"Wan2.1-T2V-1.3B": "configs/model/wan2.1-t2v-1.3b-random.yaml",
+               "Wan2.2-TI2V-5B": "configs/model/wan2.2-ti2v-5b-random.yaml"}
+
+
+def dit_flops(args) -> None:
+    """Parameters of the DiT editor layouts and FLOPs of one training step's parts, on the meta
+    device. A causal clip is 1 + 4k frames: "16 frames" is 17 (16 after the first)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from model import load_editor
+
+    def millions(module) -> float:
+        return sum(p.numel() for p in module.parameters()) / 1e6
+
+    for name, config in DIT_LAYOUTS.items():
+        editor = load_editor(str(ROOT / config))  # meta: true in the layout
+        print(f"{name} editor layout: transformer {millions(editor.transformer):,.1f}M (in {editor.transformer.config.in_channels} "
+              f"channels: noisy + source), VAE {millions(editor.vae):,.1f}M, UMT5-XXL encoder {millions(editor.text_encoder):,.1f}M")
+        for frames, height, width in ((17, 256, 256), (81, 480, 832)):
+            b, spatial = args.batch, editor.vae_scale_factor
+            latent_frames = 1 + (frames - 1) // editor.temporal_compression
+            parts = {}
+            with FlopCounterMode(display=False) as counter:
+                for _ in range(2 * b):  # target and source clips, one at a time as the causal VAE reads them
+                    editor.vae.encode(torch.empty(1, 3, frames, height, width, device="meta"))
+            parts["VAE encode (source + target)"] = counter.get_total_flops()
+            with FlopCounterMode(display=False) as counter:
+                editor.text_encoder(torch.zeros(b + 1, editor.max_sequence_length, dtype=torch.long, device="meta"))
+            parts["UMT5 encoder (prompts + empty)"] = counter.get_total_flops()
+            hidden = torch.empty(b, editor.transformer.config.in_channels, latent_frames, height // spatial,
+                                 width // spatial, device="meta")
+            text = torch.empty(b, editor.max_sequence_length, editor.transformer.config.text_dim, device="meta")
+            with FlopCounterMode(display=False) as counter:
+                out = editor.transformer(hidden, torch.zeros(b, device="meta"), text).sample
+                out.float().pow(2).mean().backward()
+            parts["transformer forward + backward"] = counter.get_total_flops()
+            editor.transformer.zero_grad(set_to_none=True)
+            total = sum(parts.values())
+            patch = editor.transformer.config.patch_size
+            tokens = latent_frames * (height // spatial // patch[1]) * (width // spatial // patch[2])
+            print(f"  batch {b} x {frames} x {height}x{width} ({tokens:,} tokens a clip): {total / 1e12:,.1f} TFLOP a step")
+            for part, value in parts.items():
+                print(f"    {part:34s} {value / 1e12:9.2f} TFLOP  {value / total:6.1%}")
+
+
+def dit_cpu(args) -> None:
+    """The Wan2.1-1.3B-layout editor (real transformer and VAE, random weights) at 5 x 64² on CPU:
+    one bf16-mixed LoRA step and a 2-step edit, with the process's peak RSS. The frozen UMT5-XXL
+    encoder is replaced by one layer of its width (its 5.7 B weights would not change the step)."""
+    import lightning as L
+    import numpy as np
+    import yaml
+
+    from infer import InsV2VPipeline
+
+    config = yaml.safe_load((ROOT / DIT_LAYOUTS["Wan2.1-T2V-1.3B"]).read_text())
+    config.update(meta=False, max_sequence_length=64)
+    config["text_encoder"].update(num_layers=1, vocab_size=None)
+    config["text_encoder"] = {k: v for k, v in config["text_encoder"].items() if v is not None}
+    start = time.perf_counter()
+    export = tempfile.mkdtemp()
+    module = EditorModule(editor=config, trainable="lora", lora_rank=16, objective="flow", flow_shift=5.0,
+                          export_dir=export, export_lora_only=True)
+    built = time.perf_counter() - start
+    trained = {n for n, p in module.named_parameters() if p.requires_grad}
+    print(f"built in {built:.0f} s: transformer {sum(p.numel() for p in module.transformer.parameters()) / 1e6:,.0f}M, "
+          f"LoRA {module.counts.trainable / 1e6:.1f}M trainable ({len(trained)} tensors, all lora_: "
+          f"{all('lora_' in n for n in trained)})")
+    batch = {"source": torch.rand(1, 3, 5, 64, 64) * 2 - 1, "target": torch.rand(1, 3, 5, 64, 64) * 2 - 1,
+             "instruction": ["make it red"]}
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, precision="bf16-mixed", logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False)
+    start = time.perf_counter()
+    trainer.fit(module, torch.utils.data.DataLoader([batch], batch_size=None))
+    step = time.perf_counter() - start
+    grads = [n for n, p in module.named_parameters() if p.grad is not None]
+    print(f"one bf16-mixed LoRA step on 1 x 5 x 64²: {step:.1f} s; gradients on {len(grads)} tensors, "
+          f"all adapters: {all('lora_' in n for n in grads)}")
+    pipe = InsV2VPipeline.from_editor(module.editor).to(dtype=torch.bfloat16)
+    video = (np.random.default_rng(0).random((9, 64, 64, 3)) * 255).astype(np.uint8)
+    start = time.perf_counter()
+    out = pipe(video, "make it red", num_inference_steps=2, clip_frames=5, reference_frames=1, progress=False).frames
+    print(f"a 2-step edit of 9 x 64² (two causal clips) in bf16: {time.perf_counter() - start:.1f} s, {out.shape}")
+    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB")
+
+
 def sd_gpu(args) -> None:
     device = torch.device(args.device)
     config = shipped_config("model/sd15-random.yaml")
@@ -233,8 +321,14 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="device peak bf16 dense TFLOP/s (H100 SXM: 989)")
     ap.add_argument("--shapes-heads", type=int, nargs="+", default=None, metavar="N",
                     help="time the shapes demo's training step with N temporal attention heads (each N given)")
+    ap.add_argument("--dit-flops", action="store_true", help="DiT editor layouts: parameters and FLOPs (meta device)")
+    ap.add_argument("--dit-cpu", action="store_true", help="Wan2.1-1.3B-layout editor: a bf16-mixed LoRA step and an edit")
     args = ap.parse_args()
-    if args.shapes_heads:
+    if args.dit_flops:
+        dit_flops(args)
+    elif args.dit_cpu:
+        dit_cpu(args)
+    elif args.shapes_heads:
         widths = shipped_config("model/shapes-pixel.yaml")["unet"]["block_out_channels"]
         if any(n < 1 or any(w % n for w in widths) for n in args.shapes_heads):
             ap.error(f"--shapes-heads: each N must divide the shapes editor's block widths {widths}")

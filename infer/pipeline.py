@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from model import Editor, WanEditor, load_editor, norm_layout_of, scheduler_class, set_norm_layout
 from model.editor import INDEX_FILE, PIPELINE_CLASS, check_sampling, write_folder_staged, write_pipeline_module
 from model.lora import add_lora, load_lora, merge_lora
+from model.wan_editor import cast_keeping_float32
 from model.weights import own_memory
 
 from .flow import clip_flows
@@ -327,8 +328,7 @@ class InsV2VPipeline(DiffusionPipeline):
             super().to(device, **kwargs)
         if dtype is not None:
             for module in (self.text_encoder, self.editor.denoiser):
-                if module.dtype != dtype:
-                    module.to(dtype=dtype)
+                cast_keeping_float32(module, dtype)
         return self
 
     # ---------------------------------------------------------------- editing

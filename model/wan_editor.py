@@ -163,8 +163,8 @@ class WanEditor:
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "WanEditor":
         for name, module in self.modules().items():
             module.to(device=device)
-            if dtype is not None and name != "vae" and module.dtype != dtype:
-                module.to(dtype=dtype)
+            if dtype is not None and name != "vae":
+                cast_keeping_float32(module, dtype)
         return self
 
     def sampling_defaults(self) -> dict[str, Any]:
@@ -301,6 +301,18 @@ class WanEditor:
                    resolution=int(index.get("resolution", 480)))
 
 
+@torch.no_grad()
+def cast_keeping_float32(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """``module``'s floating weights in ``dtype``, except the submodules its class keeps in float32
+    (``_keep_in_fp32_modules``: Wan's rotary table, time embedder, norms and modulation), as
+    diffusers' ``from_pretrained(torch_dtype=...)`` leaves them."""
+    keep = set(getattr(module, "_keep_in_fp32_modules", None) or ())
+    for name, tensor in (*module.named_parameters(), *module.named_buffers()):
+        if tensor.is_floating_point():
+            tensor.data = tensor.data.to(torch.float32 if keep.intersection(name.split(".")) else dtype)
+    return module
+
+
 def source_channels_added(transformer: WanTransformer3DModel, channels: int) -> WanTransformer3DModel:
     """A text-to-video transformer made an editor's: its patch embedding takes ``channels`` more
     input channels (the source latents) with zero weights, and its config says so."""
@@ -351,9 +363,12 @@ def build_wan_editor(config: Mapping[str, Any]) -> WanEditor:
         torch.manual_seed(int(config.get("seed", 0)))
         tokenizer = tiny_umt5_tokenizer(**config["tokenizer"])
         with torch.device(device or "cpu"):
-            text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                                                       eos_token_id=tokenizer.eos_token_id,
-                                                       **config["text_encoder"]))
+            # a real layout may state UMT5's own vocabulary size (its embedding is a fifth of the encoder)
+            text_config = {"vocab_size": len(tokenizer), **config["text_encoder"]}
+            if text_config["vocab_size"] < len(tokenizer):
+                raise ValueError(f"text_encoder.vocab_size must be at least the tokenizer's {len(tokenizer)}")
+            text_encoder = UMT5EncoderModel(UMT5Config(pad_token_id=tokenizer.pad_token_id,
+                                                       eos_token_id=tokenizer.eos_token_id, **text_config))
             vae_cfg = dict(config["vae"])
             z = int(vae_cfg.get("z_dim", 16))
             if "latents_mean" not in vae_cfg or "latents_std" not in vae_cfg:

@@ -129,3 +129,49 @@ def test_an_sd_size_edit_with_lvsc_and_motion_compensation(sd_module):
                   motion_compensation=True, progress=False, generator=torch.Generator().manual_seed(0)).frames
     assert edited.shape == video.shape and edited.dtype == np.uint8
     assert len(np.unique(edited)) > 1
+
+
+WAN_13B, WAN_5B = "model/wan2.1-t2v-1.3b-random.yaml", "model/wan2.2-ti2v-5b-random.yaml"
+
+
+def test_the_dit_editor_layouts_have_the_wan_shapes():
+    """On the meta device: the Wan repositories' transformer sizes with the source channels added,
+    their VAEs' compression and UMT5-XXL's encoder."""
+    from model import load_editor
+
+    sizes = {}
+    for name in (WAN_13B, WAN_5B):
+        editor = load_editor(shipped_config(name))
+        assert editor.transformer.device.type == "meta" and editor.temporal_compression == 4
+        assert editor.transformer.config.in_channels == 2 * editor.vae.config.z_dim
+        sizes[name] = (round(sum(p.numel() for p in editor.transformer.parameters()) / 1e6, 1), editor.size_multiple,
+                       round(sum(p.numel() for p in editor.text_encoder.parameters()) / 1e9, 2))
+    assert sizes == {WAN_13B: (1419.1, 16, 5.68), WAN_5B: (5000.4, 32, 5.68)}
+
+
+def test_the_wan_1_3b_layout_trains_a_bf16_lora_step_and_edits_on_cpu(tmp_path):
+    """The real transformer and VAE (random weights) at 5 x 64²: one bf16-mixed LoRA step moves only
+    the adapters, and the trained editor edits two causal clips. UMT5-XXL is cut to one layer."""
+    import lightning as L
+
+    config = shipped_config(WAN_13B)
+    config.update(meta=False, max_sequence_length=32)
+    config["text_encoder"] = {**{k: v for k, v in config["text_encoder"].items() if k != "vocab_size"}, "num_layers": 1}
+    module = EditorModule(editor=config, trainable="lora", lora_rank=4, objective="flow", flow_shift=5.0,
+                          export_dir=str(tmp_path / "export"), export_lora_only=True)
+    before = {n: p.detach().clone() for n, p in module.transformer.named_parameters() if "blocks.0." in n}
+    batch = {"source": torch.rand(1, 3, 5, 64, 64) * 2 - 1, "target": torch.rand(1, 3, 5, 64, 64) * 2 - 1,
+             "instruction": ["make it red"]}
+    L.Trainer(accelerator="cpu", max_steps=1, precision="bf16-mixed", logger=False, enable_progress_bar=False,
+              enable_checkpointing=False, enable_model_summary=False).fit(
+        module, torch.utils.data.DataLoader([batch], batch_size=None))
+    after = dict(module.transformer.named_parameters())
+    moved = {n for n, p in before.items() if not torch.equal(p, after[n].detach())}
+    assert moved and all("lora_B" in n for n in moved)  # B starts at zero; only adapters step
+    assert (tmp_path / "export" / "pytorch_lora_weights.safetensors").is_file()
+    pipe = InsV2VPipeline.from_editor(module.editor).to(dtype=torch.bfloat16)
+    block = pipe.editor.transformer.blocks[0]  # Wan's float32 parts stay float32, as from_pretrained leaves them
+    assert block.scale_shift_table.dtype == torch.float32 and block.attn1.to_q.weight.dtype == torch.bfloat16
+    frames = (np.random.default_rng(0).random((9, 64, 64, 3)) * 255).astype(np.uint8)
+    out = pipe(frames, "make it red", num_inference_steps=1, clip_frames=5, reference_frames=1, progress=False).frames
+    assert out.shape == frames.shape
