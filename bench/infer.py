@@ -2,6 +2,7 @@
 batched guidance, half precision and LVSC at SD 1.5 size.
 
     python bench/infer.py                       # tiny editor on CPU: s/frame, peak RSS 32 vs 320 frames
+    python bench/infer.py --dit                 # the same for the tiny DiT editor (causal VAE, 9-frame clips)
     python bench/infer.py --sd --device cuda    # SD 1.5 size, 16 frames at 384², 20 steps
     python bench/infer.py --sd-flops            # SD 1.5 size: FLOPs of an edit's parts (meta device: any machine)
 """
@@ -44,30 +45,33 @@ def edit_file(pipe, path, settings, device) -> int:
     return frames
 
 
-def memory_run(num_frames: int, steps: int) -> None:
+def memory_run(num_frames: int, steps: int, model: str = "tiny") -> None:
     """Child process: edit a num_frames-long video; print the process's peak RSS in MiB."""
     with tempfile.TemporaryDirectory() as tmp:
         path = write_video(Path(tmp) / "in.mp4", synthetic_video(num_frames), 10)
-        pipe = InsV2VPipeline.from_pretrained("tiny")
-        settings = EditSettings(prompt="make it red", num_inference_steps=steps, resolution=32, motion_compensation=True)
+        pipe = InsV2VPipeline.from_pretrained(model)
+        settings = pipe.settings("make it red", num_inference_steps=steps, resolution=32, motion_compensation=True)
         assert edit_file(pipe, path, settings, "cpu") == num_frames
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 def tiny_cpu(args) -> None:
-    pipe = InsV2VPipeline.from_pretrained("tiny")
+    model = "wan-tiny" if args.dit else "tiny"
+    pipe = InsV2VPipeline.from_pretrained(model)
     video = synthetic_video(args.frames)
     settings = dict(num_inference_steps=args.steps, resolution=32, progress=False)
     pipe(video[:16], "make it red", **{**settings, "num_inference_steps": 1})  # warm-up
+    print(f"{model}: clips of {pipe.settings('x').clip_frames} frames, {pipe.settings('x').reference_frames} references")
     for label, extra in (("LVSC", {}), ("LVSC+MC", {"motion_compensation": True}), ("no LVSC", {"lvsc": 0.0})):
         start = time.perf_counter()
         pipe(video, "make it red", generator=torch.Generator().manual_seed(0), **settings, **extra)
         per_frame = (time.perf_counter() - start) / args.frames
-        print(f"tiny CPU {label:8s} {args.frames} frames at 32px, {args.steps} steps: {per_frame:.3f} s/frame")
+        print(f"{model} CPU {label:8s} {args.frames} frames at 32px, {args.steps} steps: {per_frame:.3f} s/frame")
     peaks = {}
     for n in (32, 320):
         out = subprocess.run(
-            [sys.executable, __file__, "--memory-run", str(n), "--steps", "2"], capture_output=True, text=True, check=True
+            [sys.executable, __file__, "--memory-run", str(n), "--steps", "2", *(["--dit"] if args.dit else [])],
+            capture_output=True, text=True, check=True
         )
         peaks[n] = float(out.stdout.strip().splitlines()[-1])
     growth = peaks[320] / peaks[32] - 1
@@ -146,6 +150,7 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=32)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--memory-run", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--dit", action="store_true", help="the tiny DiT editor (wan-tiny) instead of the tiny U-Net editor")
     ap.add_argument("--sd", action="store_true", help="SD 1.5-size comparisons (meant for a GPU)")
     ap.add_argument("--sd-flops", action="store_true", help="SD 1.5 size: FLOPs of an edit's parts, on the meta device")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -156,7 +161,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.memory_run:
-        memory_run(args.memory_run, args.steps)
+        memory_run(args.memory_run, args.steps, "wan-tiny" if args.dit else "tiny")
     elif args.sd_flops:
         sd_flops(args)
     elif args.sd:

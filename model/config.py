@@ -116,6 +116,7 @@ def load_editor(spec: EditorSpec = None, torch_dtype: torch.dtype | None = None,
       :meth:`WanEditor.from_pretrained` when it names a transformer (a DiT editor, a diffusers
       ``LucyEditPipeline`` or ``WanPipeline`` folder);
     * a mapping with ``backbone: wan``: :func:`model.wan_editor.build_wan_editor`;
+    * ``{extends: FILE.yaml, key: value, ...}``: that config with the keys given replaced;
     * a YAML file or a mapping: ``{pretrained: DIR}``, ``{base_model: DIR, motion_adapter:
       DIR|FILE|null, scheduler: NAME, norm_layout: diffusers|insv2v}`` (Stable Diffusion /
       InstructPix2Pix + AnimateDiff; FILE is an original-format motion-module checkpoint) or
@@ -127,7 +128,7 @@ def load_editor(spec: EditorSpec = None, torch_dtype: torch.dtype | None = None,
     """
     if not vae_weights and _vae_folder(spec) is None:  # built from configs: the real VAE costs nothing to build
         editor = load_editor(spec, torch_dtype)
-        if isinstance(editor, WanEditor):
+        if isinstance(editor, WanEditor) and editor.vae is not None:
             with torch.device("meta"):
                 editor.vae = type(editor.vae).from_config(editor.vae.config)
         elif editor.vae is not None:
@@ -149,6 +150,11 @@ def load_editor(spec: EditorSpec = None, torch_dtype: torch.dtype | None = None,
         else:
             raise EditorLoadError(f"no editor at {path}: expected a folder or a .yaml file")
     spec = dict(spec)
+    if "extends" in spec:  # another config with some keys replaced (e.g. an ablation's one switch)
+        base = _path_value(spec, "extends")
+        if not base.is_file():
+            raise EditorLoadError(f"extends: no editor config at {base}")
+        spec = {**yaml.safe_load(base.read_text()), **{k: v for k, v in spec.items() if k != "extends"}}
     if "pretrained" in spec:
         return _from_folder(_path_value(spec, "pretrained"), torch_dtype, vae_weights)
     if spec.get("backbone") == "wan":

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 import diffusers
 import torch
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
+from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from .editor import (
@@ -88,6 +89,11 @@ class WanEditor:
     is 1 and the source condition is on the same scale as the target. Text is UMT5's last hidden
     state, zero past each prompt's tokens, ``max_sequence_length`` long.
 
+    ``vae is None`` means pixel space (latents are the frames in [-1, 1], one per frame), as the
+    shapes world's from-scratch editors use. ``per_frame_attention`` restricts self-attention to
+    the tokens of each frame (:class:`PerFrameAttnProcessor`): the same parameters as a per-frame
+    image editor, the temporal ablation of a DiT.
+
     It offers what the pipeline, the trainer and the cache call on an editor (the same names as
     :class:`model.Editor`): ``encode_text``, ``encode_distribution``, ``encode_video``,
     ``decode_latents``, ``predict``, ``denoiser``, ``temporal_compression``.
@@ -95,13 +101,17 @@ class WanEditor:
 
     tokenizer: Any
     text_encoder: torch.nn.Module
-    vae: AutoencoderKLWan
+    vae: AutoencoderKLWan | None
     transformer: WanTransformer3DModel
     scheduler: SchedulerMixin
     max_sequence_length: int = 512
     expand_timesteps: bool = False
     sampling: dict[str, Any] | None = None
     resolution: int = 480
+    per_frame_attention: bool = False
+
+    def __post_init__(self):
+        set_per_frame_attention(self.transformer, self.per_frame_attention)
 
     source_prior_std = None  # the U-Net editor's x0 prior has no DiT counterpart
     preconditioned = False
@@ -127,11 +137,11 @@ class WanEditor:
 
     @property
     def vae_scale_factor(self) -> int:
-        return int(self.vae.config.scale_factor_spatial)
+        return 1 if self.vae is None else int(self.vae.config.scale_factor_spatial)
 
     @property
     def temporal_compression(self) -> int:
-        return int(self.vae.config.scale_factor_temporal)
+        return 1 if self.vae is None else int(self.vae.config.scale_factor_temporal)
 
     @property
     def size_multiple(self) -> int:
@@ -192,6 +202,8 @@ class WanEditor:
         """The VAE posterior of clips ``(B, 3, F, H, W)`` in [-1, 1], normalised: mean
         ``(m - mu) / sigma`` and log-variance ``logvar - 2 log sigma``, each ``(B, c, 1 + (F-1)/4, h, w)``,
         in float32. The causal VAE reads a clip whole; ``chunk`` clips are encoded at a time."""
+        if self.vae is None:
+            raise ValueError("a pixel-space editor has no VAE posterior to encode")
         means, logvars = [], []
         for part in video.split(chunk):
             dist = self.vae.encode(part.to(self.vae.device, self.vae.dtype)).latent_dist
@@ -205,11 +217,15 @@ class WanEditor:
                      chunk: int = 1) -> torch.Tensor:
         """Normalised latents of clips ``(B, 3, F, H, W)``: the posterior's mode (the source
         condition, as Lucy Edit encodes it) or, with ``sample``, a draw (the training target)."""
+        if self.vae is None:
+            return video.to(self.dtype)
         mean, logvar = self.encode_distribution(video, chunk)
         return (posterior_sample(mean, logvar, generator) if sample else mean).to(self.dtype)
 
     def decode_latents(self, latents: torch.Tensor, chunk: int = 1) -> torch.Tensor:
         """Frames ``(B, 3, F, H, W)`` in [-1, 1] from normalised latents ``(B, c, f, h, w)``."""
+        if self.vae is None:
+            return latents.float().clamp(-1, 1)
         mu, sigma = self._statistics(latents.float())
         raw = denormalise_latents(latents.float(), mu, sigma).to(self.vae.device, self.vae.dtype)
         frames = torch.cat([self.vae.decode(part).sample for part in raw.split(chunk)])
@@ -226,6 +242,11 @@ class WanEditor:
         if self.expand_timesteps:
             _, ph, pw = self.transformer.config.patch_size
             t = t[:, None].expand(b, f * (h // ph) * (w // pw))
+        if self.per_frame_attention:
+            _, ph, pw = self.transformer.config.patch_size
+            for module in self.transformer.modules():
+                if isinstance(getattr(module, "processor", None), PerFrameAttnProcessor):
+                    module.processor.tokens_per_frame = (h // ph) * (w // pw)
         hidden = torch.cat([noisy, condition.to(noisy.dtype)], dim=1).to(dtype)
         out = self.transformer(hidden_states=hidden, timestep=t, encoder_hidden_states=text_states.to(dtype),
                                return_dict=False)[0]
@@ -240,6 +261,9 @@ class WanEditor:
         index: dict[str, Any] = {"_class_name": list(PIPELINE_CLASS), "_diffusers_version": diffusers.__version__}
         for name in DIT_COMPONENTS:
             component = getattr(self, name)
+            if component is None:
+                index[name] = [None, None]
+                continue
             library = "transformers" if name in ("tokenizer", "text_encoder") else "diffusers"
             index[name] = [library, type(component).__name__]
             if name in ("tokenizer", "scheduler"):
@@ -248,7 +272,8 @@ class WanEditor:
                 component.save_pretrained(directory / name, safe_serialization=True)
         index["unet"] = [None, None]
         index.update(sampling=self.sampling, max_sequence_length=self.max_sequence_length,
-                     expand_timesteps=self.expand_timesteps, resolution=self.resolution)
+                     expand_timesteps=self.expand_timesteps, resolution=self.resolution,
+                     per_frame_attention=self.per_frame_attention)
         (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         write_pipeline_module(directory)
 
@@ -262,7 +287,10 @@ class WanEditor:
         index = json.loads((directory / INDEX_FILE).read_text())
         class_name = index.get("_class_name")
         class_name = class_name[-1] if isinstance(class_name, list) else class_name
+        pixel_space = index.get("vae") == [None, None]
         for name in DIT_COMPONENTS:
+            if name == "vae" and pixel_space:
+                continue
             if not isinstance(index.get(name), list) or index[name][0] is None:
                 raise EditorLoadError(f"{directory / INDEX_FILE} lists no {name}")
             weights = {"text_encoder": None, "vae": "diffusion_pytorch_model.safetensors" if vae_weights else None,
@@ -278,12 +306,12 @@ class WanEditor:
         tokenizer = load_component("tokenizer", lambda: AutoTokenizer.from_pretrained(directory / "tokenizer"))
         text_encoder = load_component("text_encoder", lambda: UMT5EncoderModel.from_pretrained(
             directory / "text_encoder", use_safetensors=True, dtype=torch_dtype))
-        vae = load_component("vae", lambda: wan_vae(directory / "vae", vae_weights))
+        vae = None if pixel_space else load_component("vae", lambda: wan_vae(directory / "vae", vae_weights))
         transformer = load_component("transformer", lambda: WanTransformer3DModel.from_pretrained(
             directory / "transformer", use_safetensors=True, torch_dtype=torch_dtype))
         scheduler = load_component("scheduler", lambda: scheduler_class(index["scheduler"][1]).from_pretrained(
             directory / "scheduler"))
-        latent = vae.config.z_dim
+        latent = 3 if vae is None else vae.config.z_dim
         if class_name == WAN_TEXT_TO_VIDEO:
             if transformer.config.in_channels != latent:
                 raise EditorLoadError(f"{directory}: a WanPipeline transformer must read {latent} channels")
@@ -294,11 +322,13 @@ class WanEditor:
                                   f"{transformer.config.out_channels}")
         if index.get("boundary_ratio") is not None or index.get("transformer_2", [None])[0] is not None:
             raise EditorLoadError(f"{directory}: two-expert folders (transformer_2) are not supported")
-        return cls(tokenizer=tokenizer, text_encoder=text_encoder.eval(), vae=vae.eval(), transformer=transformer,
-                   scheduler=scheduler, max_sequence_length=int(index.get("max_sequence_length", 512)),
+        return cls(tokenizer=tokenizer, text_encoder=text_encoder.eval(), vae=vae if vae is None else vae.eval(),
+                   transformer=transformer, scheduler=scheduler,
+                   max_sequence_length=int(index.get("max_sequence_length", 512)),
                    expand_timesteps=bool(index.get("expand_timesteps", False)),
                    sampling=check_sampling(index.get("sampling"), str(directory / INDEX_FILE)),
-                   resolution=int(index.get("resolution", 480)))
+                   resolution=int(index.get("resolution", 480)),
+                   per_frame_attention=bool(index.get("per_frame_attention", False)))
 
 
 @torch.no_grad()
@@ -311,6 +341,28 @@ def cast_keeping_float32(module: torch.nn.Module, dtype: torch.dtype) -> torch.n
         if tensor.is_floating_point():
             tensor.data = tensor.data.to(torch.float32 if keep.intersection(name.split(".")) else dtype)
     return module
+
+
+class PerFrameAttnProcessor(WanAttnProcessor):
+    """Wan self-attention restricted to the tokens of each frame: a block-diagonal mask over the
+    frame-major token sequence (``tokens_per_frame`` long blocks, set by the editor before each
+    forward). Same weights and shapes as the full processor; frames no longer see each other."""
+
+    tokens_per_frame: int | None = None
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        if encoder_hidden_states is None and self.tokens_per_frame:
+            frame = torch.arange(hidden_states.shape[1], device=hidden_states.device) // self.tokens_per_frame
+            attention_mask = frame[:, None] == frame[None, :]
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+
+
+def set_per_frame_attention(transformer: WanTransformer3DModel, per_frame: bool) -> None:
+    """Every block's self-attention per frame (:class:`PerFrameAttnProcessor`) or over the whole clip."""
+    for block in getattr(transformer, "blocks", ()):
+        current = isinstance(block.attn1.processor, PerFrameAttnProcessor)
+        if per_frame != current:
+            block.attn1.set_processor(PerFrameAttnProcessor() if per_frame else WanAttnProcessor())
 
 
 def source_channels_added(transformer: WanTransformer3DModel, channels: int) -> WanTransformer3DModel:
@@ -352,12 +404,13 @@ def build_wan_editor(config: Mapping[str, Any]) -> WanEditor:
 
     config = dict(config)
     unknown = set(config) - {"backbone", "seed", "tokenizer", "text_encoder", "vae", "transformer", "scheduler",
-                             "max_sequence_length", "expand_timesteps", "sampling", "resolution", "meta"}
+                             "max_sequence_length", "expand_timesteps", "sampling", "resolution", "meta",
+                             "per_frame_attention"}
     if unknown:
         raise ValueError(f"unknown DiT editor config keys: {sorted(unknown)}")
     for key in ("tokenizer", "text_encoder", "vae", "transformer", "scheduler"):
         if key not in config:
-            raise ValueError(f"DiT editor config is missing '{key}'")
+            raise ValueError(f"DiT editor config is missing '{key}' (vae: null for pixel space)")
     device = torch.device("meta") if config.get("meta") else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(config.get("seed", 0)))
@@ -369,12 +422,13 @@ def build_wan_editor(config: Mapping[str, Any]) -> WanEditor:
                 raise ValueError(f"text_encoder.vocab_size must be at least the tokenizer's {len(tokenizer)}")
             text_encoder = UMT5EncoderModel(UMT5Config(pad_token_id=tokenizer.pad_token_id,
                                                        eos_token_id=tokenizer.eos_token_id, **text_config))
-            vae_cfg = dict(config["vae"])
-            z = int(vae_cfg.get("z_dim", 16))
-            if "latents_mean" not in vae_cfg or "latents_std" not in vae_cfg:
+            vae, z = None, 3  # pixel space: the frames are the latents
+            if config["vae"]:
+                vae_cfg = dict(config["vae"])
+                z = int(vae_cfg.get("z_dim", 16))
                 vae_cfg.setdefault("latents_mean", [0.0] * z)
                 vae_cfg.setdefault("latents_std", [1.0] * z)
-            vae = AutoencoderKLWan(**vae_cfg)
+                vae = AutoencoderKLWan(**vae_cfg).eval()
             transformer_cfg = dict(config["transformer"])
             if transformer_cfg.get("in_channels") != 2 * z or transformer_cfg.get("out_channels") != z:
                 raise ValueError(f"transformer.in_channels must be {2 * z} and out_channels {z} (latents and source)")
@@ -383,8 +437,9 @@ def build_wan_editor(config: Mapping[str, Any]) -> WanEditor:
             transformer = WanTransformer3DModel(**transformer_cfg)
     sched_cfg = dict(config["scheduler"])
     scheduler = scheduler_class(sched_cfg.pop("class", "FlowMatchEulerDiscreteScheduler"))(**sched_cfg)
-    return WanEditor(tokenizer=tokenizer, text_encoder=text_encoder.eval(), vae=vae.eval(), transformer=transformer,
+    return WanEditor(tokenizer=tokenizer, text_encoder=text_encoder.eval(), vae=vae, transformer=transformer,
                      scheduler=scheduler, max_sequence_length=int(config.get("max_sequence_length", 512)),
                      expand_timesteps=bool(config.get("expand_timesteps", False)),
                      sampling=check_sampling(config.get("sampling"), "DiT editor config"),
-                     resolution=int(config.get("resolution", 480)))
+                     resolution=int(config.get("resolution", 480)),
+                     per_frame_attention=bool(config.get("per_frame_attention", False)))

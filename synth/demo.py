@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from infer import InsV2VPipeline, clip_plan
 from infer.metrics import pair_warp_errors, seam_pairs, source_pair_flows
 from infer.pipeline import to_model_frames
-from infer.sampling import predicted_sample, to_epsilon
+from infer.sampling import is_flow_scheduler, predicted_sample, to_epsilon
 
 from .build import load_config, shapes_world
 from .shapes import ALL_EDITS, BACKGROUNDS, COLORS, EDITS, RADII, SHAPES, SPEEDS
@@ -115,7 +115,8 @@ def word_effects(pipe: InsV2VPipeline, held_out: list, kinds: list[str], seed: i
     ed, scheduler = pipe.editor, pipe.scheduler
     scheduler.set_timesteps(steps)  # where the user's sampler starts (timestep spacing varies by scheduler)
     t = scheduler.timesteps[0]
-    alpha_bar = scheduler.alphas_cumprod[int(t)]
+    flow = is_flow_scheduler(scheduler)
+    alpha_bar = None if flow else scheduler.alphas_cumprod[int(t)]
     moved: dict[str, list[float]] = {}
     for i, ((triplet, source, target), kind) in enumerate(zip(held_out, kinds)):
         other = other_word(triplet.edit)
@@ -123,11 +124,15 @@ def word_effects(pipe: InsV2VPipeline, held_out: list, kinds: list[str], seed: i
             continue
         condition = ed.encode_video(to_model_frames(list(source)).to(ed.device)).float()
         noise = torch.randn(condition.shape, generator=torch.Generator().manual_seed(seed + i)).to(ed.device)
-        z = scheduler.scale_model_input(noise * scheduler.init_noise_sigma, t)  # as the sampler's first step
+        # as the sampler's first step (a flow sampler starts from the noise itself, at sigma = t / T)
+        z = noise if flow else scheduler.scale_model_input(noise * scheduler.init_noise_sigma, t)
         estimates = []
         for prompt in (triplet.edit, other):
             out = ed.predict(z, condition, ed.encode_text([prompt]), t)
-            x0 = predicted_sample(to_epsilon(out, z, alpha_bar, scheduler.config.prediction_type), z, alpha_bar)
+            if flow:  # x0 = z - sigma v
+                x0 = z - float(t) / scheduler.config.num_train_timesteps * out
+            else:
+                x0 = predicted_sample(to_epsilon(out, z, alpha_bar, scheduler.config.prediction_type), z, alpha_bar)
             estimates.append((ed.decode_latents(x0).float().clamp(-1, 1) + 1) / 2)  # pixels in [0, 1], unrounded
         moved.setdefault(kind, []).append((float((estimates[0] - estimates[1]).pow(2).mean()), mse(source, target)))
     return {kind: float(np.mean([m for m, _ in pairs]) / max(np.mean([d for _, d in pairs]), 1e-12))

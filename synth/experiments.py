@@ -60,7 +60,8 @@ def plan(name: str, ablation: bool = False, folder: Path = FOLDER) -> list[Step]
     steps = [Step(f"shards: {s['out']}", "synth", ("build", "--config", str(folder / s["world"]), "--out", s["out"],
                                                    "--num-samples", str(s["samples"]), "--resume"))
              for s in spec["shards"]]
-    layers = [folder / layer for layer in spec["train"]] + ([folder / "ablation.yaml"] if ablation else [])
+    layers = [folder / layer for layer in spec["train"]] + ([folder / spec.get("ablation", "ablation.yaml")]
+                                                             if ablation else [])
     fit = [arg for layer in layers for arg in ("--config", str(layer))]
     if ablation:  # into a folder of its own, so the experiment's editor and checkpoints stay
         editor = f"{out}-ablation/editor"

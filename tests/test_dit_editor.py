@@ -203,7 +203,7 @@ def test_long_videos_stitch_on_reference_latents_and_keep_every_frame(tiny):
     assert torch.allclose(finals[1][:, :, :1], anchor.float(), atol=1e-5)
 
 
-def fit(tmp_path: Path, shards: Path, steps: int, **model) -> EditorModule:
+def fit(tmp_path: Path, shards: Path, steps: int, ckpt_path: str | None = None, **model) -> EditorModule:
     L.seed_everything(0)
     module = EditorModule(**{"editor": "wan-tiny", "trainable": "all", "objective": "flow", "flow_shift": 3.0,
                              "lr": 1e-3, "export_dir": str(tmp_path / "export"), **model})
@@ -212,7 +212,8 @@ def fit(tmp_path: Path, shards: Path, steps: int, **model) -> EditorModule:
 
     L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
               default_root_dir=tmp_path, callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True,
-                                                                    every_n_train_steps=1)]).fit(module, data)
+                                                                    every_n_train_steps=1)]).fit(module, data,
+                                                                                                 ckpt_path=ckpt_path)
     return module
 
 
@@ -348,3 +349,79 @@ def test_the_page_and_eval_edit_with_a_dit_editor(tmp_path, tiny):
     assert code == 0
     rows = (tmp_path / "eval" / "per_video.csv").read_text().splitlines()
     assert len(rows) > 1 and rows[1].startswith("clip,")
+
+
+def test_per_frame_attention_keeps_frames_apart_with_the_same_weights():
+    """The DiT's temporal ablation: each frame's prediction ignores the other frames, and the weights
+    (hence a checkpoint) are those of the full editor."""
+    config = shipped_config("model/shapes-dit.yaml")
+    full, per_frame = build_wan_editor(config), build_wan_editor({**config, "per_frame_attention": True})
+    assert all(torch.equal(a, b) for a, b in zip(full.transformer.state_dict().values(),
+                                                 per_frame.transformer.state_dict().values()))
+    generator = torch.Generator().manual_seed(0)
+    noisy, source = torch.randn(1, 3, 4, 16, 16, generator=generator), torch.randn(1, 3, 4, 16, 16, generator=generator)
+    text = full.encode_text(["make the background pink"])
+    other = noisy.clone()
+    other[:, :, 1:] = torch.randn(other[:, :, 1:].shape, generator=generator)  # every frame but the first changes
+    with torch.no_grad():
+        for editor, kept in ((per_frame, True), (full, False)):
+            a, b = (editor.predict(z, source, text, torch.tensor([500.0])) for z in (noisy, other))
+            assert torch.allclose(a[:, :, 0], b[:, :, 0], atol=1e-5) == kept
+    folder_editor = InsV2VPipeline.from_editor(per_frame)
+    assert folder_editor.editor.per_frame_attention
+
+
+def test_a_resumed_dit_run_ends_with_the_same_weights(tmp_path, dit_shards):
+    straight = fit(tmp_path / "a", dit_shards, 4, ema_decay=0.9)
+    fit(tmp_path / "b", dit_shards, 2, ema_decay=0.9)
+    resumed = fit(tmp_path / "b", dit_shards, 4, ckpt_path=str(tmp_path / "b" / "ckpt" / "last.ckpt"), ema_decay=0.9)
+    a, b = straight.transformer.state_dict(), resumed.transformer.state_dict()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    assert max((straight.ema[k] - resumed.ema[k]).abs().max().item() for k in straight.ema) < 1e-6
+    fresh = load_editor("wan-tiny").transformer.state_dict()
+    assert max((a[k] - fresh[k]).abs().max().item() for k in a) > 1e-4  # it did train
+
+
+@pytest.mark.slow
+def test_fsdp_over_dit_blocks_matches_ddp(tmp_path, dit_shards):
+    """editor_fsdp shards each WanTransformerBlock (gloo, 2 CPU processes): the same 2 steps as DDP."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    args = [sys.executable, "-m", "train", "fit", "--config", str(root / "configs" / "tiny.yaml"),
+            "--data.shards", f"{dit_shards}/*.tar", "--data.num_frames", "5", "--model.editor", "wan-tiny",
+            "--model.objective", "flow", "--model.trainable", "all", "--trainer.max_steps", "2",
+            "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.enable_progress_bar", "false"]
+    weights = {}
+    for strategy in ("ddp", "editor_fsdp"):
+        proc = subprocess.run(args + ["--trainer.strategy", strategy, "--trainer.default_root_dir", strategy],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                              env={**__import__("os").environ, "WANDB_MODE": "offline"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        weights[strategy] = torch.load(next((tmp_path / strategy).rglob("last.ckpt")), weights_only=True)["state_dict"]
+    initial = EditorModule(editor="wan-tiny", trainable="all", objective="flow").trainable_parameters()
+    ddp, fsdp = weights["ddp"], weights["editor_fsdp"]
+    assert fsdp.keys() == ddp.keys() == initial.keys() and all(k.startswith("transformer.") for k in initial)
+    moved = torch.cat([(ddp[k] - initial[k]).flatten() for k in initial]).abs().mean()
+    apart = torch.cat([(fsdp[k] - ddp[k]).flatten() for k in initial]).abs().mean()
+    assert apart < 1e-3 * moved, (apart, moved)
+
+
+def test_image_pairs_train_the_dit_as_clips_in_mixed_batches(tmp_path, dit_shards):
+    from test_lift import write_image_pair_shard
+
+    (tmp_path / "images").mkdir()
+    write_image_pair_shard(tmp_path / "images/pairs-000.tar", 4)
+    sources = [{"shards": str(dit_shards), "weight": 0.5, "name": "video"},
+               {"shards": str(tmp_path / "images"), "weight": 0.5, "name": "images"}]
+    L.seed_everything(0)
+    module = EditorModule(editor="wan-tiny", trainable="all", objective="flow", lr=1e-3)
+    data = ShardDataModule(sources=sources, num_frames=5, resolution=32, batch_size=4, batches_per_epoch=2,
+                           stream_seed=0, augment=False, shuffle_buffer=2, image_clips="camera")
+    before = {k: v.clone() for k, v in module.transformer.state_dict().items()}
+    L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+              enable_model_summary=False, default_root_dir=tmp_path).fit(module, data)
+    assert set(data.source_counts) == {"video", "images"} and all(n > 0 for n in data.source_counts.values())
+    after = module.transformer.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
