@@ -232,12 +232,18 @@ def dit_cpu(args) -> None:
     trainer = L.Trainer(accelerator="cpu", max_steps=1, precision="bf16-mixed", logger=False, enable_progress_bar=False,
                         enable_checkpointing=False, enable_model_summary=False)
     start = time.perf_counter()
+    before = {n: p.detach().clone() for n, p in module.transformer.named_parameters() if "blocks.0." in n}
     trainer.fit(module, torch.utils.data.DataLoader([batch], batch_size=None))
     step = time.perf_counter() - start
     grads = [n for n, p in module.named_parameters() if p.grad is not None]
+    after = dict(module.transformer.named_parameters())
+    moved = [n for n, p in before.items() if not torch.equal(p, after[n].detach())]
     print(f"one bf16-mixed LoRA step on 1 x 5 x 64²: {step:.1f} s; gradients on {len(grads)} tensors, "
-          f"all adapters: {all('lora_' in n for n in grads)}")
+          f"all adapters: {all('lora_' in n for n in grads)}; lora_B moved only: "
+          f"{bool(moved) and all('lora_B' in n for n in moved)}")
     pipe = InsV2VPipeline.from_editor(module.editor).to(dtype=torch.bfloat16)
+    block = pipe.editor.transformer.blocks[0]
+    print(f"bf16 editor, float32 parts kept: {block.scale_shift_table.dtype == torch.float32 and block.attn1.to_q.weight.dtype == torch.bfloat16}")
     video = (np.random.default_rng(0).random((9, 64, 64, 3)) * 255).astype(np.uint8)
     start = time.perf_counter()
     out = pipe(video, "make it red", num_inference_steps=2, clip_frames=5, reference_frames=1, progress=False).frames

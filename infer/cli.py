@@ -48,9 +48,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="edit a set of videos under several settings and tabulate metrics",
                         description="Compare settings on the same videos and seeds: CLIP-T/F/D, PickScore, warp and seam error.")
-    ev.add_argument("--videos", required=True, help="folder of videos named <video>.mp4 (or mov, mkv, webm, gif)")
-    ev.add_argument("--instructions", required=True, help="LOVEU-TGVE JSON {video: {edit: instruction}} or CSV video,instruction")
-    ev.add_argument("--out", required=True, help="folder for per_video.csv, summary.json, summary.md")
+    ev.add_argument("--videos", help="folder of videos named <video>.mp4 (or mov, mkv, webm, gif)")
+    ev.add_argument("--instructions", help="LOVEU-TGVE JSON {video: {edit: instruction}} or CSV video,instruction")
+    ev.add_argument("--benchmark", metavar="PATH",
+                    help="a public benchmark's file or folder instead of --videos/--instructions: EditVerse-Bench "
+                         "test.json, OpenVE-Bench benchmark_videos.csv, FiVE-Bench edit*_FiVE.json, a V2VBench YAML, "
+                         "LOVEU-TGVE prompt YAMLs")
+    ev.add_argument("--format", choices=["editverse", "openve", "five", "v2vbench", "tgve"], default=None,
+                    help="the benchmark's format (default: detected)")
+    ev.add_argument("--categories", nargs="+", default=None, help="only these edit types of the benchmark")
+    ev.add_argument("--limit", type=positive_int, default=None, help="only the first N items (after --categories)")
+    ev.add_argument("--shard-index", type=non_negative_int, default=None,
+                    help="this rank's share of the items (default: $RANK, else 0)")
+    ev.add_argument("--num-shards", type=positive_int, default=None, help="ranks sharing the items (default: $WORLD_SIZE, else 1)")
+    ev.add_argument("--merge", action="store_true", help="report the rows every rank wrote to --out (no editing)")
+    ev.add_argument("--judge-concurrency", type=positive_int, default=4, help="judge requests in flight (default 4)")
+    ev.add_argument("--judge-temperature", type=non_negative_float, default=0.0, help="the judge's temperature (default 0)")
+    ev.add_argument("--out", required=True, help="folder for the rows, reports and (with --benchmark) the edits")
     ev.add_argument("--model", help="editor folder or training checkpoint (default: the tiny editor)")
     ev.add_argument("--clip-model", help="transformers CLIP folder (ViT-L/14); default: the tiny random CLIP")
     ev.add_argument("--pickscore-model", help="PickScore_v1 folder (a transformers CLIP model)")
@@ -147,7 +161,91 @@ def convert_insv2v_command(args: argparse.Namespace) -> Path:
     return out
 
 
+def benchmark_command(args: argparse.Namespace) -> None:
+    """``infer eval --benchmark``: one rank's edits and judgments, or ``--merge`` of every rank's rows."""
+    import os
+
+    from model import EditorLoadError
+
+    from .benchmark_judges import JUDGES, JudgeSettings
+    from .benchmark_run import BenchmarkRun, RowLog, merge, read_rows, rows_file, run_benchmark, shard, write_report
+    from .benchmarks import BenchmarkError, read_benchmark, select
+    from .clip_scorer import ClipScorer
+    from .pipeline import InsV2VPipeline
+    from .sampling import check_causal_clip
+    from .video import VideoError
+
+    out = Path(args.out)
+    try:
+        fmt, items = read_benchmark(Path(args.benchmark), args.format)
+        items = select(items, args.categories, args.limit, fmt)
+        if not items:
+            raise ValueError(f"{args.benchmark}: no items left after --categories/--limit")
+        notes = [f"{len(items)} items of {args.benchmark} ({fmt})"]
+        if args.merge:
+            rows = merge(out, items)
+        else:
+            index = args.shard_index if args.shard_index is not None else int(os.environ.get("RANK", 0))
+            count = args.num_shards if args.num_shards is not None else int(os.environ.get("WORLD_SIZE", 1))
+            mine = shard(items, index, count)
+            path = rows_file(out, index, count)
+            if path.is_file() and not args.resume:
+                raise ValueError(f"{path} holds an earlier run's rows: pass --resume to continue it, or choose another --out")
+            kept = read_rows(path) if args.resume else []
+            log = RowLog(path, kept)
+            pipe = InsV2VPipeline.load(args.model)
+            options = {k: v for k, v in dict(num_inference_steps=args.steps, clip_frames=args.clip_frames,
+                                             reference_frames=args.reference_frames).items() if v is not None}
+            for name, values in (parse_settings(args.setting) or {"default": {}}).items():
+                options.update(values)
+            probe = pipe.settings("x", **options)
+            probe.validate()
+            check_causal_clip(probe.clip_frames, probe.reference_frames, pipe.editor.temporal_compression)
+            judge = None
+            if args.judge_base_url or args.judge_model:
+                if not (args.judge_base_url and args.judge_model):
+                    raise ValueError("the judge needs both --judge-base-url and --judge-model")
+                if fmt in JUDGES:
+                    judge = JUDGES[fmt](JudgeSettings(args.judge_base_url, args.judge_model, args.judge_api_key_env,
+                                                      args.judge_temperature))
+                else:
+                    notes.append(f"judge: {fmt} defines no VLM score; only the automatic metrics are reported")
+            run = BenchmarkRun(fmt, out, pipe, options, ClipScorer.load(args.clip_model),
+                               ClipScorer.from_pretrained(args.pickscore_model) if args.pickscore_model else None,
+                               judge, args.seed, args.resolution, args.max_frames, args.judge_concurrency,
+                               not args.quiet)
+            run_benchmark(run, mine, log, {r["key"] for r in kept})
+            rows = read_rows(path)
+            notes.append(f"rank {index} of {count}: {len(rows)} of {len(mine)} items" +
+                         (f" ({len(kept)} kept from the earlier run)" if kept else ""))
+            if run.judge_stopped:
+                notes.append(f"judge stopped: {run.judge_stopped}")
+            if judge is not None:
+                notes.append(f"judge: {judge.stats.requests} requests, {judge.stats.retries} retries, "
+                             f"{judge.stats.malformed} replies not readable")
+        if not args.clip_model:
+            notes.append("CLIP metrics use the embedded tiny CLIP (random weights): pass --clip-model for meaningful scores")
+    except (BenchmarkError, ValueError, FileNotFoundError, EditorLoadError, VideoError) as err:
+        raise UsageError(str(err)) from None
+    text = write_report(out, fmt, rows, notes)
+    if not args.quiet:
+        print(text, file=sys.stderr)
+
+
+def parse_settings(settings: list[str]) -> dict:
+    from .evaluate import parse_setting
+
+    parsed = dict(parse_setting(s) for s in settings)
+    if len(parsed) > 1:
+        raise ValueError("--benchmark edits with one setting: give --setting once")
+    return parsed
+
+
 def evaluate_command(args: argparse.Namespace) -> None:
+    if args.benchmark:
+        return benchmark_command(args)
+    if not (args.videos and args.instructions):
+        raise UsageError("infer eval needs --videos and --instructions, or --benchmark")
     from model import EditorLoadError
 
     import numpy as np

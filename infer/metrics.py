@@ -90,3 +90,32 @@ def seam_error(source: np.ndarray, edited: np.ndarray, boundaries: list[int], **
     errors = pair_warp_errors(source, edited, **kw)
     picked = [errors[t] for t in seam_pairs(boundaries, len(edited))]
     return float(np.mean(picked)) if picked else 0.0
+
+
+def masked_psnr(a: np.ndarray, b: np.ndarray, keep: np.ndarray) -> float:
+    """PSNR over the pixels ``keep`` marks (``(F, H, W)`` bool) of uint8 videos ``(F, H, W, 3)``:
+    ``10 log10(255^2 / MSE)``; FiVE's background preservation with ``keep`` = outside the edit mask."""
+    if not keep.any():
+        return float("nan")
+    diff = (a.astype(np.float64) - b.astype(np.float64))[keep]
+    mse = float(np.mean(diff**2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def masked_ssim(a: np.ndarray, b: np.ndarray, keep: np.ndarray) -> float:
+    """Mean SSIM (Gaussian window 11, sigma 1.5, on grey levels) over the pixels ``keep`` marks."""
+    import cv2
+
+    if not keep.any():
+        return float("nan")
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    values = []
+    for x, y, k in zip(a, b, keep):
+        x = cv2.cvtColor(x, cv2.COLOR_RGB2GRAY).astype(np.float64)
+        y = cv2.cvtColor(y, cv2.COLOR_RGB2GRAY).astype(np.float64)
+        blur = lambda v: cv2.GaussianBlur(v, (11, 11), 1.5)  # noqa: E731
+        mx, my = blur(x), blur(y)
+        vx, vy, cov = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+        ssim = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+        values.append(ssim[k])
+    return float(np.mean(np.concatenate(values)))

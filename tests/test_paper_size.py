@@ -149,29 +149,17 @@ def test_the_dit_editor_layouts_have_the_wan_shapes():
     assert sizes == {WAN_13B: (1419.1, 16, 5.68), WAN_5B: (5000.4, 32, 5.68)}
 
 
-def test_the_wan_1_3b_layout_trains_a_bf16_lora_step_and_edits_on_cpu(tmp_path):
+def test_the_wan_1_3b_layout_trains_a_bf16_lora_step_and_edits_on_cpu():
     """The real transformer and VAE (random weights) at 5 x 64²: one bf16-mixed LoRA step moves only
-    the adapters, and the trained editor edits two causal clips. UMT5-XXL is cut to one layer."""
-    import lightning as L
+    the adapters, Wan's float32 parts stay float32 in half precision, and the trained editor edits
+    two causal clips. UMT5-XXL is cut to one layer. Run as `bench/train.py --dit-cpu` in a process
+    of its own, so its 9 GiB are returned when it ends."""
+    import subprocess
+    import sys
 
-    config = shipped_config(WAN_13B)
-    config.update(meta=False, max_sequence_length=32)
-    config["text_encoder"] = {**{k: v for k, v in config["text_encoder"].items() if k != "vocab_size"}, "num_layers": 1}
-    module = EditorModule(editor=config, trainable="lora", lora_rank=4, objective="flow", flow_shift=5.0,
-                          export_dir=str(tmp_path / "export"), export_lora_only=True)
-    before = {n: p.detach().clone() for n, p in module.transformer.named_parameters() if "blocks.0." in n}
-    batch = {"source": torch.rand(1, 3, 5, 64, 64) * 2 - 1, "target": torch.rand(1, 3, 5, 64, 64) * 2 - 1,
-             "instruction": ["make it red"]}
-    L.Trainer(accelerator="cpu", max_steps=1, precision="bf16-mixed", logger=False, enable_progress_bar=False,
-              enable_checkpointing=False, enable_model_summary=False).fit(
-        module, torch.utils.data.DataLoader([batch], batch_size=None))
-    after = dict(module.transformer.named_parameters())
-    moved = {n for n, p in before.items() if not torch.equal(p, after[n].detach())}
-    assert moved and all("lora_B" in n for n in moved)  # B starts at zero; only adapters step
-    assert (tmp_path / "export" / "pytorch_lora_weights.safetensors").is_file()
-    pipe = InsV2VPipeline.from_editor(module.editor).to(dtype=torch.bfloat16)
-    block = pipe.editor.transformer.blocks[0]  # Wan's float32 parts stay float32, as from_pretrained leaves them
-    assert block.scale_shift_table.dtype == torch.float32 and block.attn1.to_q.weight.dtype == torch.bfloat16
-    frames = (np.random.default_rng(0).random((9, 64, 64, 3)) * 255).astype(np.uint8)
-    out = pipe(frames, "make it red", num_inference_steps=1, clip_frames=5, reference_frames=1, progress=False).frames
-    assert out.shape == frames.shape
+    bench = Path(__file__).resolve().parents[1] / "bench" / "train.py"
+    proc = subprocess.run([sys.executable, str(bench), "--dit-cpu"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "all lora_: True" in out and "all adapters: True" in out and "lora_B moved only: True" in out
+    assert "float32 parts kept: True" in out and "(9, 64, 64, 3)" in out
