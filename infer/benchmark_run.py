@@ -29,6 +29,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 AUTOMATIC = ("clip_text", "clip_temporal", "pickscore", "background_psnr", "background_ssim")
 REPORT = "benchmark.json"
 FPS = 8  # the frame rate edits are written at (frames, not time, are what every benchmark scores)
+# edits are encoded on one thread: the same frames then always give the same file, so a resumed or
+# split run scores exactly what one run would
 
 
 def rows_file(out: Path, index: int, count: int) -> Path:
@@ -139,9 +141,9 @@ class BenchmarkRun:
             if self.fmt == "five":
                 write_frames(target, edited)
             else:
-                write_video(target, edited, FPS)
+                write_video(target, edited, FPS, threads=1)
             if copy is not None:
-                write_video(copy, source, FPS)
+                write_video(copy, source, FPS, threads=1)
         # what is scored is what was written, as the official scripts read it (a resumed run's too)
         edited = read_frames(target)
         if copy is not None:

@@ -184,8 +184,10 @@ class VideoWriter:
         crf: int = 18,
         codec: str | None = None,
         audio_start: float = 0.0,
+        threads: int | None = None,
     ):
         self.path = check_output_path(path)
+        self.threads = threads  # 1: the same frames always give the same file (x264's automatic threading does not)
         self.format = output_format(self.path)
         self.fps = Fraction(fps).limit_denominator(1001 * 1000)
         self.crf = crf
@@ -234,6 +236,8 @@ class VideoWriter:
         stream.width, stream.height = w, h
         stream.pix_fmt = self.format.pix_fmt
         stream.codec_context.time_base = self.format.time_base
+        if self.threads:
+            stream.codec_context.thread_count = self.threads
         if self.codec in CRF_CODECS:
             stream.options = {"crf": str(self.crf), **({"b": "0"} if self.codec.startswith("libvpx") else {}),
                               **({"x265-params": "log-level=error"} if self.codec == "libx265" else {})}
@@ -377,8 +381,9 @@ class VideoWriter:
             self.abort()
 
 
-def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: Fraction | float, audio_from=None) -> Path:
+def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: Fraction | float, audio_from=None,
+                threads: int | None = None) -> Path:
     """Write uint8 ``(H, W, 3)`` frames as a video in the container ``path`` names (see :class:`VideoWriter`)."""
-    with VideoWriter(path, fps, audio_from=audio_from) as writer:
+    with VideoWriter(path, fps, audio_from=audio_from, threads=threads) as writer:
         writer.write_all(frames)
     return Path(path)
