@@ -13,13 +13,17 @@ from .augment import apply_windows, crop_windows
 from .camera import CameraBounds, lift_pair
 from .schema import DAMAGED, META, SOURCE, TARGET, VIDEO_EXT, SampleSkips, shard_frames
 
-IMAGE_CLIPS = ("camera", "repeat")
+IMAGE_CLIPS = ("camera", "repeat", "single")
 
 def image_pair_clip(source: np.ndarray, target: np.ndarray, num_frames: int, how: str, rng: np.random.Generator,
                     bounds: CameraBounds = CameraBounds()) -> tuple[np.ndarray, np.ndarray]:
     """A single-frame pair (an image edit) as a ``num_frames`` clip pair: the frame repeated
     (``repeat``: a clip without motion), or filmed by one random camera path shared by source and
-    target (``camera``: the lifting of ``synth lift``, drawn anew each time the sample is read)."""
+    target (``camera``: the lifting of ``synth lift``, drawn anew each time the sample is read);
+    ``single`` keeps the pair as the one-frame clip it is (an image, which a DiT's causal VAE
+    encodes as one latent frame)."""
+    if how == "single":
+        return source[:1], target[:1]
     if how == "repeat":
         return np.repeat(source[:1], num_frames, 0), np.repeat(target[:1], num_frames, 0)
     size = min(source.shape[1:3])
@@ -67,19 +71,20 @@ class PairDecoder:
         except DAMAGED as err:
             self.skips.skip(key, err)
             return None
+        frames = self.num_frames
         if len(source) == 1 and self.num_frames > 1:
             source, target = image_pair_clip(source, target, self.num_frames, self.image_clips, rng)
-            index = None
+            frames, index = len(source), None
         if index is None or index.max() >= len(source):  # fewer frames than stated: drawn from those there
-            index = sample_frames(len(source), self.num_frames, self.frame_stride, rng)
+            index = sample_frames(len(source), frames, self.frame_stride, rng)
         source, target = source[index], target[index]
         h, w = source.shape[1:3]
         if self.augment:
-            boxes = crop_windows(self.num_frames, h, w, rng, **self.augment)
+            boxes = crop_windows(frames, h, w, rng, **self.augment)
         else:  # centred square
             side = min(h, w)
             x0, y0 = (w - side) / 2, (h - side) / 2
-            boxes = np.tile([x0, y0, x0 + side, y0 + side], (self.num_frames, 1))
+            boxes = np.tile([x0, y0, x0 + side, y0 + side], (frames, 1))
         return {
             "source": to_model_frames(apply_windows(source, boxes, self.resolution))[0],
             "target": to_model_frames(apply_windows(target, boxes, self.resolution))[0],

@@ -249,6 +249,16 @@ def test_a_noise_objective_or_a_motion_policy_is_refused_for_a_dit():
         EditorModule(editor="wan-tiny", trainable="motion", objective="flow")
 
 
+def test_a_full_fine_tune_of_a_lucy_edit_folder_moves_every_transformer_weight(tmp_path, dit_shards, lucy_folder):
+    module = fit(tmp_path, dit_shards, 1, editor=str(lucy_folder), lr=1e-3)
+    initial = LucyEditPipeline.from_pretrained(lucy_folder).transformer.state_dict()
+    trained = module.transformer.state_dict()
+    moved = [k for k in initial if not torch.equal(initial[k], trained[k])]
+    assert len(moved) > 0.9 * len(initial)
+    exported = InsV2VPipeline.from_pretrained(tmp_path / "export")
+    assert all(torch.equal(v, trained[k]) for k, v in exported.editor.transformer.state_dict().items())
+
+
 def test_a_lora_fine_tune_of_lucy_edit_loads_in_diffusers_pipeline(tmp_path, dit_shards, lucy_folder):
     module = fit(tmp_path, dit_shards, 2, editor=str(lucy_folder), trainable="lora", lora_rank=4, export_lora_only=True)
     assert all("lora_" in k for k, p in module.named_parameters() if p.requires_grad)
@@ -328,7 +338,7 @@ def test_infer_edit_with_a_lucy_folder_keeps_every_frame_fps_and_audio(tmp_path,
     assert code == 2 and len(err) == 1 and "1 + 4k" in err[0] and not (tmp_path / "bad.mp4").exists()
 
 
-def test_the_page_and_eval_edit_with_a_dit_editor(tmp_path, tiny):
+def test_the_page_and_eval_edit_with_a_dit_editor(tmp_path, tiny, lucy_folder):
     from infer.cli import main
     from infer.serve import Editing, Limits
     from infer import write_video
@@ -337,7 +347,7 @@ def test_the_page_and_eval_edit_with_a_dit_editor(tmp_path, tiny):
     videos = tmp_path / "videos"
     videos.mkdir()
     clip = write_video(videos / "clip.mp4", video(12, 32, 32), 8)
-    page = Editing(InsV2VPipeline.from_editor(tiny), limits=Limits(max_seconds=5))
+    page = Editing(InsV2VPipeline.load(str(lucy_folder)), limits=Limits(max_seconds=5))  # as `infer serve --model` loads it
     edited, _ = page(str(clip), PROMPT, 4.0, 1.5, 2, True, False, 0, 32)
     assert probe_video(edited).num_frames == 12
     page.close()
@@ -408,8 +418,13 @@ def test_fsdp_over_dit_blocks_matches_ddp(tmp_path, dit_shards):
     assert apart < 1e-3 * moved, (apart, moved)
 
 
-def test_image_pairs_train_the_dit_as_clips_in_mixed_batches(tmp_path, dit_shards):
+@pytest.mark.parametrize("how", ["camera", "single"])
+def test_image_pairs_train_the_dit_in_mixed_batches(tmp_path, dit_shards, how):
+    """Image pairs beside video clips: filmed into clips, or kept as one-frame clips in the same
+    batch (one latent frame under the causal VAE), whose loss is the mean over all its clips."""
     from test_lift import write_image_pair_shard
+
+    from train.data import collate
 
     (tmp_path / "images").mkdir()
     write_image_pair_shard(tmp_path / "images/pairs-000.tar", 4)
@@ -418,7 +433,23 @@ def test_image_pairs_train_the_dit_as_clips_in_mixed_batches(tmp_path, dit_shard
     L.seed_everything(0)
     module = EditorModule(editor="wan-tiny", trainable="all", objective="flow", lr=1e-3)
     data = ShardDataModule(sources=sources, num_frames=5, resolution=32, batch_size=4, batches_per_epoch=2,
-                           stream_seed=0, augment=False, shuffle_buffer=2, image_clips="camera")
+                           stream_seed=0, augment=False, shuffle_buffer=2, image_clips=how)
+    data.setup("fit")
+    batches = list(data.train_dataloader())
+    if how == "single":  # some batch holds both lengths, grouped; every clip is 1 or 5 frames
+        assert any("groups" in b for b in batches)
+        assert {g["source"].shape[2] for b in batches for g in b.get("groups", [b])} == {1, 5}
+        # the grouped loss is the mean over every clip: each clip's own loss, averaged
+        items = [{"source": torch.rand(3, n, 32, 32) * 2 - 1, "target": torch.rand(3, n, 32, 32) * 2 - 1,
+                  "instruction": f"edit {i}", "key": str(i)} for i, n in enumerate((1, 5, 5))]
+        grouped = collate(items)
+        assert [g["source"].shape[2] for g in grouped["groups"]] == [1, 5] and len(grouped["instruction"]) == 3
+        module.hparams.drop_text = module.hparams.drop_both = module.hparams.drop_video = 0.0
+        with torch.no_grad():
+            whole = module.loss(grouped, torch.Generator().manual_seed(0)).item()
+            gen = torch.Generator().manual_seed(0)
+            parts = [module.loss(g, gen).item() * len(g["instruction"]) for g in grouped["groups"]]
+        assert whole == pytest.approx(sum(parts) / 3, rel=1e-6)
     before = {k: v.clone() for k, v in module.transformer.state_dict().items()}
     L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False, enable_checkpointing=False,
               enable_model_summary=False, default_root_dir=tmp_path).fit(module, data)

@@ -22,7 +22,15 @@ log = logging.getLogger(__name__)
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """One batch of decoded samples: tensors stacked, numbers as a tensor, texts as lists."""
+    """One batch of decoded samples: tensors stacked, numbers as a tensor, texts as lists. Clips of
+    different lengths (one-frame image pairs beside video clips, ``image_clips: single``) become
+    ``groups``, one sub-batch per length, with the texts and numbers of the whole batch beside them."""
+    lengths = {s["source"].shape[1] for s in samples if isinstance(s.get("source"), torch.Tensor)}
+    if len(lengths) > 1:
+        groups = [collate([s for s in samples if s["source"].shape[1] == n]) for n in sorted(lengths)]
+        ordered = [s for n in sorted(lengths) for s in samples if s["source"].shape[1] == n]
+        whole = collate([{k: v for k, v in s.items() if not isinstance(v, torch.Tensor)} for s in ordered])
+        return {**whole, "groups": groups}
     batch: dict[str, Any] = {}
     for name in samples[0]:
         values = [s[name] for s in samples]
@@ -158,8 +166,9 @@ class ShardDataModule(L.LightningDataModule):
         translate_prob, max_translate, zoom_prob, max_zoom: its parameters (defaults: the InsV2V reference recipe).
         image_clips: how a single-frame pair (an image edit: ``src.png``/``tgt.png``, or a one-frame
             clip) becomes a training clip: ``camera`` (a random camera path filming both, drawn
-            per read) or ``repeat`` (the frame repeated). Mix image and video shard sets with
-            ``sources`` and their weights.
+            per read), ``repeat`` (the frame repeated) or ``single`` (it stays a one-frame clip,
+            trained beside the video clips of its batch: a DiT's causal VAE encodes it as one latent
+            frame). Mix image and video shard sets with ``sources`` and their weights.
         cached: a latent cache folder made by ``synth cache`` to train on instead of ``shards``: the
             target's VAE posterior, the source latent and the text states of every clip, encoded
             once, so no step runs the VAE or the text encoder (and ``lightning fit`` does not load

@@ -229,7 +229,12 @@ class EditorModule(L.LightningModule):
 
     # ---------------------------------------------------------------- objective
     def loss(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
-        """MSE of the U-Net's prediction on one batch, read top to bottom."""
+        """MSE of the U-Net's prediction on one batch, read top to bottom. A batch of clips of
+        several lengths (``groups``) is the mean over all its clips: each group's mean weighted by
+        its share of the batch."""
+        if "groups" in batch:
+            total = sum(len(group["instruction"]) for group in batch["groups"])
+            return sum(self.loss(group, generator) * len(group["instruction"]) / total for group in batch["groups"])
         editor, scheduler = self.editor, self.editor.scheduler
         b = len(batch["instruction"])
         if is_cached(batch):  # a latent cache (synth cache): the encoders ran once, beforehand
