@@ -75,11 +75,22 @@ def edit_keeping_latents(pipe: InsV2VPipeline, frames: np.ndarray, latents: torc
     return out, final["latents"]
 
 
-def test_a_lucy_edit_folder_edits_as_diffusers_own_pipeline(lucy_folder):
+@pytest.mark.parametrize("expand_timesteps", [False, True])
+def test_a_lucy_edit_folder_edits_as_diffusers_own_pipeline(lucy_folder, tmp_path, expand_timesteps):
+    """Lucy Edit's own folder, and one with Wan2.2-TI2V's per-token timesteps (expand_timesteps)."""
+    if expand_timesteps:
+        import shutil
+
+        shutil.copytree(lucy_folder, tmp_path / "lucy")
+        index = json.loads((tmp_path / "lucy" / "model_index.json").read_text())
+        (tmp_path / "lucy" / "model_index.json").write_text(json.dumps({**index, "expand_timesteps": True}))
+        lucy_folder = tmp_path / "lucy"
     frames = video(9)
     latents = torch.randn(1, 4, 3, 4, 6, generator=torch.Generator().manual_seed(1))
     pipe = InsV2VPipeline.from_pretrained(lucy_folder)
     assert isinstance(pipe.editor, WanEditor) and pipe.editor.max_sequence_length == 512
+    assert pipe.editor.expand_timesteps == expand_timesteps and LucyEditPipeline.from_pretrained(
+        lucy_folder).config.expand_timesteps == expand_timesteps
     ours = {}
     for guidance in (5.0, 1.5):
         edited, ours[guidance] = edit_keeping_latents(pipe, frames, latents, guidance)
