@@ -147,12 +147,16 @@ def synth(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "synth", *args], capture_output=True, text=True, timeout=300, cwd=cwd)
 
 
-def test_lightning_fit_on_the_cache_exports_an_editor_that_edits(raw, tmp_path):
-    made = synth("cache", str(raw), "--out", "latents", "--num-frames", "4", "--resolution", str(SIZE), "--quiet",
-                 cwd=tmp_path)
+@pytest.mark.parametrize("editor", ["tiny", "wan-tiny"])
+def test_lightning_fit_on_the_cache_exports_an_editor_that_edits(raw, tmp_path, editor):
+    """For the U-Net editor, and for the DiT (Wan VAE posteriors and UMT5 states, 5-frame causal clips)."""
+    frames = "4" if editor == "tiny" else "5"
+    model = [] if editor == "tiny" else ["--model.editor", editor, "--model.objective", "flow"]
+    made = synth("cache", str(raw), "--out", "latents", "--editor", editor, "--num-frames", frames, "--resolution",
+                 str(SIZE), "--quiet", cwd=tmp_path)
     assert made.returncode == 0, made.stderr[-2000:]
-    proc = subprocess.run([sys.executable, "-m", "train", "fit", "--config", str(ROOT / "configs/tiny.yaml"),
-                           "--data.cached", "latents", "--data.num_frames", "4", "--trainer.max_steps", "2",
+    proc = subprocess.run([sys.executable, "-m", "train", "fit", "--config", str(ROOT / "configs/tiny.yaml"), *model,
+                           "--data.cached", "latents", "--data.num_frames", frames, "--trainer.max_steps", "2",
                            "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", "run"],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -161,7 +165,7 @@ def test_lightning_fit_on_the_cache_exports_an_editor_that_edits(raw, tmp_path):
     # the exported editor has the real VAE back (read from the spec at export), and edits from Python
     exported = next((tmp_path / "run").rglob("editor/model_index.json")).parent
     pipe = InsV2VPipeline.from_pretrained(exported)
-    tiny_vae = load_editor("tiny").vae.state_dict()
+    tiny_vae = load_editor(editor).vae.state_dict()
     assert all(torch.equal(v, tiny_vae[k]) for k, v in pipe.editor.vae.state_dict().items())
     frames = np.random.default_rng(0).integers(0, 255, (4, SIZE, SIZE, 3), dtype=np.uint8)
     edited = pipe(frames, "make the square red", num_inference_steps=2, progress=False).frames

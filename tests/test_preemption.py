@@ -30,7 +30,7 @@ def shards(tmp_path_factory):
     return folder
 
 
-def config(tmp_path: Path, shards: Path, **data) -> Path:
+def config(tmp_path: Path, shards: Path, model: dict | None = None, **data) -> Path:
     """A tiny run as a user writes it: no periodic checkpoint, 3 batches an epoch, 2 loader workers."""
     cfg = {
         "seed_everything": 0,
@@ -38,7 +38,7 @@ def config(tmp_path: Path, shards: Path, **data) -> Path:
                     "enable_model_summary": False, "default_root_dir": str(tmp_path / "run"),
                     "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                                    "init_args": {"save_last": True, "every_n_train_steps": 1000}}]},
-        "model": {"editor": "tiny", "trainable": "all", "lr": 1e-3, "seed": 3},
+        "model": {"editor": "tiny", "trainable": "all", "lr": 1e-3, "seed": 3, **(model or {})},
         "data": {"shards": f"{shards}/*.tar", "num_frames": 4, "resolution": 16, "batch_size": 2, "shuffle_buffer": 4,
                  "batches_per_epoch": 3, "num_workers": 2, **data},
     }
@@ -62,25 +62,29 @@ def steps(log: Path) -> list[tuple[int, int, list[str]]]:
     return [(r["step"], r["epoch"], r["keys"]) for r in map(json.loads, log.read_text().splitlines())]
 
 
-def unet(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(next(folder.rglob("unet/*.safetensors")))
+def denoiser(folder: Path) -> dict[str, torch.Tensor]:
+    """The exported editor's U-Net or DiT weights."""
+    return load_file(next(p for name in ("unet", "transformer") for p in folder.rglob(f"{name}/*.safetensors")))
 
 
 @pytest.mark.slow
-def test_three_segments_with_workers_equal_one_run(tmp_path, shards):
+@pytest.mark.parametrize("editor", ["tiny", "wan-tiny"])
+def test_three_segments_with_workers_equal_one_run(tmp_path, shards, editor):
     """Stopped by SIGTERM after step 2 (mid-epoch), resumed, stopped by an exception inside step 7
     (mid-epoch, two epochs later), resumed to the end: the same batches, in the same order, each in
-    the same epoch, and the same weights as one uninterrupted run."""
+    the same epoch, and the same weights as one uninterrupted run; for the U-Net editor and the DiT
+    (5-frame causal clips, flow matching)."""
+    model, data = ({}, {}) if editor == "tiny" else ({"editor": "wan-tiny", "objective": "flow"}, {"num_frames": 5})
     straight = tmp_path / "straight"
     straight.mkdir()
-    proc = fit(config(straight, shards), *stop_at(straight / "steps.jsonl"), "--model.export_dir", str(straight / "editor"))
+    proc = fit(config(straight, shards, model, **data), *stop_at(straight / "steps.jsonl"), "--model.export_dir", str(straight / "editor"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     expected = steps(straight / "steps.jsonl")
     assert [e for _, e, _ in expected] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3]
 
     split = tmp_path / "split"
     split.mkdir()
-    cfg, log = config(split, shards), split / "steps.jsonl"
+    cfg, log = config(split, shards, model, **data), split / "steps.jsonl"
     first = fit(cfg, *stop_at(log, 2, "signal"))
     assert first.returncode == 143, first.stderr[-3000:]
     assert "Traceback" not in first.stderr and "preempted.ckpt" in first.stderr.strip().splitlines()[-1]
@@ -93,7 +97,7 @@ def test_three_segments_with_workers_equal_one_run(tmp_path, shards):
     third = fit(cfg, *stop_at(log), "--ckpt_path", "last", "--model.export_dir", str(split / "editor"))
     assert third.returncode == 0, third.stderr[-3000:]
     assert steps(log) == expected
-    a, b = unet(straight / "editor"), unet(split / "editor")
+    a, b = denoiser(straight / "editor"), denoiser(split / "editor")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
     assert not (checkpoints / "preempted.ckpt").exists()  # superseded once the run finished
 
@@ -157,7 +161,7 @@ def test_skipped_non_finite_steps_leave_the_weights_and_training_goes_on(tmp_pat
     assert trainer.global_step == 4 and module.nonfinite.skipped == 1
     assert all(torch.equal(weights[1][k], weights[2][k]) for k in weights[1])  # the NaN step changed nothing
     assert not all(torch.equal(weights[2][k], weights[3][k]) for k in weights[2])  # the next one trained
-    assert finite(unet(tmp_path / "editor").values())
+    assert finite(denoiser(tmp_path / "editor").values())
 
 
 def test_non_finite_weights_are_never_written(tmp_path):
