@@ -80,6 +80,18 @@ class BenchmarkJudge:
     def image(self, frame: np.ndarray) -> dict[str, Any]:
         return {"type": "image_url", "image_url": {"url": image_data_url(frame, self.settings.max_side)}}
 
+    def video(self, frames: np.ndarray, fps: float = 8.0) -> dict[str, Any]:
+        """Frames as one ``video_url`` part: an H.264 mp4 data URL (vLLM's OpenAI server takes it)."""
+        import base64
+        import tempfile
+        from pathlib import Path
+
+        from .video_writer import write_video
+
+        with tempfile.TemporaryDirectory() as tmp:
+            data = Path(write_video(Path(tmp) / "clip.mp4", frames, fps, exact=True)).read_bytes()
+        return {"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + base64.b64encode(data).decode()}}
+
     def malformed(self, why: str) -> None:
         self.stats.malformed += 1
         self.stats.failures.append(why)
@@ -137,13 +149,14 @@ class EditVerseJudge(BenchmarkJudge):
 
 
 class OpenVEJudge(BenchmarkJudge):
-    """OpenVE-Bench's judge: the before and after videos (as ``frames`` evenly spaced frames each)
-    scored 1–5 on instruction compliance (with the category's anchors), consistency and detail
-    fidelity, and visual quality and stability; ``openve_score`` is their mean."""
+    """OpenVE-Bench's judge: the before and after videos, whole (``videos``: two ``video_url``
+    parts, for a server that takes video) or as ``frames`` evenly spaced frames each, scored 1–5
+    on instruction compliance (with the category's anchors), consistency and detail fidelity, and
+    visual quality and stability; ``openve_score`` is their mean."""
 
-    def __init__(self, settings: JudgeSettings, frames: int = OPENVE_FRAMES):
+    def __init__(self, settings: JudgeSettings, frames: int = OPENVE_FRAMES, videos: bool = False):
         super().__init__(settings)
-        self.frames = frames
+        self.frames, self.videos = frames, videos
 
     def system(self, category: str) -> str:
         return ("You rate an instruction-based video edit. You see frames of the video BEFORE editing, then the same "
@@ -158,10 +171,13 @@ class OpenVEJudge(BenchmarkJudge):
                 '"reason": "at most 20 words"}.')
 
     def score(self, item, source: np.ndarray, edited: np.ndarray) -> dict[str, Any]:
-        picked = judged_frames(min(len(source), len(edited)), self.frames)
-        content = [{"type": "text", "text": f"Instruction: {item.instruction}\nBEFORE editing:"},
-                   *[self.image(source[i]) for i in picked], {"type": "text", "text": "AFTER editing:"},
-                   *[self.image(edited[i]) for i in picked]]
+        if self.videos:
+            before, after = [self.video(source)], [self.video(edited)]
+        else:
+            picked = judged_frames(min(len(source), len(edited)), self.frames)
+            before, after = [self.image(source[i]) for i in picked], [self.image(edited[i]) for i in picked]
+        content = [{"type": "text", "text": f"Instruction: {item.instruction}\nBEFORE editing:"}, *before,
+                   {"type": "text", "text": "AFTER editing:"}, *after]
         scores = integer_scores(self.ask(content, self.system(item.category)), OPENVE_CRITERIA, 1, 5)
         if scores is None:
             self.malformed(item.key)

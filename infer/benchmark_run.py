@@ -22,15 +22,15 @@ from .clip_scorer import ClipScorer
 from .llm import RefusedRequest
 from .metrics import clip_frame_consistency, clip_text_score, masked_psnr, masked_ssim, pick_score
 from .pipeline import InsV2VPipeline, working_size
-from .video import atomic_write, read_video
+from .video import atomic_write, read_video_exact
 from .video_writer import write_video
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 AUTOMATIC = ("clip_text", "clip_temporal", "pickscore", "background_psnr", "background_ssim")
 REPORT = "benchmark.json"
 FPS = 8  # the frame rate edits are written at (frames, not time, are what every benchmark scores)
-# edits are encoded on one thread: the same frames then always give the same file, so a resumed or
-# split run scores exactly what one run would
+# edits are encoded exactly (write_video(exact=True)): the same frames always give the same file, so a
+# resumed or split run scores exactly what one run would
 
 
 def rows_file(out: Path, index: int, count: int) -> Path:
@@ -75,13 +75,14 @@ class RowLog:
 
 
 def read_frames(path: Path, max_frames: int | None = None) -> np.ndarray:
-    """A video file, or a folder of frame images (sorted by name), as uint8 ``(F, H, W, 3)``."""
+    """A video file, or a folder of frame images (sorted by name), as uint8 ``(F, H, W, 3)``, the
+    same bits on every read (:func:`infer.video.read_video_exact`)."""
     if path.is_dir():
         names = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:max_frames]
         if not names:
             raise ValueError(f"{path} holds no frame images")
         return np.stack([cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in names])
-    return read_video(path, max_frames=max_frames)
+    return read_video_exact(path, max_frames=max_frames)
 
 
 def write_frames(folder: Path, frames: np.ndarray) -> None:
@@ -141,9 +142,9 @@ class BenchmarkRun:
             if self.fmt == "five":
                 write_frames(target, edited)
             else:
-                write_video(target, edited, FPS, threads=1)
+                write_video(target, edited, FPS, exact=True)
             if copy is not None:
-                write_video(copy, source, FPS, threads=1)
+                write_video(copy, source, FPS, exact=True)
         # what is scored is what was written, as the official scripts read it (a resumed run's too)
         edited = read_frames(target)
         if copy is not None:

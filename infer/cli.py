@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--merge", action="store_true", help="report the rows every rank wrote to --out (no editing)")
     ev.add_argument("--judge-concurrency", type=positive_int, default=4, help="judge requests in flight (default 4)")
     ev.add_argument("--judge-temperature", type=non_negative_float, default=0.0, help="the judge's temperature (default 0)")
+    ev.add_argument("--judge-video", action="store_true",
+                    help="OpenVE: send both videos whole as video_url parts (a server that takes video, e.g. vLLM), "
+                         "not 8 frames of each")
     ev.add_argument("--out", required=True, help="folder for the rows, reports and (with --benchmark) the edits")
     ev.add_argument("--model", help="editor folder or training checkpoint (default: the tiny editor)")
     ev.add_argument("--clip-model", help="transformers CLIP folder (ViT-L/14); default: the tiny random CLIP")
@@ -206,8 +209,10 @@ def benchmark_command(args: argparse.Namespace) -> None:
                 if not (args.judge_base_url and args.judge_model):
                     raise ValueError("the judge needs both --judge-base-url and --judge-model")
                 if fmt in JUDGES:
-                    judge = JUDGES[fmt](JudgeSettings(args.judge_base_url, args.judge_model, args.judge_api_key_env,
-                                                      args.judge_temperature))
+                    settings = JudgeSettings(args.judge_base_url, args.judge_model, args.judge_api_key_env,
+                                             args.judge_temperature)
+                    judge = JUDGES[fmt](settings, videos=True) if args.judge_video and fmt == "openve" else \
+                        JUDGES[fmt](settings)
                 else:
                     notes.append(f"judge: {fmt} defines no VLM score; only the automatic metrics are reported")
             run = BenchmarkRun(fmt, out, pipe, options, ClipScorer.load(args.clip_model),

@@ -28,3 +28,4 @@ def dtype_named(name: str | None, what: str = "--dtype") -> torch.dtype | None:
     if name not in DTYPES:
         raise ValueError(f"{what} must be one of {', '.join(DTYPES)}, got {name!r}")
     return DTYPES[name]
+

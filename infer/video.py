@@ -340,3 +340,41 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.fsync(dir_fd)  # the rename itself survives a crash
     finally:
         os.close(dir_fd)
+
+
+def yuv420_to_rgb(planes: np.ndarray) -> np.ndarray:
+    """Planar YUV 4:2:0 ``(3H/2, W)`` (BT.601, limited range) as uint8 RGB ``(H, W, 3)``, chroma
+    repeated over 2x2, computed the same way on every call (libswscale's SIMD paths depend on
+    buffer alignment, so the same file can decode to frames a level apart)::
+
+        R = 1.164 (Y - 16) + 1.596 (V - 128)
+        G = 1.164 (Y - 16) - 0.392 (U - 128) - 0.813 (V - 128)
+        B = 1.164 (Y - 16) + 2.017 (U - 128)
+    """
+    h, w = planes.shape[0] * 2 // 3, planes.shape[1]
+    flat = planes.ravel()
+    y = flat[: h * w].reshape(h, w).astype(np.float64) - 16
+    u, v = (flat[h * w + i * (h * w // 4): h * w + (i + 1) * (h * w // 4)].reshape(h // 2, w // 2)
+            .repeat(2, 0).repeat(2, 1).astype(np.float64) - 128 for i in range(2))
+    rgb = np.stack([1.164 * y + 1.596 * v, 1.164 * y - 0.392 * u - 0.813 * v, 1.164 * y + 2.017 * u], -1)
+    return np.clip(np.round(rgb), 0, 255).astype(np.uint8)
+
+
+def read_video_exact(path: str | os.PathLike, max_frames: int | None = None) -> np.ndarray:
+    """All frames of a video as uint8 ``(F, H, W, 3)``, the same bits on every read: 4:2:0 frames
+    (even sides, no rotation) are converted by :func:`yuv420_to_rgb`; any other video is read as
+    :func:`read_video` reads it."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        if stream.codec_context.pix_fmt != "yuv420p" or stream.codec_context.width % 2 or stream.codec_context.height % 2:
+            return read_video(path, max_frames=max_frames)
+        frames = []
+        for frame in container.decode(stream):
+            if frame.format.name != "yuv420p" or int(round(frame.rotation or 0)):
+                return read_video(path, max_frames=max_frames)
+            frames.append(yuv420_to_rgb(frame.to_ndarray()))
+            if max_frames and len(frames) >= max_frames:
+                break
+    if not frames:
+        raise VideoError(f"{path} has no frames")
+    return np.stack(frames)

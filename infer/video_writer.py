@@ -184,10 +184,10 @@ class VideoWriter:
         crf: int = 18,
         codec: str | None = None,
         audio_start: float = 0.0,
-        threads: int | None = None,
+        exact: bool = False,
     ):
         self.path = check_output_path(path)
-        self.threads = threads  # 1: the same frames always give the same file (x264's automatic threading does not)
+        self.exact = exact
         self.format = output_format(self.path)
         self.fps = Fraction(fps).limit_denominator(1001 * 1000)
         self.crf = crf
@@ -217,7 +217,10 @@ class VideoWriter:
             self._open_streams(*frame.shape[:2])
         time = self.frames_written / self.fps if time is None else time
         pts = max(int(round(float(time) / self.format.time_base)), self._last_pts + 1)
-        video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+        if self.exact and self.format.pix_fmt == "yuv420p":
+            video_frame = av.VideoFrame.from_ndarray(rgb_to_yuv420(frame), format="yuv420p")
+        else:
+            video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
         video_frame.pts, video_frame.time_base = pts, self.format.time_base
         for packet in self._stream.encode(video_frame):
             self._container.mux(packet)
@@ -236,8 +239,8 @@ class VideoWriter:
         stream.width, stream.height = w, h
         stream.pix_fmt = self.format.pix_fmt
         stream.codec_context.time_base = self.format.time_base
-        if self.threads:
-            stream.codec_context.thread_count = self.threads
+        if self.exact:
+            stream.codec_context.thread_count = 1
         if self.codec in CRF_CODECS:
             stream.options = {"crf": str(self.crf), **({"b": "0"} if self.codec.startswith("libvpx") else {}),
                               **({"x265-params": "log-level=error"} if self.codec == "libx265" else {})}
@@ -381,9 +384,31 @@ class VideoWriter:
             self.abort()
 
 
+def rgb_to_yuv420(rgb: np.ndarray) -> np.ndarray:
+    """uint8 ``(H, W, 3)`` RGB as one planar YUV 4:2:0 array ``(3H/2, W)`` (BT.601, limited range,
+    chroma averaged over 2x2), as libswscale's default but computed the same way on every call:
+    swscale's SIMD paths depend on buffer alignment, so the same frames can encode differently::
+
+        Y = 16 + (65.481 R + 128.553 G + 24.966 B) / 255
+        U = 128 + (-37.797 R - 74.203 G + 112 B) / 255,   V = 128 + (112 R - 93.786 G - 18.214 B) / 255
+    """
+    r, g, b = (rgb[..., i].astype(np.float64) for i in range(3))
+    h, w = r.shape
+    y = 16 + (65.481 * r + 128.553 * g + 24.966 * b) / 255
+    u = 128 + (-37.797 * r - 74.203 * g + 112.0 * b) / 255
+    v = 128 + (112.0 * r - 93.786 * g - 18.214 * b) / 255
+
+    def quarter(plane: np.ndarray) -> np.ndarray:
+        return plane.reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))
+
+    planes = [np.clip(np.round(p), 0, 255).astype(np.uint8).ravel() for p in (y, quarter(u), quarter(v))]
+    return np.concatenate(planes).reshape(h * 3 // 2, w)
+
+
 def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: Fraction | float, audio_from=None,
-                threads: int | None = None) -> Path:
-    """Write uint8 ``(H, W, 3)`` frames as a video in the container ``path`` names (see :class:`VideoWriter`)."""
-    with VideoWriter(path, fps, audio_from=audio_from, threads=threads) as writer:
+                exact: bool = False) -> Path:
+    """Write uint8 ``(H, W, 3)`` frames as a video in the container ``path`` names (see :class:`VideoWriter`).
+    ``exact``: the same frames always give the same file (:func:`rgb_to_yuv420`, one encoder thread)."""
+    with VideoWriter(path, fps, audio_from=audio_from, exact=exact) as writer:
         writer.write_all(frames)
     return Path(path)

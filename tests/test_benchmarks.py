@@ -109,11 +109,24 @@ def test_each_format_is_detected_and_read_with_paths_relative_to_its_file(tmp_pa
         assert items[0].instruction == "change red to blue" and items[0].extra["masks"]
 
 
+def frames_of(url: str) -> int:
+    """Frames of a ``data:video/mp4;base64`` URL."""
+    import base64
+    import tempfile
+
+    assert url.startswith("data:video/mp4;base64,")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "v.mp4"
+        path.write_bytes(base64.b64decode(url.split(",", 1)[1]))
+        return probe_video(path).num_frames
+
+
 class Judge:
     """A loopback judge server that checks each request as the benchmark's judge must send it."""
 
     def __init__(self, refuse: bool = False, delay: float = 0.0, malformed_every: int = 0):
         self.checked: list[str] = []
+        self.video_frames: list[int] = []
         self.in_flight, self.most_in_flight, self.lock = 0, 0, threading.Lock()
         self.refuse, self.delay, self.malformed_every = refuse, delay, malformed_every
         self.server = FakeOpenAI(self.respond)
@@ -138,7 +151,12 @@ class Judge:
                 self.checked.append("editverse")
                 return 200, completion('{"prompt_following": 2, "edit_quality": 3, "background_consistency": 1}')
             if "instruction_compliance" in system:
-                assert len(images) == 16  # 8 frames of each video
+                videos = [c for c in content if c["type"] == "video_url"]
+                if videos:  # whole videos: two mp4 data URLs with every frame
+                    assert not images and len(videos) == 2
+                    self.video_frames += [frames_of(v["video_url"]["url"]) for v in videos]
+                else:
+                    assert len(images) == 16  # 8 frames of each video
                 self.checked.append("openve:" + ("watercolor" if "style is absent" in system else "add"))
                 return 200, completion('```json\n{"instruction_compliance": 4, "consistency_detail_fidelity": 3, '
                                        '"visual_quality_stability": 2}\n```')
@@ -191,6 +209,13 @@ def test_openve_rubrics_by_category_on_whole_videos_and_the_macro_overall(tmp_pa
     assert "| Kiwi-Edit | 3.02 |" in (tmp_path / "out" / "benchmark.md").read_text()
 
 
+def test_openve_whole_videos_for_a_server_that_takes_video(tmp_path, capsys):
+    judge = Judge()
+    code, err = evaluate(openve(tmp_path / "bench"), tmp_path / "out", *judge.args(), "--judge-video", capsys=capsys)
+    assert code == 0, err
+    assert len(judge.checked) == 3 and judge.video_frames == [8] * 6  # before and after, every frame, per item
+
+
 def test_five_questions_as_accuracy_and_masked_background_fidelity(tmp_path, capsys):
     judge = Judge()
     code, err = evaluate(five(tmp_path / "bench"), tmp_path / "out", *judge.args(), capsys=capsys)
@@ -237,6 +262,8 @@ def test_a_resumed_run_equals_an_uninterrupted_one_and_redoes_no_edit(tmp_path, 
     assert resumed.checked == ["editverse"] * 6  # items 1 and 2 only
     assert (part / "2" / "generate.mp4").stat().st_mtime_ns == stamp  # read back, not edited again
     by_key = lambda text: {r["key"]: r for r in map(json.loads, text.splitlines())}  # noqa: E731
+    # exactly: edit files are written and read the same way every time (write_video(exact=True),
+    # read_video_exact), so an item edited again or read back scores the same bits
     assert by_key((part / "rows-000-of-001.jsonl").read_text()) == by_key("\n".join(rows))
     assert json.loads((part / "benchmark.json").read_text())["overall"] == \
         json.loads((tmp_path / "whole" / "benchmark.json").read_text())["overall"]
