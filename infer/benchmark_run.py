@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .benchmark_judges import HEADLINE, JUDGED_FIELDS, JUDGES, BenchmarkJudge, JudgeSettings
+from .benchmark_judges import HEADLINE, JUDGED_FIELDS, BenchmarkJudge
 from .benchmarks import PUBLISHED, SCALES, BenchmarkItem, output_video, source_copy
 from .clip_scorer import ClipScorer
 from .llm import RefusedRequest

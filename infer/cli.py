@@ -199,8 +199,7 @@ def benchmark_command(args: argparse.Namespace) -> None:
             pipe = InsV2VPipeline.load(args.model)
             options = {k: v for k, v in dict(num_inference_steps=args.steps, clip_frames=args.clip_frames,
                                              reference_frames=args.reference_frames).items() if v is not None}
-            for name, values in (parse_settings(args.setting) or {"default": {}}).items():
-                options.update(values)
+            options.update(benchmark_setting(args.setting))
             probe = pipe.settings("x", **options)
             probe.validate()
             check_causal_clip(probe.clip_frames, probe.reference_frames, pipe.editor.temporal_compression)
@@ -237,13 +236,13 @@ def benchmark_command(args: argparse.Namespace) -> None:
         print(text, file=sys.stderr)
 
 
-def parse_settings(settings: list[str]) -> dict:
+def benchmark_setting(settings: list[str]) -> dict:
+    """The edit options of ``--benchmark``'s one ``--setting`` (none given: no options)."""
     from .evaluate import parse_setting
 
-    parsed = dict(parse_setting(s) for s in settings)
-    if len(parsed) > 1:
+    if len(settings) > 1:
         raise ValueError("--benchmark edits with one setting: give --setting once")
-    return parsed
+    return parse_setting(settings[0])[1] if settings else {}
 
 
 def evaluate_command(args: argparse.Namespace) -> None:

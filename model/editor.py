@@ -79,6 +79,24 @@ CONFIG_FILES = {
     "scheduler": "scheduler_config.json",
 }
 
+def write_components(directory: Path, components: Mapping[str, Any]) -> dict[str, Any]:
+    """Each component in a sub-folder of its name (weights as safetensors) and the start of the
+    folder's ``model_index.json``: the pipeline class, and ``[library, class]`` per component
+    (``[null, null]`` for an absent one)."""
+    index: dict[str, Any] = {"_class_name": list(PIPELINE_CLASS), "_diffusers_version": diffusers.__version__}
+    for name, component in components.items():
+        if component is None:
+            index[name] = [None, None]
+            continue
+        library = "transformers" if name in ("tokenizer", "text_encoder") else "diffusers"
+        index[name] = [library, type(component).__name__]
+        if name in ("tokenizer", "scheduler"):
+            component.save_pretrained(directory / name)
+        else:
+            component.save_pretrained(directory / name, safe_serialization=True)
+    return index
+
+
 @dataclass
 class Editor:
     """The five components of an instruction video editor.
@@ -288,18 +306,7 @@ class Editor:
         write_folder_staged(directory, self._write_folder)
 
     def _write_folder(self, directory: Path) -> None:
-        index: dict[str, Any] = {"_class_name": list(PIPELINE_CLASS), "_diffusers_version": diffusers.__version__}
-        for name in COMPONENTS:
-            component = getattr(self, name)
-            if component is None:
-                index[name] = [None, None]
-                continue
-            library = "transformers" if name in ("tokenizer", "text_encoder") else "diffusers"
-            index[name] = [library, type(component).__name__]
-            if name in ("tokenizer", "scheduler"):
-                component.save_pretrained(directory / name)
-            else:
-                component.save_pretrained(directory / name, safe_serialization=True)
+        index = write_components(directory, {name: getattr(self, name) for name in COMPONENTS})
         index["source_prior_std"] = self.source_prior_std
         index["preconditioned"] = self.preconditioned
         index["sampling"] = self.sampling

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-import diffusers
 import torch
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
@@ -18,10 +17,10 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from .editor import (
     INDEX_FILE,
-    PIPELINE_CLASS,
     check_sampling,
     posterior_sample,
     scheduler_class,
+    write_components,
     write_folder_staged,
     write_pipeline_module,
 )
@@ -258,18 +257,7 @@ class WanEditor:
         write_folder_staged(directory, self._write_folder)
 
     def _write_folder(self, directory: Path) -> None:
-        index: dict[str, Any] = {"_class_name": list(PIPELINE_CLASS), "_diffusers_version": diffusers.__version__}
-        for name in DIT_COMPONENTS:
-            component = getattr(self, name)
-            if component is None:
-                index[name] = [None, None]
-                continue
-            library = "transformers" if name in ("tokenizer", "text_encoder") else "diffusers"
-            index[name] = [library, type(component).__name__]
-            if name in ("tokenizer", "scheduler"):
-                component.save_pretrained(directory / name)
-            else:
-                component.save_pretrained(directory / name, safe_serialization=True)
+        index = write_components(directory, {name: getattr(self, name) for name in DIT_COMPONENTS})
         index["unet"] = [None, None]
         index.update(sampling=self.sampling, max_sequence_length=self.max_sequence_length,
                      expand_timesteps=self.expand_timesteps, resolution=self.resolution,

@@ -367,6 +367,24 @@ def test_word_effect_is_zero_for_an_editor_blind_to_the_word():
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)  # a build, 400 training steps and 32 sampled edits in subprocesses
+def held_out_errors(pipes: dict, world, count: int = 16) -> dict[str, list[float]]:
+    """Per editor (and for the source itself), the MSE to the exact target of ``count`` held-out
+    clips, each edited whole through the editor's own sampler from the same seed."""
+    import torch
+
+    from synth.demo import HELD_OUT, mse
+
+    errors = {name: [] for name in (*pipes, "source")}
+    for i in range(count):
+        triplet, source, target = world.sample(HELD_OUT + i)
+        for name, pipe in pipes.items():
+            edited = pipe(source, triplet.edit, clip_frames=len(source), reference_frames=0, progress=False,
+                          generator=torch.Generator().manual_seed(i)).frames
+            errors[name].append(mse(edited, target))
+        errors["source"].append(mse(source, target))
+    return errors
+
+
 def test_demo_path_learns_briefly(tmp_path):
     """synth build (shapes) -> lightning fit -> edit held-out clips: the loss falls and the trained
     editor's predictions are closer to the exact targets than the untrained editor's."""
@@ -374,7 +392,6 @@ def test_demo_path_learns_briefly(tmp_path):
 
     from infer import InsV2VPipeline
     from model import load_editor
-    from synth.demo import HELD_OUT, mse
     from train.objective import sample_timesteps
 
     shards = tmp_path / "shards"
@@ -418,15 +435,8 @@ def test_demo_path_learns_briefly(tmp_path):
     # the same seeds for both editors. Untrained, the correction is zero and the sampler draws from
     # the prior "edited clip ~ N(source, std^2)": noise around the source, worse than the source.
     assert trained.sampling and trained.sampling["num_inference_steps"] >= 10
-    errors = {"trained": [], "untrained": [], "source": []}
     pipes = {"trained": InsV2VPipeline.from_editor(trained), "untrained": InsV2VPipeline.from_editor(untrained)}
-    for i in range(16):
-        triplet, source, target = world.sample(HELD_OUT + i)
-        for name, pipe in pipes.items():
-            edited = pipe(source, triplet.edit, clip_frames=len(source), reference_frames=0, progress=False,
-                          generator=torch.Generator().manual_seed(i)).frames
-            errors[name].append(mse(edited, target))
-        errors["source"].append(mse(source, target))
+    errors = held_out_errors(pipes, world)
     assert np.mean(errors["untrained"]) > np.mean(errors["source"])
     assert np.mean(errors["trained"]) < 0.7 * np.mean(errors["untrained"])
 
@@ -503,11 +513,8 @@ def test_the_dit_editor_learns_the_shapes_world_briefly(tmp_path):
     """The demo's DiT layer (configs/experiments/shapes/dit.yaml: a pixel-space Wan transformer, flow
     matching) trained briefly on the mix edits held-out clips closer to their targets than the
     source is, through its own sampler, where the untrained one does worse than the source."""
-    import torch
-
     from infer import InsV2VPipeline
     from model import load_editor
-    from synth.demo import HELD_OUT, mse
 
     shards = tmp_path / "shards"
     run = lambda *a: subprocess.run([sys.executable, "-m", *map(str, a)], cwd=tmp_path, capture_output=True, text=True, timeout=900)  # noqa: E731
@@ -523,13 +530,6 @@ def test_the_dit_editor_learns_the_shapes_world_briefly(tmp_path):
     pipes = {"trained": InsV2VPipeline.from_pretrained(tmp_path / "editor"),
              "untrained": InsV2VPipeline.from_editor(load_editor(str(ROOT / "configs/model/shapes-dit.yaml")))}
     assert type(pipes["trained"].scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
-    errors = {"trained": [], "untrained": [], "source": []}
-    for i in range(16):
-        triplet, source, target = world.sample(HELD_OUT + i)
-        for name, pipe in pipes.items():
-            edited = pipe(source, triplet.edit, clip_frames=len(source), reference_frames=0, progress=False,
-                          generator=torch.Generator().manual_seed(i)).frames
-            errors[name].append(mse(edited, target))
-        errors["source"].append(mse(source, target))
+    errors = held_out_errors(pipes, world)
     assert np.mean(errors["untrained"]) > np.mean(errors["source"])
     assert np.mean(errors["trained"]) < 0.8 * np.mean(errors["source"])
