@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from infer import EditSettings, InsV2VPipeline, iter_frames, write_video  # noqa: E402
-from model import build_editor, load_editor, shipped_config  # noqa: E402
+from model import build_editor, shipped_config  # noqa: E402
 
 
 def synthetic_video(frames: int, size: int = 128) -> np.ndarray:

@@ -22,7 +22,7 @@ from .metrics import (clip_directional, clip_frame_consistency, clip_text_score,
                       source_pair_flows, warp_error)
 from .pipeline import EditSettings, InsV2VPipeline, working_size
 from .sampling import stream_clips
-from .video import VideoError, atomic_write, read_video
+from .video import atomic_write, read_video
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".gif")
 DEFAULT_SETTINGS = {"no-lvsc": {"lvsc": 0.0}, "lvsc": {"lvsc": 0.5}, "lvsc+mc": {"lvsc": 0.5, "motion_compensation": True}}

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from folders import write_adapter, write_sd_folder
+from folders import write_sd_folder
 from safetensors.torch import load_file, save_file
 
 from infer.cli import main as infer_main

@@ -500,7 +500,7 @@ def test_motion_frozen_steps_train_the_temporal_layers_only_after_them(tmp_path,
 
 
 def test_loss_weightings():
-    from model import build_editor, tiny_config
+    from model import tiny_config
     from train.objective import loss_weights
 
     a = torch.tensor([0.999, 0.5, 0.01])
