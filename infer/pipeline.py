@@ -16,14 +16,23 @@ import torch
 from diffusers import DiffusionPipeline, SchedulerMixin
 from tqdm.auto import tqdm
 
-from model import Editor, WanEditor, load_editor, norm_layout_of, scheduler_class, set_norm_layout
+from model import Editor, WanEditor, load_editor, norm_layout_of, pretrained_folder, scheduler_class, set_norm_layout
 from model.editor import INDEX_FILE, PIPELINE_CLASS, check_sampling, write_folder_staged, write_pipeline_module
 from model.lora import add_lora, load_lora, merge_lora
 from model.wan_editor import cast_keeping_float32
 from model.weights import own_memory
 
 from .flow import clip_flows
-from .sampling import denoise_clip, flow_scheduler, is_flow_scheduler, latent_count, scheduler_step, stream_clips
+from .sampling import (
+    denoise_clip,
+    fitting_reference_frames,
+    flow_scheduler,
+    flow_shift_of,
+    is_flow_scheduler,
+    latent_count,
+    scheduler_step,
+    stream_clips,
+)
 
 
 # The entry a training checkpoint keeps its editor spec (and EMA weights) under.
@@ -154,10 +163,14 @@ def sampling_scheduler(name: str, current: SchedulerMixin) -> SchedulerMixin:
     not in the middle of an edit."""
     cls = scheduler_class(name)
     config = dict(current.config)
-    flow_mode = "use_flow_sigmas" in inspect.signature(cls.__init__).parameters
+    takes = inspect.signature(cls.__init__).parameters
+    flow_mode = "use_flow_sigmas" in takes
+    if is_flow_scheduler(current):
+        # the same time shift under the name the class takes: Euler's `shift`, a multistep one's `flow_shift`
+        config.update({key: flow_shift_of(current) for key in ("shift", "flow_shift") if key in takes})
     if is_flow_scheduler(current) and flow_mode:
         # a multistep scheduler (UniPC, DPM-Solver) in flow mode, on the editor's time shift
-        config.update(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=current.config.get("shift", 1.0))
+        config.update(use_flow_sigmas=True, prediction_type="flow_prediction")
     if is_flow_scheduler(current) != (cls.__name__.startswith("FlowMatch") or (flow_mode and is_flow_scheduler(current))):
         trained = "flow matching (velocity)" if is_flow_scheduler(current) else "noise prediction (DDPM)"
         raise ValueError(f"scheduler {name} cannot sample this editor: it was trained for {trained}")
@@ -276,8 +289,9 @@ class InsV2VPipeline(DiffusionPipeline):
         lora = meta.get("lora")
         editor = editor_from_weights(meta["editor"], lora, weights, where=str(path))
         objective = meta.get("objective") or {}
-        if objective.get("kind") == "flow":  # trained for velocities: sampled by the flow scheduler
-            editor.scheduler = flow_scheduler(editor.scheduler, objective.get("flow_shift", 1.0))
+        if objective.get("kind") == "flow":  # trained for velocities: a folder's own flow sampler, else flow Euler
+            editor.scheduler = flow_scheduler(editor.scheduler, objective.get("flow_shift", 1.0),
+                                              keep_own=pretrained_folder(meta["editor"]) is not None)
         if lora:
             merge_lora(editor.denoiser)  # sampling then costs what the base network costs
         return cls.from_editor(editor, scheduler=scheduler)
@@ -334,9 +348,16 @@ class InsV2VPipeline(DiffusionPipeline):
     # ---------------------------------------------------------------- editing
     def settings(self, prompt: str, **options) -> EditSettings:
         """The settings of one edit: :class:`EditSettings`' defaults, overridden by the editor's own
-        sampling defaults (``editor.sampling``), overridden by every option given that is not ``None``."""
+        sampling defaults (``editor.sampling``), overridden by every option given that is not ``None``.
+        A clip length given without a reference count takes the default count made legal for it
+        (:func:`infer.sampling.fitting_reference_frames`); a pair given explicitly is kept as it is."""
         given = {k: v for k, v in options.items() if v is not None}
-        return EditSettings(prompt=prompt, **{**self.editor.sampling_defaults(), **given})
+        merged = {**self.editor.sampling_defaults(), **given}
+        if "clip_frames" in given and "reference_frames" not in given:
+            preferred = merged.get("reference_frames", EditSettings.reference_frames)
+            merged["reference_frames"] = fitting_reference_frames(given["clip_frames"], preferred,
+                                                                  self.editor.temporal_compression)
+        return EditSettings(prompt=prompt, **merged)
 
     def __call__(
         self,

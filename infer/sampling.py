@@ -228,6 +228,19 @@ def check_causal_clip(clip_frames: int, reference_frames: int, temporal: int) ->
                          f"{1 + temporal}), got {clip_frames} and {reference_frames}")
 
 
+def fitting_reference_frames(clip_frames: int, preferred: int, temporal: int = 1) -> int:
+    """The reference count of a clip of ``clip_frames`` frames when none is given: ``preferred`` if
+    it is legal there, else the largest legal count below it (fewer than the clip's frames; ``1 + T
+    k`` under a causal VAE packing T frames, at least one). ``preferred`` is returned as it is when
+    the clip length itself is illegal, so that its check (:func:`check_causal_clip`) says so."""
+    if temporal > 1:
+        if clip_frames < 1 + temporal or (clip_frames - 1) % temporal:
+            return preferred
+        fit = max(1, min(preferred, clip_frames - 1))
+        return 1 + temporal * ((fit - 1) // temporal)
+    return max(0, min(preferred, clip_frames - 1)) if clip_frames >= 1 else preferred
+
+
 def stream_clips(frames, clip_frames: int = 16, reference_frames: int = 4, temporal: int = 1):
     """Walk a frame iterator of unknown length clip by clip, yielding ``(Clip, frames)``.
 
@@ -282,11 +295,36 @@ def is_flow_scheduler(scheduler) -> bool:
     return type(scheduler).__name__.startswith("FlowMatch") or bool(scheduler.config.get("use_flow_sigmas"))
 
 
-def flow_scheduler(current, shift: float = 1.0):
-    """The sampler of a flow-matching editor: diffusers' flow Euler scheduler over ``current``'s
-    number of training timesteps, with the training's time shift."""
+def flow_shift_of(scheduler) -> float:
+    """The time shift a flow scheduler samples at, ``sigma' = s sigma / (1 + (s - 1) sigma)``: the
+    ``shift`` of diffusers' flow-matching schedulers, the ``flow_shift`` of a multistep one in flow
+    mode (UniPC, DPM-Solver: Wan's and Lucy Edit's own folders)."""
+    key = "shift" if type(scheduler).__name__.startswith("FlowMatch") else "flow_shift"
+    return float(scheduler.config.get(key, 1.0) or 1.0)
+
+
+def step_sigma(scheduler, t) -> float:
+    """The noise level ``sigma`` of the step the scheduler is about to take at timestep ``t``, read
+    from its own ``sigmas`` (a multistep scheduler's timesteps are rounded to integers, so
+    ``t / T`` is not its sigma); ``t / T`` for a scheduler that keeps no sigmas."""
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is None or not hasattr(scheduler, "index_for_timestep"):
+        return float(t) / scheduler.config.num_train_timesteps
+    index = scheduler.step_index
+    if index is None:  # before the first step: where t lies in the schedule
+        index = scheduler.index_for_timestep(t)
+    return float(sigmas[index])
+
+
+def flow_scheduler(current, shift: float = 1.0, keep_own: bool = False):
+    """The sampler of a flow-matching editor: ``current`` itself when ``keep_own`` and it is a flow
+    scheduler (a saved folder's own sampler, e.g. Lucy Edit's UniPC at ``flow_shift`` 5, which the
+    folder's users sample with), else diffusers' flow Euler scheduler over ``current``'s number of
+    training timesteps with the training's time shift."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
+    if keep_own and is_flow_scheduler(current):
+        return current
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=current.config.num_train_timesteps, shift=shift)
 
 
@@ -352,7 +390,7 @@ def _lvsc_step(output: torch.Tensor, z_in: torch.Tensor, z_ref: torch.Tensor, fl
     """One step's LVSC, in the parametrisation the scheduler samples: velocities against
     ``v_ref = (z - z_ref) / sigma``, else noise against ``eps_ref`` through the prediction type."""
     if flow:
-        sigma = float(t) / scheduler.config.num_train_timesteps
+        sigma = step_sigma(scheduler, t)
         if sigma <= 0:
             return output
         reference = flow_reference_velocity(z_in, z_ref, sigma)

@@ -1,6 +1,6 @@
 """The video editor's networks: inflation, norm layout, freezing, tiny configs, load and save."""
 
-from .config import build_editor, load_editor, load_vae, shipped_config, tiny_config
+from .config import build_editor, load_editor, load_vae, pretrained_folder, shipped_config, tiny_config
 from .editor import (
     SAMPLING_KEYS,
     Editor,
@@ -41,6 +41,7 @@ __all__ = [
     "norm_layout_of",
     "pooled_text",
     "posterior_sample",
+    "pretrained_folder",
     "scheduler_class",
     "set_norm_layout",
     "set_trainable",

@@ -184,6 +184,17 @@ def _from_folder(path: Path, torch_dtype: torch.dtype | None, vae_weights: bool)
     return Editor.from_pretrained(path, torch_dtype=torch_dtype, vae_weights=vae_weights)
 
 
+def pretrained_folder(spec: EditorSpec) -> Path | None:
+    """The saved editor folder a spec loads as it is (a folder, or ``{pretrained: DIR}``); ``None``
+    for a spec built from configs or from a Stable Diffusion base."""
+    if isinstance(spec, (str, os.PathLike)) and spec not in SHIPPED and Path(spec).is_dir():
+        return Path(spec)
+    mapping = _spec_mapping(spec)
+    if mapping is not None and mapping.get("pretrained"):
+        return _path_value(mapping, "pretrained")
+    return None
+
+
 def _spec_mapping(spec: EditorSpec) -> Mapping[str, Any] | None:
     if isinstance(spec, Mapping):
         return spec
@@ -195,11 +206,10 @@ def _spec_mapping(spec: EditorSpec) -> Mapping[str, Any] | None:
 
 def _vae_folder(spec: EditorSpec) -> Path | None:
     """Where a spec's VAE weights are read from (``None``: the spec builds it from a config, or has none)."""
-    if isinstance(spec, (str, os.PathLike)) and spec not in SHIPPED and Path(spec).is_dir():
-        return Path(spec) / "vae"
+    folder = pretrained_folder(spec)
+    if folder is not None:
+        return folder / "vae"
     mapping = _spec_mapping(spec)
-    if mapping is not None and mapping.get("pretrained"):
-        return _path_value(mapping, "pretrained") / "vae"
     if mapping is not None and mapping.get("base_model"):
         return _path_value(mapping, "base_model") / "vae"
     return None

@@ -20,6 +20,7 @@ from model import load_editor
 from synth.cache import cache
 from train import EditorModule, ShardDataModule
 from train.data import collate
+from guards import HANG_GUARD
 
 ROOT = Path(__file__).resolve().parents[1]
 FRAMES, SIZE = 6, 32
@@ -144,7 +145,7 @@ def test_the_datamodule_reads_windows_of_the_cache_and_checks_its_settings(cache
 
 
 def synth(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "synth", *args], capture_output=True, text=True, timeout=300, cwd=cwd)
+    return subprocess.run([sys.executable, "-m", "synth", *args], capture_output=True, text=True, timeout=HANG_GUARD, cwd=cwd)
 
 
 @pytest.mark.parametrize("editor", ["tiny", "wan-tiny"])
@@ -158,7 +159,7 @@ def test_lightning_fit_on_the_cache_exports_an_editor_that_edits(raw, tmp_path, 
     proc = subprocess.run([sys.executable, "-m", "train", "fit", "--config", str(ROOT / "configs/tiny.yaml"), *model,
                            "--data.cached", "latents", "--data.num_frames", frames, "--trainer.max_steps", "2",
                            "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", "run"],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+                          capture_output=True, text=True, timeout=HANG_GUARD, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     checkpoint = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 2 and not any(k.startswith("vae.") for k in checkpoint["state_dict"])
@@ -185,5 +186,5 @@ def test_cache_input_errors_are_one_line(raw, tmp_path):
                  cwd=tmp_path).returncode == 0
     fit = subprocess.run([sys.executable, "-m", "train", "fit", "--config", str(ROOT / "configs/tiny.yaml"),
                           "--data.cached", str(cached), "--data.resolution", "64", "--trainer.max_steps", "1"],
-                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+                         capture_output=True, text=True, timeout=HANG_GUARD, cwd=tmp_path)
     assert fit.returncode == 2 and "set data.resolution 32" in fit.stderr and "Traceback" not in fit.stderr

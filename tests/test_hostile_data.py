@@ -23,6 +23,7 @@ from shards.schema import read_npy
 from infer.video import atomic_write
 from synth.cache import cache
 from train import ShardDataModule
+from guards import HANG_GUARD
 
 
 def bomb_png() -> bytes:
@@ -146,7 +147,7 @@ def test_synth_cache_with_two_ranks_under_a_concurrent_reader(tmp_path):
                                "--num-frames", "4", "--resolution", "16", "--shard-index", str(r), "--num-shards", "2",
                                "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for r in range(2)]
-    results = [p.communicate(timeout=300) for p in procs]
+    results = [p.communicate(timeout=HANG_GUARD) for p in procs]
     stop.set()
     reader.join()
     assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for _, e in results]
@@ -160,7 +161,7 @@ def test_a_file_whose_name_holds_a_percent_sign_is_that_file(tmp_path):
 
     video = write_input(tmp_path / "speed 50%.mp4", [pattern(i, 16, 16) for i in range(4)], rate=8)
     proc = subprocess.run([sys.executable, "-m", "infer", "edit", str(video), "--prompt", "make it red", "--steps", "1",
-                           "--resolution", "16", "--quiet"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+                           "--resolution", "16", "--quiet"], capture_output=True, text=True, timeout=HANG_GUARD, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "speed 50%.edited.mp4").is_file()
 

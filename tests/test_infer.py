@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from fractions import Fraction
@@ -17,8 +16,7 @@ from infer import EditSettings, InsV2VPipeline, guided_noise, probe_video, read_
 from infer.cli import main
 from model import load_editor, motion_modules
 
-FIXTURES = Path(os.environ.get("INSV2V_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures")) / "videos"
-needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"fixture videos not found at {FIXTURES}")
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "videos"
 FAST = dict(num_inference_steps=2, clip_frames=6, reference_frames=2, progress=False)
 
 
@@ -257,7 +255,6 @@ def run_cli(*args, capsys):
     return code, err
 
 
-@needs_fixtures
 def test_cli_edits_car_turn_in_several_clips(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, err = run_cli(FIXTURES / "car-turn.mp4", "--prompt", "make it snowy", "--steps", "1", "--resolution", "16", "--quiet", capsys=capsys)
@@ -269,11 +266,14 @@ def test_cli_edits_car_turn_in_several_clips(tmp_path, capsys, monkeypatch):
     assert len(read_video(out)) == 80
 
 
-@needs_fixtures
 def test_cli_keeps_audio_and_ntsc_fps(tmp_path, capsys):
+    from test_video_io import pattern, write_input
+
+    source = write_input(tmp_path / "ntsc.mp4", [pattern(i, 48, 64) for i in range(40)], rate=Fraction(30000, 1001),
+                         audio="aac")  # a camera's NTSC rate with an AAC track
     out = tmp_path / "ski.mp4"
     code, err = run_cli(
-        FIXTURES / "man-skiing.mp4", "--prompt", "make it sunset", "-o", out, "--steps", "1",
+        source, "--prompt", "make it sunset", "-o", out, "--steps", "1",
         "--resolution", "16", "--max-frames", "24", "--clip-frames", "8", "--reference-frames", "2", "--quiet",
         capsys=capsys,
     )
@@ -306,7 +306,6 @@ def _empty(tmp_path):
     return path
 
 
-@needs_fixtures
 @pytest.mark.parametrize(
     "case,args,message",
     [

@@ -27,9 +27,9 @@ from model.insv2v import (
     unet_state_from_reference,
 )
 from model.norm_layout import ClipGroupNorm, FrameGroupNorm, norm_layout_of, set_norm_layout
+from guards import HANG_GUARD
 
-REFERENCE = Path(os.environ.get("INSV2V_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures")) / "insv2v-reference"
-needs_reference = pytest.mark.skipif(not REFERENCE.is_dir(), reason=f"authors' reference outputs not found at {REFERENCE}")
+REFERENCE = Path(__file__).resolve().parent / "fixtures" / "insv2v-reference"
 
 
 # ---------------------------------------------------------------- writing the authors' format
@@ -125,7 +125,7 @@ def write_authors_checkpoint(path: Path, base: Path, *, with_vae=True, with_text
 
 
 # ---------------------------------------------------------------- the oracle
-@needs_reference
+@pytest.mark.reference
 def test_unet_matches_the_authors_network_within_1e4():
     data = load_file(REFERENCE / "unet_tiny.safetensors")
     config = json.loads((REFERENCE / "unet_tiny.json").read_text())
@@ -139,14 +139,15 @@ def test_unet_matches_the_authors_network_within_1e4():
         with torch.no_grad():
             out = unet(sample, timestep, encoder_hidden_states=text).sample
         assert out.shape == expected.shape
-        assert (out - expected).abs().max() < 1e-4
+        error = (out - expected).abs().max()
+        assert error < 1e-4, f"{error:.2e} from the authors' output (allowed 1e-4: computed by another program on another CPU)"
     # each of the three norm differences matters on its own: diffusers' layout is another network
     with torch.no_grad():
         other = set_norm_layout(copy.deepcopy(unet), "diffusers")(sample, timestep, encoder_hidden_states=text).sample
     assert (other - expected).abs().max() > 0.1
 
 
-@needs_reference
+@pytest.mark.reference
 def test_paper_size_keys_land_on_every_parameter_of_the_paper_editor():
     from diffusers import UNetMotionModel
 
@@ -418,7 +419,7 @@ def test_a_converted_editor_fine_tunes_and_keeps_its_layout(tmp_path):
     args = ["fit", "--config", str(root / "configs" / "tiny.yaml"), "--model.editor", str(tmp_path / "editor"),
             "--model.trainable", "motion", "--data.shards", str(tmp_path / "shards" / "*.tar"), "--data.num_frames", "4",
             "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false", "--trainer.callbacks", "null"]
-    proc = subprocess.run([sys.executable, "-m", "train", *args], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-m", "train", *args], capture_output=True, text=True, timeout=HANG_GUARD, cwd=tmp_path,
                           env={**os.environ, "WANDB_MODE": "offline"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     exported = next((tmp_path / "outputs" / "train-tiny" / "logs").glob("version_*/editor"))

@@ -21,6 +21,7 @@ from PIL import Image
 from shards.camera import CameraBounds, CameraPath, draw_path, film, fit_path, homographies, lift_pair
 from synth.cli import main
 from synth.writer import read_attempts, read_manifest
+from guards import HANG_GUARD
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -166,7 +167,7 @@ def test_lift_parquet_to_shards_that_lightning_fit_trains_on(tmp_path, capsys):
     proc = subprocess.run([sys.executable, "-m", "train", "fit", "--config", str(ROOT / "configs/tiny.yaml"),
                            "--data.shards", str(out), "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false",
                            "--data.num_frames", "4", "--trainer.default_root_dir", str(tmp_path / "run")],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+                          capture_output=True, text=True, timeout=HANG_GUARD, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)["global_step"] == 2
 
@@ -222,7 +223,7 @@ def test_lift_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
             "--samples-per-shard", "2", "--quiet"]
     out = tmp_path / "out"
     proc = subprocess.Popen([*args, "--out", str(out)], stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 120
+    deadline = time.time() + HANG_GUARD
     while time.time() < deadline and len(list(out.glob("*.tar"))) < 3 and proc.poll() is None:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -278,7 +279,7 @@ def test_weighted_sources_mix_at_their_weights_and_are_counted(tmp_path):
                            "--config", str(config), "--data.shards", "", "--trainer.max_steps", "3",
                            "--trainer.enable_progress_bar", "false", "--data.num_frames", "4",
                            "--trainer.log_every_n_steps", "1", "--trainer.default_root_dir", str(tmp_path / "run")],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+                          capture_output=True, text=True, timeout=HANG_GUARD, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = list(csv.DictReader(open(next((tmp_path / "run").rglob("metrics.csv")))))
     last = [r for r in rows if r.get("data/samples_video")][-1]

@@ -13,6 +13,7 @@ from infer import InsV2VPipeline
 from model.lora import LORA_WEIGHTS, merge_lora
 from shard_fixtures import write_shards
 from train import EditorModule, ShardDataModule
+from guards import HANG_GUARD
 
 
 def probe(editor, seed=0):
@@ -106,7 +107,7 @@ def test_lightning_fit_trains_a_lora_recipe(tmp_path):
                            "--config", str(overlay), "--data.shards", str(tmp_path / "shards"), "--trainer.max_steps", "2",
                            "--trainer.enable_progress_bar", "false", "--data.num_frames", "4",
                            "--trainer.default_root_dir", str(tmp_path / "run")],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+                          capture_output=True, text=True, timeout=HANG_GUARD, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     checkpoint = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)
     assert all(".lora_" in k for k in checkpoint["state_dict"])

@@ -107,14 +107,11 @@ def test_clip_preprocessing_is_the_published_one(tmp_path):
 def test_infer_eval_writes_the_three_reports(tmp_path, capsys):
     import csv
     import json
-    import os
     from pathlib import Path
 
     from infer.cli import main
 
-    fixtures = Path(os.environ.get("INSV2V_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
-    if not fixtures.is_dir():
-        pytest.skip(f"fixtures not found at {fixtures}")
+    fixtures = Path(__file__).resolve().parent / "fixtures"
     ClipScorer.tiny(seed=1).save_pretrained(tmp_path / "pick")
     capsys.readouterr()
     instructions = tmp_path / "edits.csv"

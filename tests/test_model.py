@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import torch
@@ -35,6 +34,7 @@ def per_frame_2d(unet2d, sample, text):
     return out.reshape(b, f, *out.shape[1:]).permute(0, 2, 1, 3, 4)
 
 
+@pytest.mark.reference
 @pytest.mark.parametrize("frames", [1, 2, 5, 16])
 @torch.no_grad()
 def test_inflated_unet_equals_2d_unet_per_frame(unet2d, frames):
@@ -45,7 +45,8 @@ def test_inflated_unet_equals_2d_unet_per_frame(unet2d, frames):
     expected = per_frame_2d(unet2d, sample, text)
     got = video(sample, 10, encoder_hidden_states=text.repeat_interleave(frames, dim=0)).sample
     assert expected.abs().mean() > 1e-2  # a real signal, not two zeros
-    assert (got - expected).abs().max() < 1e-5
+    error = (got - expected).abs().max()
+    assert error < 1e-5, f"{error:.2e} from diffusers' 2D U-Net (allowed 1e-5: other kernels sum in another order)"
 
 
 @torch.no_grad()
@@ -150,10 +151,14 @@ def test_gradient_checkpointing_gives_the_same_gradients(editor, monkeypatch):
 
 
 @pytest.mark.parametrize("spec", ["tiny", "tiny-pixel"])
-def test_tiny_builds_fast_and_offline(spec):
-    start = time.perf_counter()
+def test_tiny_builds_offline(spec, monkeypatch):
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the tiny editor tried to open a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)  # a hub download would connect first
     editor = load_editor(spec)
-    assert time.perf_counter() - start < 2.0
     assert editor.unet.config.in_channels == 2 * editor.latent_channels
     assert (editor.vae is None) == (spec == "tiny-pixel")
 

@@ -15,6 +15,7 @@ import yaml
 from infer import InsV2VPipeline
 from model import build_editor, shipped_config
 from train import EditorModule
+from guards import HANG_GUARD
 
 ROOT_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SD_V1, SD_V2 = "model/sd15-random-v1.yaml", "model/sd15-random.yaml"
@@ -158,7 +159,7 @@ def test_the_wan_1_3b_layout_trains_a_bf16_lora_step_and_edits_on_cpu():
     import sys
 
     bench = Path(__file__).resolve().parents[1] / "bench" / "train.py"
-    proc = subprocess.run([sys.executable, str(bench), "--dit-cpu"], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, str(bench), "--dit-cpu"], capture_output=True, text=True, timeout=HANG_GUARD)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert "all lora_: True" in out and "all adapters: True" in out and "lora_B moved only: True" in out

@@ -18,6 +18,7 @@ from shard_fixtures import write_shards
 
 from train import EditorModule, ShardDataModule
 from train.guards import NonFiniteError
+from guards import HANG_GUARD
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
@@ -47,7 +48,7 @@ def config(tmp_path: Path, shards: Path, model: dict | None = None, **data) -> P
     return path
 
 
-def fit(cfg: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def fit(cfg: Path, *args: str, timeout: int = HANG_GUARD) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT)]), "WANDB_MODE": "offline"}
     return subprocess.run([sys.executable, "-m", "train", "fit", "--config", str(cfg), *args], capture_output=True,
                           text=True, timeout=timeout, cwd=cfg.parent, env=env)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from test_video_io import look, pattern, write_input
+from guards import HANG_GUARD
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -67,12 +68,12 @@ def test_the_page_edits_in_a_real_browser(server, clip_with_audio, tmp_path):
         # the page's order: the upload, the instruction as its first text box, a button labelled Edit
         assert page.locator("textarea").first.get_attribute("placeholder") == "make it snowy"
         page.locator("#source input[type=file]").set_input_files(str(clip_with_audio))
-        page.locator("#source video").wait_for(timeout=60_000)
+        page.locator("#source video").wait_for(timeout=HANG_GUARD * 1000)
         page.locator("#instruction textarea").fill("make it red")
         page.get_by_role("button", name="Edit", exact=True).click()
-        page.locator("#edited video").wait_for(timeout=240_000)
+        page.locator("#edited video").wait_for(timeout=HANG_GUARD * 1000)
         link = page.locator("#download a").first
-        link.wait_for(timeout=60_000)
+        link.wait_for(timeout=HANG_GUARD * 1000)
         with page.expect_download() as download:
             link.click()
         saved = tmp_path / "download.mp4"
@@ -87,7 +88,7 @@ def test_the_page_edits_in_a_real_browser(server, clip_with_audio, tmp_path):
         page.locator("#source input[type=file]").set_input_files(str(bad))
         page.get_by_role("button", name="Edit", exact=True).click()
         message = page.get_by_text("not a video this page can read", exact=False).first
-        message.wait_for(timeout=60_000)
+        message.wait_for(timeout=HANG_GUARD * 1000)
         assert "Traceback" not in page.content()
         browser.close()
     seen = look(saved)
@@ -130,7 +131,7 @@ def test_mounts_into_a_fastapi_app(pipe, clip_with_audio):
 
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.time() + 30
+    deadline = time.time() + HANG_GUARD
     while not server.started and time.time() < deadline:
         time.sleep(0.1)
     try:
@@ -150,7 +151,7 @@ def test_mounts_into_a_fastapi_app(pipe, clip_with_audio):
 def test_serve_with_a_model_that_does_not_load_is_one_line(tmp_path):
     (tmp_path / "broken").mkdir()
     proc = subprocess.run([sys.executable, "-m", "infer", "serve", "--model", str(tmp_path / "broken"), "--port",
-                           str(free_port())], capture_output=True, text=True, timeout=120)
+                           str(free_port())], capture_output=True, text=True, timeout=HANG_GUARD)
     assert proc.returncode == 2
     assert proc.stderr.startswith("infer: error: could not load the editor") and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
@@ -210,7 +211,7 @@ def test_one_edit_at_a_time_the_others_wait_in_the_queue(pipe, clip_with_audio, 
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
         jobs = [client.submit(handle_file(str(clip_with_audio)), "make it red", 7.5, 1.2, 1, False, False, seed, 32,
                               api_name="/edit") for seed in range(3)]
-        results = [job.result(timeout=120) for job in jobs]
+        results = [job.result(timeout=HANG_GUARD) for job in jobs]
     finally:
         app.close()
     assert len(results) == 3 and most[0] == 1
@@ -235,7 +236,7 @@ def test_a_thin_video_cannot_make_an_enormous_working_frame(pipe, tmp_path):
         edit_with(ed, thin, resolution=1024)
     assert not list(ed.out_dir.glob("*.edited-*"))
     proc = subprocess.run([sys.executable, "-m", "infer", "edit", str(thin), "--prompt", "x", "--resolution", "1024",
-                           "-o", str(tmp_path / "out.mp4")], capture_output=True, text=True, timeout=300)
+                           "-o", str(tmp_path / "out.mp4")], capture_output=True, text=True, timeout=HANG_GUARD)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("infer: error: the working frame would be 262144x1024")
     assert not (tmp_path / "out.mp4").exists()

@@ -15,6 +15,7 @@ import yaml
 from synth.build import shapes_world
 from synth.shapes import (ALL_EDITS, COLORS, EDITS, RADII, REMOVE_WORDS, SHAPE_COUNTS, SPEEDS, Scene, Shape, ShapesWorld,
                           positions, random_scene, render, shape_masks)
+from guards import HANG_GUARD
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -366,7 +367,6 @@ def test_word_effect_is_zero_for_an_editor_blind_to_the_word():
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1500)  # a build, 400 training steps and 32 sampled edits in subprocesses
 def held_out_errors(pipes: dict, world, count: int = 16) -> dict[str, list[float]]:
     """Per editor (and for the source itself), the MSE to the exact target of ``count`` held-out
     clips, each edited whole through the editor's own sampler from the same seed."""
@@ -396,7 +396,7 @@ def test_demo_path_learns_briefly(tmp_path):
 
     shards = tmp_path / "shards"
     # run in tmp_path: the configs' relative output folders land there
-    run = lambda *a: subprocess.run([sys.executable, "-m", *map(str, a)], cwd=tmp_path, capture_output=True, text=True, timeout=900)  # noqa: E731
+    run = lambda *a: subprocess.run([sys.executable, "-m", *map(str, a)], cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD)  # noqa: E731
     proc = run("synth", "build", "--config", ROOT / "configs/experiments/shapes/world/shapes.yaml", "--out", shards, "--num-samples", 400, "--quiet")
     assert proc.returncode == 0, proc.stderr[-2000:]
     proc = run("train", "fit", "--config", ROOT / "configs/experiments/shapes/recipe.yaml", "--data.shards", shards, "--trainer.max_steps", 550,
@@ -517,7 +517,7 @@ def test_the_dit_editor_learns_the_shapes_world_briefly(tmp_path):
     from model import load_editor
 
     shards = tmp_path / "shards"
-    run = lambda *a: subprocess.run([sys.executable, "-m", *map(str, a)], cwd=tmp_path, capture_output=True, text=True, timeout=900)  # noqa: E731
+    run = lambda *a: subprocess.run([sys.executable, "-m", *map(str, a)], cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD)  # noqa: E731
     proc = run("synth", "build", "--config", ROOT / "configs/experiments/shapes/world/shapes.yaml", "--out", shards,
                "--num-samples", 400, "--quiet")
     assert proc.returncode == 0, proc.stderr[-2000:]

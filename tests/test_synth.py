@@ -23,6 +23,7 @@ from synth import PairParams, TemplateSource, Triplet, VideoRenderer, align_toke
 from synth.cli import main
 from synth.filter import ClipFilter, Thresholds
 from synth.writer import read_attempts, read_manifest
+from guards import HANG_GUARD
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = yaml.safe_load((ROOT / "configs/synth/tiny.yaml").read_text())
@@ -290,7 +291,7 @@ def test_kill_9_then_resume_gives_exactly_n_unique_readable_pairs(tmp_path):
     out = tmp_path / "out"
     args = ["build", "--config", cfg, "--out", out, "--num-samples", 10, "--samples-per-shard", 2, "--quiet"]
     proc = subprocess.Popen(synth_cmd(*args), stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 240
+    deadline = time.time() + HANG_GUARD
     while time.time() < deadline and len(list(out.glob("*.tar"))) < 2 and proc.poll() is None:
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -352,12 +353,12 @@ def test_two_ranks_at_once_kill_9_one_resume_equals_an_uninterrupted_build(tmp_p
     args = ["build", "--config", cfg, "--out", out, "--num-samples", 6, "--samples-per-shard", 2, "--quiet"]
     procs = [subprocess.Popen(synth_cmd(*args), env=_rank_env(r, 2), stderr=subprocess.DEVNULL, start_new_session=True)
              for r in (0, 1)]
-    deadline = time.time() + 300
+    deadline = time.time() + HANG_GUARD
     while time.time() < deadline and not list(out.glob("pairs-001-*.tar")) and procs[1].poll() is None:
         time.sleep(0.1)
     os.killpg(procs[1].pid, signal.SIGKILL)
     procs[1].wait()
-    assert procs[0].wait(timeout=300) == 0
+    assert procs[0].wait(timeout=HANG_GUARD) == 0
     assert 1 <= len(list(out.glob("pairs-001-*.tar"))) < 3, "the kill should land mid-build"
     # a torn last line, as a kill during an append leaves it
     with open(out / "attempts-r001.jsonl", "a") as f:

@@ -20,6 +20,7 @@ from model import Editor, source_prior_estimate
 from train import EditorModule, ShardDataModule, apply_windows, crop_windows, dropout_masks, regression_target
 from train.callbacks import EditSamples
 from train.objective import sample_timesteps
+from guards import HANG_GUARD
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -287,7 +288,7 @@ def test_edit_samples_are_written(tmp_path, one_sample):
     assert samples and read_video(samples[0]).shape == (4, 32, 96, 3)  # source | edited | target
 
 
-def run(args, timeout=300, **env):
+def run(args, timeout=HANG_GUARD, **env):
     return subprocess.run(
         [sys.executable, "-m", "train", *args], capture_output=True, text=True, timeout=timeout, cwd=env.pop("cwd"),
         env={**os.environ, "WANDB_MODE": "offline", **env},
@@ -342,12 +343,12 @@ def test_cli_fit_stopped_by_sigterm_exits_non_zero(tmp_path, shards):
     proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "WANDB_MODE": "offline"})
     last = tmp_path / "outputs/train-tiny/checkpoints/last.ckpt"
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + HANG_GUARD
     while not last.is_file() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.5)
     assert last.is_file(), "no checkpoint within 300 s"
     proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
+    _, stderr = proc.communicate(timeout=HANG_GUARD)
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
     assert "stopped by a signal" in stderr and "--ckpt_path last" in stderr and "Traceback" not in stderr
     assert not list((tmp_path / "outputs").rglob("model_index.json"))  # nothing exported as if finished
@@ -383,7 +384,7 @@ def test_ddp_two_cpu_processes(tmp_path, shards):
     args = ["fit", "--config", str(ROOT / "configs" / "tiny.yaml"), "--data.shards", f"{shards}/*.tar",
             "--trainer.max_steps", "2", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
             "--trainer.strategy", "ddp", "--trainer.enable_progress_bar", "false", "--data.num_frames", "4"]
-    proc = run(args, cwd=tmp_path, timeout=240)
+    proc = run(args, cwd=tmp_path, timeout=HANG_GUARD)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "outputs/train-tiny/checkpoints/last.ckpt").is_file()
 
@@ -398,7 +399,7 @@ def test_fsdp_two_cpu_processes_shard_and_match_ddp(tmp_path, shards):
     weights = {}
     for strategy in ("ddp", "editor_fsdp"):
         proc = run(args + ["--trainer.strategy", strategy, "--trainer.default_root_dir", strategy], cwd=tmp_path,
-                   timeout=240)
+                   timeout=HANG_GUARD)
         assert proc.returncode == 0, proc.stderr[-3000:]
         weights[strategy] = torch.load(tmp_path / strategy / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
     initial = EditorModule(editor="tiny", trainable="all").trainable_parameters()
@@ -415,7 +416,7 @@ def test_fsdp_two_cpu_processes_shard_and_match_ddp(tmp_path, shards):
     assert all(torch.equal(unet[k[len("unet."):]], v) for k, v in fsdp.items())
     # a preempted sharded run resumes from its gathered checkpoint (weights and AdamW moments)
     resumed = run(args + ["--trainer.strategy", "editor_fsdp", "--trainer.default_root_dir", "editor_fsdp",
-                          "--trainer.max_steps", "3", "--ckpt_path", "last"], cwd=tmp_path, timeout=240)
+                          "--trainer.max_steps", "3", "--ckpt_path", "last"], cwd=tmp_path, timeout=HANG_GUARD)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert torch.load(tmp_path / "editor_fsdp/checkpoints/last.ckpt", weights_only=True)["global_step"] == 3
 

@@ -3,7 +3,6 @@ every output container out, audio kept, timing kept, upright, and nothing finish
 
 from __future__ import annotations
 
-import os
 import random
 from fractions import Fraction
 from pathlib import Path
@@ -17,8 +16,7 @@ from infer import VideoReader, probe_video
 from infer.cli import main as infer_main
 from infer.video_writer import OUTPUT_FORMATS, OutputFormat
 
-FIXTURES = Path(os.environ.get("INSV2V_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures")) / "videos"
-needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"fixture videos not found at {FIXTURES}")
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "videos"
 
 
 def pattern(index: int, height: int = 24, width: int = 40) -> np.ndarray:
@@ -300,7 +298,6 @@ def damaged_copies(data: bytes) -> dict[str, bytes]:
     return variants
 
 
-@needs_fixtures
 def test_damaged_files_exit_2_with_one_line_and_a_named_partial(tmp_path, capsys):
     """Truncated and byte-flipped copies of a real video: one line, exit 2, no traceback; the
     frames edited before damage met mid-way are kept in a partial file that the line names."""
@@ -318,7 +315,6 @@ def test_damaged_files_exit_2_with_one_line_and_a_named_partial(tmp_path, capsys
     assert partial_frames and min(partial_frames) > 0  # damage met mid-edit keeps what was edited
 
 
-@needs_fixtures
 def test_ignore_decode_errors_edits_a_damaged_video_as_ffmpeg_conceals_it(tmp_path, capsys):
     damaged = damaged_copies((FIXTURES / "gold-fish.mp4").read_bytes())["flip-middle0"]
     (tmp_path / "in.mp4").write_bytes(damaged)

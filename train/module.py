@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from infer.pipeline import CHECKPOINT_KEY, editor_from_weights
-from model import EditorLoadError, load_editor, load_vae, posterior_sample, set_trainable, skipping_identity_motion_modules
+from model import EditorLoadError, load_editor, load_vae, posterior_sample, pretrained_folder, set_trainable, skipping_identity_motion_modules
 from model.lora import add_lora, default_targets, merge_lora, save_lora
 from model.trainable import MOTION_PATTERN, count_parameters
 from shards.schema import EMPTY_TEXT_STATES, SOURCE_LATENT, TARGET_LOGVAR, TARGET_MEAN, TEXT_STATES, is_cached
@@ -153,7 +153,9 @@ class EditorModule(L.LightningModule):
                 raise ValueError("objective 'flow' takes an editor without source_prior_std and loss_weighting 'uniform'")
             if not flow_shift > 0:
                 raise ValueError(f"flow_shift must be positive, got {flow_shift}")
-            self.editor.scheduler = flow_scheduler(self.editor.scheduler, flow_shift)
+            # flow_shift draws the training's times; a saved folder keeps its own sampler (the one its users sample with)
+            self.editor.scheduler = flow_scheduler(self.editor.scheduler, flow_shift,
+                                                   keep_own=pretrained_folder(editor) is not None)
         if loss_weighting == "preconditioned" and not self.editor.preconditioned:
             raise ValueError("loss_weighting 'preconditioned' needs an editor built with preconditioned: true")
         # registered here so Lightning moves, casts and checkpoints them (as unet.* or transformer.*)
