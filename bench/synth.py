@@ -3,6 +3,7 @@
     python bench/synth.py                      # tiny config on CPU
     python bench/synth.py --modelscope-size --device cuda   # ModelScope size, 16x256², 30 steps
     python bench/synth.py --paper-flops        # the same, FLOPs per pair (meta device: any machine)
+    python bench/synth.py --import-pairs 8     # synth import: pairs per minute copied and re-encoded
 """
 
 from __future__ import annotations
@@ -99,6 +100,39 @@ def paper_flops(args) -> None:
           f"(kept pairs: times the filter's keep rate)")
 
 
+def import_rates(args) -> None:
+    """``synth import`` of a generated pairs list: pairs per minute copied as published, and
+    re-encoded down once (--max-side 256 --max-frames 33)."""
+    import json
+
+    import numpy as np
+
+    from infer import write_video
+    from synth.import_sets import ImportOptions, import_set
+
+    width, height = (int(v) for v in args.import_size.split("x"))
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "set"
+        root.mkdir()
+        y, x = np.mgrid[0:height, 0:width]
+        lines = []
+        for i in range(args.import_pairs):
+            frames = np.stack([((np.stack([np.sin(x / (9 + i) + t / 5), np.cos(y / 13 - t / 7), np.sin((x + y) / 21)], -1)
+                                 + 1) * 127.5).astype(np.uint8) for t in range(args.import_frames)])
+            write_video(root / f"{i}.mp4", frames, fps=20)
+            write_video(root / f"{i}_edit.mp4", np.ascontiguousarray(frames[..., ::-1]), fps=20)
+            lines.append(json.dumps({"source": f"{i}.mp4", "edited": f"{i}_edit.mp4", "instruction": "swap colours"}))
+        (root / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+        size = sum(p.stat().st_size for p in root.glob("*.mp4")) / 2**20
+        for name, options in (("copied", ImportOptions()), ("re-encoded to 256 px, 33 frames",
+                                                            ImportOptions(max_side=256, max_frames=33))):
+            start = time.perf_counter()
+            result, stats = import_set(root / "pairs.jsonl", Path(tmp) / name.split()[0], options=options, progress=False)
+            minutes = (time.perf_counter() - start) / 60
+            print(f"synth import, {args.import_pairs} pairs of {args.import_frames}x{height}x{width} ({size:.1f} MiB) "
+                  f"{name}: {result.kept / minutes:.1f} pairs/min")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--num-samples", type=int, default=8)
@@ -107,7 +141,13 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=list(DTYPES), default=None,
                     help="renderer precision (default: float16 on CUDA, float32 on CPU, as synth build)")
+    ap.add_argument("--import-pairs", type=int, default=0, help="measure synth import on this many generated pairs")
+    ap.add_argument("--import-size", default="1280x720", help="their frame size, WxH (Ditto-1M's 1280x720)")
+    ap.add_argument("--import-frames", type=int, default=101, help="their length (Ditto-1M's 101)")
     args = ap.parse_args()
+    if args.import_pairs:
+        import_rates(args)
+        return
     if args.paper_flops:
         paper_flops(args)
         return

@@ -1,4 +1,4 @@
-"""The `synth` command: `synth build`, `synth lift`, `synth cache`, `synth prompts`, `synth report`."""
+"""The `synth` command: `synth build`, `synth lift`, `synth import`, `synth cache`, `synth prompts`, `synth report`."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from infer.arguments import USAGE_ERROR, OneLineParser, UsageError, positive_int, quiet_libraries
 
@@ -63,11 +65,62 @@ def cmd_lift(args) -> None:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file")
+    minimum = {}
+    for item in args.min_score or []:
+        field, _, value = item.partition("=")
+        try:
+            minimum[field.strip()] = float(value)
+        except ValueError:
+            raise UsageError(f"--min-score takes FIELD=VALUE (a number), got {item!r}") from None
+        if not field.strip():
+            raise UsageError(f"--min-score takes FIELD=VALUE, got {item!r}")
+    if args.open_images is not None and not Path(args.open_images).is_dir():
+        raise UsageError(f"--open-images: no folder at {args.open_images}")
     result = lift(config, args.images, out, args.num_samples, args.samples_per_shard, args.resume, rank, world,
-                  progress=not args.quiet, name=args.name, allow_absolute=args.allow_absolute)
+                  progress=not args.quiet, name=args.name, allow_absolute=args.allow_absolute, min_scores=minimum,
+                  open_images=args.open_images)
     if not args.quiet:
         print(f"rank {rank}/{world}: {result.kept} lifted pairs in {out} ({len(result.shards)} new shards, "
               f"{result.unreadable} unreadable rows skipped)", file=sys.stderr)
+
+
+def cmd_import(args) -> None:
+    from .import_sets import ImportOptions, import_set
+    from .ranks import rank_and_world
+    from .video_hash import LeakageIndex, benchmark_index
+
+    rank, world = rank_and_world(args.shard_index, args.num_shards)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file")
+    for name, value in (("--frame-tolerance", args.frame_tolerance), ("--aspect-tolerance", args.aspect_tolerance)):
+        if not 0 <= value < 1:
+            raise UsageError(f"{name} must be in [0, 1), got {value}")
+    if args.fps is not None and args.fps <= 0:
+        raise UsageError(f"--fps must be positive, got {args.fps}")
+    leakage = None
+    for path in args.exclude_benchmark or []:
+        if not Path(path).exists():
+            raise UsageError(f"--exclude-benchmark: no benchmark file at {path}")
+        index = benchmark_index(Path(path))
+        leakage = index if leakage is None else LeakageIndex(
+            np.concatenate([leakage.hashes, index.hashes]),
+            np.concatenate([leakage.owners, index.owners + len(leakage.names)]), leakage.names + index.names)
+    options = ImportOptions(max_side=args.max_side, max_frames=args.max_frames, fps=args.fps,
+                            frame_tolerance=args.frame_tolerance, aspect_tolerance=args.aspect_tolerance,
+                            exclude_categories=frozenset(c.strip() for c in (args.exclude_categories or "").split(",")
+                                                         if c.strip()),
+                            leakage=leakage)
+    from tqdm.auto import tqdm
+
+    warn = (lambda line: None) if args.quiet else (lambda line: tqdm.write(f"synth import: {line}", file=sys.stderr))
+    result, stats = import_set(Path(args.source), out, args.format, Path(args.media_root) if args.media_root else None,
+                               options, args.num_samples, args.samples_per_shard, args.resume, rank, world,
+                               progress=not args.quiet, warn=warn)
+    if not args.quiet:
+        rejected = ", ".join(f"{k}: {v}" for k, v in stats.rejections.most_common()) or "none"
+        print(f"rank {rank}/{world}: {result.kept} pairs in {out} ({len(result.shards)} new shards; this run "
+              f"{stats.copied} copied, {stats.reencoded} re-encoded; rejected: {rejected})", file=sys.stderr)
 
 
 def cmd_cache(args) -> None:
@@ -130,8 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quiet", action="store_true")
     lf = sub.add_parser("lift", help="lift image-edit pairs to video pairs by a shared camera path")
     lf.add_argument("--images", required=True,
-                    help="image pairs: a .parquet file or folder of them (InstructPix2Pix columns), a datasets "
-                         "folder, or a .jsonl of {input, edited, instruction}")
+                    help="image pairs: a .parquet file or folder of them (InstructPix2Pix, UltraEdit or OmniEdit "
+                         "columns), a datasets folder, a .jsonl of {input, edited, instruction} or Pico-Banana-400K's, "
+                         "or GPT-Image-Edit-1.5M's .json")
     lf.add_argument("--out", required=True, help="output folder of shards")
     lf.add_argument("--config", default=None, help="lift YAML (default: the embedded configs/synth/lift.yaml)")
     lf.add_argument("--num-frames", type=positive_int, default=None, help="frames per clip (camera.num_frames, default 16)")
@@ -142,9 +196,38 @@ def build_parser() -> argparse.ArgumentParser:
     lf.add_argument("--resume", action="store_true", help="continue a lift in --out")
     lf.add_argument("--allow-absolute", action="store_true",
                     help="let a .jsonl name images outside its own folder (absolute or ../ paths)")
+    lf.add_argument("--min-score", action="append", default=None, metavar="FIELD=VALUE",
+                    help="keep rows whose shipped score FIELD (UltraEdit's clip_sim_*, dinov2_sim, ssim; OmniEdit's "
+                         "o_score, sc_score_1/2, pq_score) is at least VALUE; repeatable")
+    lf.add_argument("--open-images", default=None,
+                    help="Pico-Banana-400K: the folder holding its Open Images source files (by file name)")
     lf.add_argument("--shard-index", type=int, default=None, help="this rank (default: $RANK or $SLURM_PROCID)")
     lf.add_argument("--num-shards", type=positive_int, default=None, help="ranks in all (default: $WORLD_SIZE)")
     lf.add_argument("--quiet", action="store_true")
+    im = sub.add_parser("import", help="a published pair set (Ditto-1M, Señorita-2M, OpenVE-3M, ...) as shards")
+    im.add_argument("source", help="the set's folder as downloaded (or a pairs .csv/.jsonl)")
+    im.add_argument("--out", required=True, help="output folder of shards")
+    im.add_argument("--format", choices=["ditto", "senorita", "openve", "insvie", "kiwi", "insv2v", "pairs"], default=None,
+                    help="the set's layout (default: detected)")
+    im.add_argument("--media-root", default=None,
+                    help="where the metadata's paths start (default: the set's own: videos/ for Ditto and OpenVE, "
+                         "the folder otherwise)")
+    im.add_argument("--max-side", type=positive_int, default=None, help="re-encode: longer side at most this")
+    im.add_argument("--max-frames", type=positive_int, default=None, help="re-encode: at most this many frames")
+    im.add_argument("--fps", type=float, default=None, help="re-encode at about this rate (frames dropped)")
+    im.add_argument("--frame-tolerance", type=float, default=0.02,
+                    help="share by which source and edit frame counts and rates may differ (default 0.02)")
+    im.add_argument("--aspect-tolerance", type=float, default=0.02, help="likewise their aspect ratios (default 0.02)")
+    im.add_argument("--exclude-categories", default=None, help="comma-separated categories to leave out")
+    im.add_argument("--exclude-benchmark", action="append", default=None, metavar="PATH",
+                    help="a benchmark file infer eval --benchmark reads: pairs whose source is one of its videos "
+                         "(re-encoded, resized or trimmed) are left out; repeatable")
+    im.add_argument("--num-samples", type=positive_int, default=None, help="stop after this many kept pairs (default: all)")
+    im.add_argument("--samples-per-shard", type=positive_int, default=64)
+    im.add_argument("--resume", action="store_true", help="continue an import in --out")
+    im.add_argument("--shard-index", type=int, default=None, help="this rank (default: $RANK or $SLURM_PROCID)")
+    im.add_argument("--num-shards", type=positive_int, default=None, help="ranks in all (default: $WORLD_SIZE)")
+    im.add_argument("--quiet", action="store_true")
     c = sub.add_parser("cache", help="encode training shards once: latents and text states for lightning fit --data.cached")
     c.add_argument("shards", help="training shards: a .tar, a folder of them, a glob or a brace pattern")
     c.add_argument("--editor", default="tiny",
@@ -184,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     try:
         args = build_parser().parse_args(argv)
-        {"build": cmd_build, "lift": cmd_lift, "cache": cmd_cache, "prompts": cmd_prompts, "report": cmd_report}[args.command](args)
+        {"build": cmd_build, "lift": cmd_lift, "import": cmd_import, "cache": cmd_cache, "prompts": cmd_prompts, "report": cmd_report}[args.command](args)
         return 0
     except UsageError as err:
         print(f"synth: error: {err}", file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -14,6 +15,53 @@ from PIL import Image, UnidentifiedImageError
 IMAGE_COLUMNS = ("input_image", "edited_image")
 REQUIRED = (*IMAGE_COLUMNS, "edit_prompt")
 OPTIONAL = ("original_prompt", "edited_prompt")
+SCORES = "_scores"  # a row's shipped quality scores, by their published names (``--min-score``)
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """A published image-edit set's columns: which hold the images, the instruction (a list of
+    them for OmniEdit) and the captions, and which are its shipped scores."""
+
+    name: str
+    columns: dict[str, str]  # published name -> InstructPix2Pix name
+    score_columns: tuple[str, ...] = ()
+    score_prefixes: tuple[str, ...] = ()
+
+
+IMAGE_LAYOUTS = (
+    ImageLayout("instructpix2pix", {c: c for c in (*REQUIRED, *OPTIONAL)}),
+    ImageLayout("ultraedit", {"source_image": "input_image", "edited_image": "edited_image", "edit_prompt": "edit_prompt",
+                              "source_caption": "original_prompt", "target_caption": "edited_prompt"},
+                ("dinov2_sim", "ssim"), ("clip_sim",)),
+    ImageLayout("omniedit", {"src_img": "input_image", "edited_img": "edited_image", "edited_prompt_list": "edit_prompt"},
+                ("o_score", "sc_score_1", "sc_score_2", "pq_score")),
+)
+
+
+def image_layout(names: list[str], where: Path) -> tuple[ImageLayout, list[str], list[str]]:
+    """The layout whose image and instruction columns ``names`` hold, the columns to read and the
+    score columns present."""
+    for layout in IMAGE_LAYOUTS:
+        needed = [k for k, v in layout.columns.items() if v in REQUIRED]
+        if all(c in names for c in needed):
+            scores = [c for c in names if c in layout.score_columns or c.startswith(layout.score_prefixes or ("\0",))]
+            return layout, [c for c in layout.columns if c in names] + scores, scores
+    raise ValueError(f"{where} lacks the column(s) {', '.join(c for c in REQUIRED if c not in names)} (InstructPix2Pix "
+                     f"layout: {', '.join(REQUIRED)}, optional {', '.join(OPTIONAL)}; UltraEdit: source_image, "
+                     f"edited_image, edit_prompt; OmniEdit: src_img, edited_img, edited_prompt_list)")
+
+
+def canonical_row(row: dict[str, Any], layout: ImageLayout, scores: list[str], index: int) -> dict[str, Any]:
+    """A row under InstructPix2Pix's names with its scores under :data:`SCORES`; a list of
+    instructions (OmniEdit) gives one, drawn by the row's index."""
+    out = {new: row.get(old) for old, new in layout.columns.items() if old in row}
+    prompts = out.get("edit_prompt")
+    if isinstance(prompts, (list, tuple)):
+        usable = [p for p in prompts if isinstance(p, str) and p.strip()]
+        out["edit_prompt"] = usable[int(np.random.default_rng(index).integers(len(usable)))] if usable else None
+    out[SCORES] = {c: float(row[c]) for c in scores if isinstance(row.get(c), (int, float))}
+    return out
 
 
 class UnreadableRow(ValueError):
@@ -38,14 +86,6 @@ def _parquet_files(path: Path) -> list[Path]:
     return files
 
 
-def _check_columns(names: list[str], where: Path) -> list[str]:
-    missing = [c for c in REQUIRED if c not in names]
-    if missing:
-        raise ValueError(f"{where} lacks the column(s) {', '.join(missing)} (InstructPix2Pix layout: "
-                         f"{', '.join(REQUIRED)}, optional {', '.join(OPTIONAL)})")
-    return [c for c in (*REQUIRED, *OPTIONAL) if c in names]
-
-
 def _parquet_rows(files: list[Path]) -> Iterator[dict[str, Any]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -56,18 +96,22 @@ def _parquet_rows(files: list[Path]) -> Iterator[dict[str, Any]]:
             table = pq.ParquetFile(path)
         except (pa.ArrowException, OSError) as err:
             raise ValueError(f"{path} is not a readable Parquet file ({str(err).splitlines()[0]})") from None
-        tables.append((table, _check_columns(table.schema_arrow.names, path)))
+        tables.append((table, image_layout(table.schema_arrow.names, path)))
 
     def rows():
-        for (table, columns), path in zip(tables, files):
+        index = 0
+        for (table, (layout, columns, scores)), path in zip(tables, files):
             for group in range(table.num_row_groups):
                 try:
                     data = table.read_row_group(group, columns=columns)
                 except (pa.ArrowException, OSError) as err:  # one damaged group: one unreadable row, counted
+                    index += 1
                     yield {"_error": f"{path.name} row group {group} is unreadable ({str(err).splitlines()[0][:120]})"}
                     continue
                 for batch in data.to_batches(max_chunksize=16):
-                    yield from batch.to_pylist()
+                    for row in batch.to_pylist():
+                        yield canonical_row(row, layout, scores, index)
+                        index += 1
 
     return rows()
 
@@ -80,48 +124,108 @@ def _datasets_rows(path: Path) -> Iterator[dict[str, Any]]:
         if "train" not in loaded:
             raise ValueError(f"{path} holds splits {', '.join(loaded)}; point --images at one of them")
         loaded = loaded["train"]
-    columns = _check_columns(loaded.column_names, path)
+    layout, columns, scores = image_layout(loaded.column_names, path)
     # the arrow view leaves image columns as {"bytes", "path"} structs instead of decoding them
     batches = loaded.select_columns(columns).with_format("arrow").iter(batch_size=16)
-    return (row for table in batches for row in table.to_pylist())
+    rows = (row for table in batches for row in table.to_pylist())
+    return (canonical_row(row, layout, scores, index) for index, row in enumerate(rows))
 
 
-def _jsonl_rows(path: Path, allow_absolute: bool = False) -> Iterator[dict[str, Any]]:
-    folder = path.parent.resolve()
+def _resolver(folder: Path, allow_absolute: bool, kind: str):
+    folder = folder.resolve()
 
-    def resolve(image: Any, number: int) -> Any:
+    def resolve(image: Any, where: str) -> Any:
         if not isinstance(image, str):
             return image
-        where = (folder / image).resolve()
-        if not allow_absolute and not where.is_relative_to(folder):
-            return {"_outside": f"line {number}: {image} is outside the JSONL's folder (--allow-absolute allows it)"}
-        return {"path": str(where)}
+        path = (folder / image).resolve()
+        if not allow_absolute and not path.is_relative_to(folder):
+            return {"_outside": f"{where}: {image} is outside the {kind}'s folder (--allow-absolute allows it)"}
+        return {"path": str(path)}
 
+    return resolve
+
+
+PICO_SOURCE = "open_image_input_url"
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
     with open(path) as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
-                if not isinstance(record, dict):
-                    raise ValueError
+                yield number, json.loads(line)
             except ValueError:
-                yield {"_error": f"line {number} is not a JSON object"}
-                continue
-            yield {"input_image": resolve(record.get("input"), number), "edited_image": resolve(record.get("edited"), number),
-                   "edit_prompt": record.get("instruction"), "original_prompt": record.get("input_caption"),
-                   "edited_prompt": record.get("output_caption")}
+                yield number, None
 
 
-def pair_rows(path: str | Path, allow_absolute: bool = False) -> Iterator[dict[str, Any]]:
-    """The raw rows of an image-pair dataset, in a fixed order: a Parquet file or folder of them,
-    a ``datasets.save_to_disk`` folder, or a JSONL of ``{"input", "edited", "instruction"}`` (image
-    paths relative to the file). Images stay encoded until :func:`decode_row`."""
+def _jsonl_rows(path: Path, allow_absolute: bool = False, open_images: Path | None = None) -> Iterator[dict[str, Any]]:
+    """JSON lines: this project's ``{input, edited, instruction}``, or Pico-Banana-400K's
+    ``{open_image_input_url, text, output_image, edit_type}`` (its sources are Open Images files:
+    ``open_images`` is the folder holding them by file name)."""
+    resolve = _resolver(path.parent, allow_absolute, "JSONL")
+    for number, record in _jsonl_records(path):
+        if not isinstance(record, dict):
+            yield {"_error": f"line {number} is not a JSON object"}
+            continue
+        where = f"line {number}"
+        if PICO_SOURCE in record:
+            name = str(record.get(PICO_SOURCE) or "").rsplit("/", 1)[-1]
+            source = {"path": str(open_images / name)} if name and open_images is not None else None
+            yield {"input_image": source, "edited_image": resolve(record.get("output_image"), where),
+                   "edit_prompt": record.get("text"), "category": record.get("edit_type"), SCORES: {}}
+            continue
+        yield {"input_image": resolve(record.get("input"), where), "edited_image": resolve(record.get("edited"), where),
+               "edit_prompt": record.get("instruction"), "original_prompt": record.get("input_caption"),
+               "edited_prompt": record.get("output_caption"), SCORES: {}}
+
+
+def conversation_instruction(conversations: Any) -> str | None:
+    """The instruction of a LLaVA-style conversation: the first human turn, image tokens removed."""
+    for turn in conversations if isinstance(conversations, list) else []:
+        if isinstance(turn, dict) and turn.get("from") == "human" and isinstance(turn.get("value"), str):
+            return re.sub(r"<image>", " ", turn["value"]).strip() or None
+    return None
+
+
+def _llava_rows(path: Path, allow_absolute: bool = False) -> Iterator[dict[str, Any]]:
+    """GPT-Image-Edit-1.5M's JSON: a list of ``{"image": [source, edited], "conversations":
+    [{"from": "human", "value": "<image>..."}, ...]}``, image paths relative to the file."""
+    try:
+        records = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not readable JSON ({type(err).__name__})") from None
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a JSON list of {{image, conversations}} records")
+    resolve = _resolver(path.parent, allow_absolute, "JSON")
+    for index, record in enumerate(records):
+        images = record.get("image") if isinstance(record, dict) else None
+        if not isinstance(images, list) or len(images) != 2:
+            yield {"_error": f"record {index} has no [source, edited] image pair"}
+            continue
+        where = f"record {index}"
+        yield {"input_image": resolve(images[0], where), "edited_image": resolve(images[1], where),
+               "edit_prompt": conversation_instruction(record.get("conversations")), SCORES: {}}
+
+
+def pair_rows(path: str | Path, allow_absolute: bool = False, open_images: str | Path | None = None
+              ) -> Iterator[dict[str, Any]]:
+    """The raw rows of an image-pair dataset, in a fixed order: a Parquet file or folder of them
+    (InstructPix2Pix's, UltraEdit's or OmniEdit's columns), a ``datasets.save_to_disk`` folder, a
+    JSONL of ``{"input", "edited", "instruction"}`` or Pico-Banana-400K's records, or
+    GPT-Image-Edit-1.5M's JSON list (image paths relative to the file). Images stay encoded until
+    :func:`decode_row`; a row's shipped scores are under :data:`SCORES`."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no image pairs at {path}")
+    if path.is_file() and path.suffix.lower() == ".json" and path.read_bytes()[:64].lstrip()[:1] == b"[":
+        return _llava_rows(path, allow_absolute)
     if path.is_file() and path.suffix.lower() in (".jsonl", ".json"):
-        return _jsonl_rows(path, allow_absolute)
+        first = next((r for _, r in _jsonl_records(path)), None)
+        if isinstance(first, dict) and PICO_SOURCE in first and open_images is None:
+            raise ValueError(f"{path} is Pico-Banana-400K's layout, whose sources are Open Images files: "
+                             "pass --open-images DIR (the folder holding them)")
+        return _jsonl_rows(path, allow_absolute, Path(open_images) if open_images else None)
     if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
         return _datasets_rows(path)
     if path.is_file() and path.suffix.lower() != ".parquet":

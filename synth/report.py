@@ -53,6 +53,14 @@ def report(folder: Path) -> str:
         "ranks             " + ", ".join(f"{r}: {s['samples']} kept" for r, s in sorted(manifest["ranks"].items())),
         "rejections        " + (", ".join(f"{k}: {v}" for k, v in reasons.most_common()) or "none"),
     ]
+    for field, title in (("set", "per set"), ("category", "per category")):  # imported sets say both
+        groups = collections.defaultdict(lambda: [0, 0])
+        for a in attempts:
+            if a.get(field) is not None:
+                groups[a[field]][0] += bool(a["kept"])
+                groups[a[field]][1] += 1
+        if groups:
+            lines.append(f"{title:17s} " + ", ".join(f"{k}: {kept}/{seen} kept" for k, (kept, seen) in sorted(groups.items())))
     scored = [a for a in attempts if a.get("scores")]
     for name in SCORES:
         values = [a["scores"][name] for a in scored if a["scores"].get(name) is not None]
