@@ -296,16 +296,31 @@ def decode_video(data: bytes, max_frames: int | None = None, max_pixels: int = M
     return np.stack(frames)
 
 
-def encode_video(frames: np.ndarray, fps: Fraction | float, crf: int = 18) -> bytes:
-    """uint8 ``(F, H, W, 3)`` frames as the bytes of an H.264 mp4 (for shards)."""
+# x264 settings under which the same frames give the same bytes: one thread, and no lookahead
+# (its SIMD analysis made two encodes of one clip differ on some CPUs)
+EXACT_X264 = {"x264-params": "threads=1:rc-lookahead=0:no-mbtree=1"}
+
+
+def encode_video(frames: np.ndarray, fps: Fraction | float, crf: int = 18, exact: bool = False) -> bytes:
+    """uint8 ``(F, H, W, 3)`` frames as the bytes of an H.264 mp4 (for shards). ``exact``: the same
+    frames always give the same bytes (colour converted in numpy, one encoder thread)."""
+    from .video_writer import rgb_to_yuv420  # the writer module imports this one
+
     buffer = io.BytesIO()
     with av.open(buffer, mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001 * 1000))
         stream.height, stream.width = frames.shape[1:3]
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(crf)}
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+        stream.options = {"crf": str(crf), **(EXACT_X264 if exact else {})}
+        if exact:
+            stream.codec_context.thread_count = 1
+        for index, frame in enumerate(frames):
+            if exact:
+                picture = av.VideoFrame.from_ndarray(rgb_to_yuv420(frame), format="yuv420p")
+                picture.pts = index  # stated, not guessed by the encoder
+            else:
+                picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+            for packet in stream.encode(picture):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)

@@ -14,7 +14,7 @@ from typing import Iterable
 import av
 import numpy as np
 
-from .video import VideoError
+from .video import EXACT_X264, VideoError
 
 
 @dataclass(frozen=True)
@@ -243,7 +243,8 @@ class VideoWriter:
             stream.codec_context.thread_count = 1
         if self.codec in CRF_CODECS:
             stream.options = {"crf": str(self.crf), **({"b": "0"} if self.codec.startswith("libvpx") else {}),
-                              **({"x265-params": "log-level=error"} if self.codec == "libx265" else {})}
+                              **({"x265-params": "log-level=error"} if self.codec == "libx265" else {}),
+                              **(EXACT_X264 if self.exact and self.codec == "libx264" else {})}
         self._stream = stream
         self._add_audio_stream()  # every stream must exist before the first packet is muxed
 

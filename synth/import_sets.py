@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 from tqdm.auto import tqdm
 
-from infer.video import VideoError, VideoInfo, encode_video, iter_frames, probe_video
+from infer.video import VideoError, VideoInfo, encode_video, iter_frames, probe_video, read_video_exact
 from shards.schema import IMAGE_EXTS, META, SOURCE, TARGET, VIDEO_EXT, read_image, sample_key
 
 from .build import BuildResult, config_hash
@@ -196,7 +196,8 @@ def reencoded(path: Path, options: ImportOptions, num_frames: int, fps: float, s
     Returns ``(bytes, frames, height, width, fps)``."""
     stride = max(1, round(fps / options.fps)) if options.fps else 1
     kept = -(-num_frames // stride)  # frames 0, stride, 2 stride, ... below num_frames
-    frames = list(iter_frames(path, max_frames=min(kept, options.max_frames or kept), stride=stride))
+    # decoded and encoded the same way on every run (libswscale's SIMD colour paths are not)
+    frames = list(read_video_exact(path, max_frames=num_frames)[::stride][: min(kept, options.max_frames or kept)])
     h, w = frames[0].shape[:2]
     if size is None:
         scale = min(1.0, options.max_side / max(h, w)) if options.max_side else 1.0
@@ -204,7 +205,8 @@ def reencoded(path: Path, options: ImportOptions, num_frames: int, fps: float, s
     if size != (w, h):
         frames = [cv2.resize(f, size, interpolation=cv2.INTER_AREA) for f in frames]
     rate = fps / stride
-    return encode_video(np.stack(frames), Fraction(rate).limit_denominator(1001)), len(frames), size[1], size[0], rate
+    return (encode_video(np.stack(frames), Fraction(rate).limit_denominator(1001), exact=True), len(frames), size[1],
+            size[0], rate)
 
 
 def frame_files_clip(base: Path, files: list[str], what: str, fps: float, options: ImportOptions
@@ -231,7 +233,7 @@ def frame_files_clip(base: Path, files: list[str], what: str, fps: float, option
     elif h % 2 or w % 2:
         h, w = h - h % 2, w - w % 2
         frames = [f[:h, :w] for f in frames]
-    return encode_video(np.stack(frames), Fraction(fps).limit_denominator(1001)), len(frames), h, w
+    return encode_video(np.stack(frames), Fraction(fps).limit_denominator(1001), exact=True), len(frames), h, w
 
 
 @dataclass
