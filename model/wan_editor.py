@@ -267,10 +267,12 @@ class WanEditor:
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, torch_dtype: torch.dtype | None = None,
-                        vae_weights: bool = True) -> "WanEditor":
+                        vae_weights: bool = True, text_to_video: bool = False) -> "WanEditor":
         """An editor folder of this class, a diffusers ``LucyEditPipeline`` folder as it is, or a
         ``WanPipeline`` (text-to-video) folder, whose transformer gets zero-weighted source channels
-        (:func:`widened_patch_embedding`): at first it predicts what the base model predicts."""
+        (:func:`widened_patch_embedding`): at first it predicts what the base model predicts.
+        ``text_to_video`` keeps a ``WanPipeline`` folder's transformer as it is (no source
+        channels: the text-to-video model that renders pairs)."""
         directory = Path(directory)
         index = json.loads((directory / INDEX_FILE).read_text())
         class_name = index.get("_class_name")
@@ -303,7 +305,10 @@ class WanEditor:
         if class_name == WAN_TEXT_TO_VIDEO:
             if transformer.config.in_channels != latent:
                 raise EditorLoadError(f"{directory}: a WanPipeline transformer must read {latent} channels")
-            transformer = source_channels_added(transformer, latent)
+            if not text_to_video:
+                transformer = source_channels_added(transformer, latent)
+        elif text_to_video:
+            raise EditorLoadError(f"{directory}: not a WanPipeline (text-to-video) folder ({class_name})")
         elif transformer.config.in_channels != 2 * latent or transformer.config.out_channels != latent:
             raise EditorLoadError(f"{directory}: the transformer must read {2 * latent} channels (noisy and source "
                                   f"latents) and write {latent}, got {transformer.config.in_channels} -> "
@@ -384,7 +389,8 @@ def build_wan_editor(config: Mapping[str, Any]) -> WanEditor:
     """A randomly initialised DiT editor from component configs (``configs/model/wan-*.yaml``):
     ``tokenizer`` (the in-memory UMT5 vocabulary's arguments), ``text_encoder``
     (``transformers.UMT5Config``), ``vae`` (``AutoencoderKLWan``), ``transformer``
-    (``WanTransformer3DModel``; ``in_channels`` is twice the latent channels) and ``scheduler``.
+    (``WanTransformer3DModel``; ``in_channels`` is twice the latent channels, or the latent channels
+    with ``text_to_video: true``) and ``scheduler``.
     ``meta: true`` builds the networks on the meta device (sizes and FLOPs, no memory)."""
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -393,7 +399,7 @@ def build_wan_editor(config: Mapping[str, Any]) -> WanEditor:
     config = dict(config)
     unknown = set(config) - {"backbone", "seed", "tokenizer", "text_encoder", "vae", "transformer", "scheduler",
                              "max_sequence_length", "expand_timesteps", "sampling", "resolution", "meta",
-                             "per_frame_attention"}
+                             "per_frame_attention", "text_to_video"}
     if unknown:
         raise ValueError(f"unknown DiT editor config keys: {sorted(unknown)}")
     for key in ("tokenizer", "text_encoder", "vae", "transformer", "scheduler"):
@@ -418,8 +424,10 @@ def build_wan_editor(config: Mapping[str, Any]) -> WanEditor:
                 vae_cfg.setdefault("latents_std", [1.0] * z)
                 vae = AutoencoderKLWan(**vae_cfg).eval()
             transformer_cfg = dict(config["transformer"])
-            if transformer_cfg.get("in_channels") != 2 * z or transformer_cfg.get("out_channels") != z:
-                raise ValueError(f"transformer.in_channels must be {2 * z} and out_channels {z} (latents and source)")
+            reads = z if config.get("text_to_video") else 2 * z  # a text-to-video model reads no source
+            if transformer_cfg.get("in_channels") != reads or transformer_cfg.get("out_channels") != z:
+                raise ValueError(f"transformer.in_channels must be {reads} and out_channels {z}"
+                                 + ("" if config.get("text_to_video") else " (latents and source)"))
             if transformer_cfg.get("text_dim") != text_encoder.config.d_model:
                 raise ValueError(f"transformer.text_dim must be the text encoder's d_model ({text_encoder.config.d_model})")
             transformer = WanTransformer3DModel(**transformer_cfg)

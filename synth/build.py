@@ -132,11 +132,19 @@ def _folder(section: str, key: str, value: Any) -> str:
     return str(value)
 
 
-def make_renderer(generator: dict[str, Any]) -> VideoRenderer:
+def make_renderer(generator: dict[str, Any]):
+    """The configured text-to-video renderer: a U-Net one (:class:`VideoRenderer`) or a Wan DiT
+    (:class:`synth.wan_render.WanRenderer`), from a folder or the tiny random config."""
     backbone = generator.get("backbone", "modelscope")
     for key in ("pretrained", "motion_adapter"):
         if generator.get(key):
             _folder("generator", key, generator[key])
+    if backbone == "wan":
+        from .wan_render import WanRenderer
+
+        if generator.get("pretrained"):
+            return WanRenderer.from_pretrained(generator["pretrained"])
+        return WanRenderer.tiny(generator["tiny"])
     if generator.get("pretrained"):
         return VideoRenderer.from_pretrained(backbone, generator["pretrained"], generator.get("motion_adapter"))
     return VideoRenderer.tiny(backbone, generator["tiny"])
@@ -173,11 +181,25 @@ class BuildResult:
     unreadable: int = 0  # input rows that could not be used, this run
 
 
+def draw_flow_edit(flow_cfg: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    """Per-sample FlowEdit settings: the step window ``n_max`` (an integer drawn uniformly), ``n_min``
+    and the source prompt's guidance."""
+    n_max = flow_cfg.get("n_max", [20, 24])
+    n_max = int(rng.integers(int(n_max[0]), int(n_max[1]) + 1)) if isinstance(n_max, list) else int(n_max)
+    return {"n_max": n_max, "n_min": int(flow_cfg.get("n_min", 0)),
+            "source_guidance": float(flow_cfg.get("source_guidance", 1.5))}
+
+
 def build(config: dict[str, Any], out: Path, num_samples: int, samples_per_shard: int | None = None,
-          resume: bool = False, rank: int = 0, world: int = 1, progress: bool = True, device: str | None = None) -> BuildResult:
+          resume: bool = False, rank: int = 0, world: int = 1, progress: bool = True, device: str | None = None,
+          sources: Path | None = None, captions: Path | None = None) -> BuildResult:
     """Write ``num_samples`` kept pairs for this rank (shards of docs/shards.md), continuing a previous run
     with ``resume``. Samples are a pure function of (config, triplet, seed slot), so a resumed
-    build writes exactly what an uninterrupted one would."""
+    build writes exactly what an uninterrupted one would.
+
+    With ``sources`` (a Wan backbone) the pairs are FlowEdits of real clips: triplet ``i`` is applied
+    to clip ``i`` (modulo their number), its input caption the source prompt; with ``captions``
+    each listed clip's own caption is edited by the triplet source instead."""
     gen, out_cfg = config["generator"], config["output"]
     per_shard = int(samples_per_shard or out_cfg.get("samples_per_shard", 16))
     video_format = out_cfg.get("video_format", "mp4")
@@ -196,14 +218,75 @@ def build(config: dict[str, Any], out: Path, num_samples: int, samples_per_shard
             clip_filter.scorer.to(where, precision)
         frames, height, width = int(gen["num_frames"]), int(gen["height"]), int(gen["width"])
         slots = int(gen.get("seeds_per_triplet", 1))
+        if hasattr(renderer, "check_size"):
+            renderer.check_size(frames, height, width)
+    clips = None
+    if sources is not None or captions is not None:
+        from .source_clips import list_clips
+
+        if shapes or getattr(renderer, "backbone", None) != "wan":
+            raise ValueError("--sources edits real clips by FlowEdit on a Wan backbone (generator.backbone: wan)")
+        if sources is None:
+            sources = captions.parent
+        clips = list_clips(sources, captions)
+        if captions is not None and not hasattr(source, "edit_caption"):
+            raise ValueError("--captions asks the triplet source for an edit of each caption: prompts.source must be "
+                             "template or openai")
+        slots = 1
     fps = float(gen.get("fps", 8))
     judge = make_judge(config["filter"])
     # the folder is touched only once the config has proven loadable
-    writer = ShardWriter(out, rank, out_cfg.get("prefix", "pairs"), config_hash(config), resume, world)
+    hashed = config if clips is None else {**config, "sources": [c.name for c in clips],
+                                           "captions": [c.caption for c in clips]}
+    writer = ShardWriter(out, rank, out_cfg.get("prefix", "pairs"), config_hash(hashed), resume, world)
     if writer.samples >= num_samples:
         return BuildResult(writer.samples, 0, [])
     start_triplet, start_slot = writer.state["next"]
     label = source_label(config["prompts"])
+
+    def flow_edit_outcomes() -> Iterator[Outcome]:
+        from .source_clips import read_clip
+
+        if captions is not None:  # each listed clip, its own caption edited
+            triplets = ((i, None) for i in range(len(clips)) if i % world == rank)
+        else:
+            triplets = rank_triplets(source, rank, world, out / f"triplets-r{rank:03d}.jsonl")
+        for local, (index, triplet) in enumerate(triplets):
+            if local < start_triplet:
+                continue
+            clip = clips[index % len(clips)]
+            rng = np.random.default_rng([seed, index, 0])
+            params, edit = draw_params(gen, rng), draw_flow_edit(config.get("flow_edit", {}), rng)
+            noise_seed = int(rng.integers(0, 2**63 - 1))
+            key = sample_key(rank, index, 0)
+            base = {"key": key, "triplet": index, "slot": 0, "clip": clip.name}
+            try:
+                source_frames = read_clip(clip, frames, height, width)
+                if triplet is None:
+                    triplet = source.edit_caption(clip.caption or "", index) if clip.caption else None
+                    if triplet is None:
+                        raise ValueError("no caption")
+            except ValueError as err:
+                yield Outcome({**base, "kept": False, "reason": f"source clip {err}", "scores": None}, None,
+                              (local + 1, 0))
+                continue
+            source_frames, edited = renderer.flow_edit_pair(
+                source_frames, triplet.input, triplet.output, params, edit["n_max"], edit["n_min"],
+                edit["source_guidance"], torch.Generator().manual_seed(noise_seed))
+            generator_info = {"backbone": "wan", "mode": "flowedit", "dtype": str(precision).removeprefix("torch."),
+                              **vars(params), **edit, "source_clip": clip.name}
+            verdict = check_pair(source_frames, edited, triplet.edit, (triplet.input, triplet.output), clip_filter, judge)
+            attempt = {**base, **verdict.record(), "params": generator_info, **triplet.to_json()}
+            sample = None
+            if verdict.kept:
+                meta = {
+                    "input_caption": triplet.input, "instruction": triplet.edit, "output_caption": triplet.output,
+                    "num_frames": frames, "height": height, "width": width, "fps": fps, "seed": noise_seed,
+                    "source": f"flowedit:{label}", "generator": generator_info, "clip": verdict.clip,
+                    **({"judge": verdict.judge} if verdict.judge is not None else {}),
+                }
+                sample = pair_sample(key, source_frames, edited, meta, video_format, fps)
+            yield Outcome(attempt, sample, (local + 1, 0))
 
     def outcomes() -> Iterator[Outcome]:
         triplets = rank_triplets(source, rank, world, out / f"triplets-r{rank:03d}.jsonl")
@@ -239,8 +322,10 @@ def build(config: dict[str, Any], out: Path, num_samples: int, samples_per_shard
                 yield Outcome(attempt, sample, (local, slot + 1) if slot + 1 < slots else (local + 1, 0))
 
     bar = tqdm(total=num_samples, initial=writer.samples, unit="pair", desc=f"rank {rank}", disable=not progress)
-    shards, reached = write_outcomes(writer, outcomes(), num_samples, per_shard, bar)
+    shards, reached = write_outcomes(writer, outcomes() if clips is None else flow_edit_outcomes(), num_samples,
+                                     per_shard, bar)
     bar.close()
     if reached:
         return BuildResult(writer.samples, writer.state["attempts"], shards)
-    raise SourceExhausted(f"the triplet source ran out after {writer.samples} kept pairs (asked for {num_samples})")
+    what = "the captioned clips" if captions is not None else "the triplet source"
+    raise SourceExhausted(f"{what} ran out after {writer.samples} kept pairs (asked for {num_samples})")

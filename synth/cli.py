@@ -41,8 +41,13 @@ def cmd_build(args) -> None:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file")
+    for name in ("sources", "captions"):
+        if getattr(args, name) is not None and not Path(getattr(args, name)).exists():
+            raise UsageError(f"--{name}: nothing at {getattr(args, name)}")
     result = build(config, out, args.num_samples, args.samples_per_shard, args.resume, rank, world,
-                   progress=not args.quiet, device=args.device)
+                   progress=not args.quiet, device=args.device,
+                   sources=Path(args.sources) if args.sources else None,
+                   captions=Path(args.captions) if args.captions else None)
     if not args.quiet:
         print(f"rank {rank}/{world}: {result.kept} kept pairs in {out} ({len(result.shards)} new shards)", file=sys.stderr)
 
@@ -180,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default=None, help="render device (default: cuda:$LOCAL_RANK when CUDA is there, else cpu)")
     b.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="renderer and CLIP precision (generator.dtype; default float16 on CUDA, float32 on CPU)")
+    b.add_argument("--sources", default=None,
+                   help="real clips to edit by FlowEdit (a Wan backbone): a folder of videos or pair shards "
+                        "(their sources); each triplet is applied to the next clip")
+    b.add_argument("--captions", default=None,
+                   help="JSONL of {video, caption}: the triplet source edits each listed clip's own caption")
     b.add_argument("--quiet", action="store_true")
     lf = sub.add_parser("lift", help="lift image-edit pairs to video pairs by a shared camera path")
     lf.add_argument("--images", required=True,

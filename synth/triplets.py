@@ -116,6 +116,24 @@ class TemplateSource:
     def __iter__(self) -> Iterator[Triplet]:
         return (self.triplet(i) for i in itertools.count())
 
+    def edit_caption(self, caption: str, index: int) -> Triplet:
+        """An edit of a given clip's ``caption`` (a pure function of seed, index and caption): a
+        style or the weather, or a subject swap when the caption names a known subject."""
+        rng = random.Random(f"{self.seed}:{index}:{caption}")
+        caption = " ".join(caption.split()).rstrip(".")
+        subjects = [s for s in self.SWAPS if f" {s.split()[-1]} " in f" {caption.lower()} "]
+        kind = rng.choice(["style", "weather"] + (["swap"] if subjects else []))
+        if kind == "style":
+            style = rng.choice(self.STYLES)
+            return Triplet(caption, f"make it {style}", f"{caption}, {style}")
+        if kind == "weather":
+            word, phrase = rng.choice(list(self.WEATHER.items()))
+            return Triplet(caption, f"make it {word}", f"{caption} {phrase}")
+        noun = subjects[0].split()[-1]
+        other = self.SWAPS[subjects[0]].split()[-1]
+        output = " ".join(other if w.lower() == noun else w for w in caption.split())
+        return Triplet(caption, f"turn the {noun} into a {other}", output)
+
 
 class JsonlSource:
     """Triplets from a file of ``{"input", "edit", "output"}`` lines; invalid lines are counted."""
@@ -183,6 +201,22 @@ class OpenAISource:
         """One completion's text, retrying transient failures with backoff ``b * 2^k``."""
         return complete(self.client, self.stats, self.max_retries, self.backoff, model=self.model,
                         messages=self.messages(), temperature=self.temperature)
+
+    def edit_caption(self, caption: str, index: int) -> Triplet:
+        """An edit of a given clip's ``caption``, asked of the server (one request; its ``input``
+        is the caption as given)."""
+        shots = self.rng.sample(FEW_SHOT, k=len(FEW_SHOT))
+        messages = [{"role": "system", "content": SYSTEM_PROMPT},
+                    {"role": "user", "content": f"Items look like these:\n{json.dumps(shots)}\nWrite 1 item whose "
+                                                f"input is exactly: {json.dumps(caption)}"}]
+        for _ in range(self.max_retries + 1):
+            triplets, bad = parse_reply(complete(self.client, self.stats, self.max_retries, self.backoff,
+                                                 model=self.model, messages=messages, temperature=self.temperature))
+            self.stats.malformed += bad
+            if triplets:
+                self.stats.accepted += 1
+                return Triplet(caption, triplets[0].edit, triplets[0].output)
+        raise ValueError(f"the triplet server gave no usable edit for the caption {caption!r}")
 
     def __iter__(self) -> Iterator[Triplet]:
         seen: set[tuple[str, str]] = set()
