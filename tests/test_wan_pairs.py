@@ -251,3 +251,28 @@ def test_flow_edit_ranks_take_disjoint_triplets(tmp_path):
     attempts = read_attempts(tmp_path / "out")
     assert sorted(a["triplet"] for a in attempts) == [0, 1, 2, 3]
     assert {a["clip"] for a in attempts if a["triplet"] % 2} == {"c1.mp4", "c0.mp4"}  # triplet i takes clip i mod 3
+
+
+def test_captions_are_edited_by_an_llm_server(tmp_path):
+    from fake_openai import FakeOpenAI, completion
+
+    def respond(body, n):
+        caption = json.loads(body["messages"][-1]["content"].rsplit("exactly: ", 1)[1])
+        if n == 1:
+            return 200, completion("no JSON here")  # malformed: asked again
+        return 200, completion(json.dumps([{"input": caption, "edit": "make it snowy", "output": caption + " in snow"}]))
+
+    server = FakeOpenAI(respond)
+    try:
+        video(tmp_path / "real/c0.mp4", clip(0, frames=12, height=40, width=56))
+        (tmp_path / "captions.jsonl").write_text(json.dumps({"video": "real/c0.mp4", "caption": "a dog on a road"}) + "\n")
+        assert main(["build", "--config", str(CONFIG), "--out", str(tmp_path / "out"), "--quiet", "--captions",
+                     str(tmp_path / "captions.jsonl"), "--num-samples", "1", "--llm-base-url", server.url,
+                     "--llm-model", "fake"]) == 0
+    finally:
+        server.close()
+    meta = json.loads(shard_samples(tmp_path / "out")[0]["json"])
+    assert (meta["input_caption"], meta["instruction"], meta["output_caption"]) == (
+        "a dog on a road", "make it snowy", "a dog on a road in snow")
+    assert meta["source"] == "flowedit:openai:fake" and len(server.requests) == 2
+    assert all(r["body"]["model"] == "fake" for r in server.requests)
