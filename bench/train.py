@@ -8,6 +8,7 @@ reference recipe.
     python bench/train.py --shapes-heads 8 2 1 # the shapes demo's step against its temporal attention heads
     python bench/train.py --dit-flops          # Wan2.1-1.3B / Wan2.2-TI2V-5B editor layouts: parameters, FLOPs per step
     python bench/train.py --dit-cpu            # the Wan2.1-1.3B-layout editor on CPU: a bf16-mixed LoRA step, an edit, peak RSS
+    python bench/train.py --dit-cpu --layout wan2.2-ti2v-5b --cached   # Lucy Edit's 5B layout: a LoRA step from a cache
 """
 
 from __future__ import annotations
@@ -204,6 +205,60 @@ def dit_flops(args) -> None:
                 print(f"    {part:34s} {value / 1e12:9.2f} TFLOP  {value / total:6.1%}")
 
 
+LAYOUT_NAMES = {"wan2.1-t2v-1.3b": "Wan2.1-T2V-1.3B", "wan2.2-ti2v-5b": "Wan2.2-TI2V-5B"}
+
+
+def dit_cpu_cached(args) -> None:
+    """A DiT layout's real transformer (random weights) trains one bf16-mixed LoRA step on CPU from
+    cached latents and text states, as `lightning fit --data.cached` does: the frozen base built and
+    held in bf16, the adapters in float32, no VAE weights and a one-layer text encoder (a cache
+    never calls either). Prints the process's peak RSS last."""
+    import lightning as L
+    import yaml
+
+    from shards.schema import SOURCE_LATENT, TARGET_LOGVAR, TARGET_MEAN, TEXT_STATES
+    from train.precision import hold_frozen
+
+    name = LAYOUT_NAMES[args.layout]
+    config = yaml.safe_load((ROOT / DIT_LAYOUTS[name]).read_text())
+    config.update(meta=False, max_sequence_length=64)
+    config["text_encoder"].update(num_layers=1, vocab_size=None)
+    config["text_encoder"] = {k: v for k, v in config["text_encoder"].items() if v is not None}
+    start = time.perf_counter()
+    torch.set_default_dtype(torch.bfloat16)  # the frozen base is built in bf16: never a float32 copy of it
+    try:
+        module = EditorModule(editor=config, trainable="lora", lora_rank=32, objective="flow", flow_shift=5.0,
+                              cached_latents=True, export_dir=tempfile.mkdtemp(), export_lora_only=True)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    for param in module.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()  # the adapters and their AdamW state in float32
+    hold_frozen(module.transformer, torch.bfloat16)  # Wan's float32 parts back to float32
+    total = sum(p.numel() for p in module.transformer.parameters())
+    print(f"{name}: transformer {total / 1e6:,.1f}M built in bf16 in {time.perf_counter() - start:.0f} s, "
+          f"LoRA {module.counts.trainable / 1e6:.1f}M trainable")
+    editor = module.editor
+    g = torch.Generator().manual_seed(0)
+    frames, side = 5, 64  # 1 + 4k frames; Wan2.2's VAE packs 16x16 pixels, its patch 2x2 latents
+    latent = (1, editor.latent_channels, 1 + (frames - 1) // editor.temporal_compression,
+              side // editor.vae_scale_factor, side // editor.vae_scale_factor)
+    text = (1, editor.text_length, editor.text_encoder.config.d_model)
+    batch = {TARGET_MEAN: torch.randn(latent, generator=g), TARGET_LOGVAR: torch.full(latent, -4.0),
+             SOURCE_LATENT: torch.randn(latent, generator=g), TEXT_STATES: torch.randn(text, generator=g),
+             EMPTY_TEXT_STATES: torch.zeros(text), "instruction": ["make it red"]}
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, precision="bf16-mixed", logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False)
+    start = time.perf_counter()
+    trainer.fit(module, torch.utils.data.DataLoader([batch], batch_size=None))
+    grads = [n for n, p in module.named_parameters() if p.grad is not None]
+    print(f"one bf16-mixed LoRA step from a cache of 1 x {frames} x {side}² (latents {tuple(latent)}): "
+          f"{time.perf_counter() - start:.1f} s; gradients on {len(grads)} tensors, all adapters: "
+          f"{all('lora_' in n for n in grads)}; frozen base dtypes "
+          f"{sorted({str(p.dtype).removeprefix('torch.') for p in module.transformer.parameters() if not p.requires_grad})}")
+    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB")
+
+
 def dit_cpu(args) -> None:
     """The Wan2.1-1.3B-layout editor (real transformer and VAE, random weights) at 5 x 64² on CPU:
     one bf16-mixed LoRA step and a 2-step edit, with the process's peak RSS. The frozen UMT5-XXL
@@ -329,9 +384,16 @@ def main() -> None:
                     help="time the shapes demo's training step with N temporal attention heads (each N given)")
     ap.add_argument("--dit-flops", action="store_true", help="DiT editor layouts: parameters and FLOPs (meta device)")
     ap.add_argument("--dit-cpu", action="store_true", help="Wan2.1-1.3B-layout editor: a bf16-mixed LoRA step and an edit")
+    ap.add_argument("--layout", choices=list(LAYOUT_NAMES), default="wan2.1-t2v-1.3b", help="--dit-cpu's layout")
+    ap.add_argument("--cached", action="store_true",
+                    help="--dit-cpu from cached latents and text states (the frozen base built in bf16)")
     args = ap.parse_args()
     if args.dit_flops:
         dit_flops(args)
+    elif args.dit_cpu and (args.cached or args.layout != "wan2.1-t2v-1.3b"):
+        if not args.cached:
+            ap.error("--layout wan2.2-ti2v-5b runs from a cache on CPU: add --cached")
+        dit_cpu_cached(args)
     elif args.dit_cpu:
         dit_cpu(args)
     elif args.shapes_heads:

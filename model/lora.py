@@ -12,11 +12,26 @@ ADAPTER = "insv2v"
 DEFAULT_TARGETS = (r".*motion_modules\..*\.(to_q|to_k|to_v|to_out\.0)", r".*attentions\..*\.(to_q|to_k|to_v|to_out\.0)")
 # a Wan DiT's self- and cross-attention projections
 DIT_TARGETS = (r".*blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)",)
+# and its feed-forward layers, as other Wan trainers also adapt them (``lora_targets: attention+ffn``)
+DIT_FFN_TARGETS = (*DIT_TARGETS, r".*blocks\.\d+\.ffn\.(net\.0\.proj|net\.2)")
+TARGET_PRESETS = {"attention": None, "attention+ffn": DIT_FFN_TARGETS}
 
 
 def default_targets(denoiser_name: str) -> tuple[str, ...]:
     """The layers LoRA wraps unless told otherwise: the denoiser's attention projections."""
     return DIT_TARGETS if denoiser_name == "transformer" else DEFAULT_TARGETS
+
+
+def lora_targets(given: str | list[str] | tuple[str, ...] | None, denoiser_name: str) -> tuple[str, ...]:
+    """``model.lora_targets`` as regular expressions: ``None`` or ``attention`` (the default), the
+    preset ``attention+ffn`` (a DiT's feed-forward layers too), or a list of expressions."""
+    if given is None or isinstance(given, str):
+        if given is not None and given not in TARGET_PRESETS:
+            raise ValueError(f"lora_targets must be a list of patterns or one of {', '.join(TARGET_PRESETS)}, got {given!r}")
+        if given == "attention+ffn" and denoiser_name != "transformer":
+            raise ValueError("lora_targets attention+ffn is a DiT preset (Wan's ffn layers); list patterns for a U-Net")
+        return TARGET_PRESETS.get(given) or default_targets(denoiser_name)
+    return tuple(given)
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 

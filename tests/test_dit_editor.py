@@ -548,3 +548,17 @@ def test_image_pairs_train_the_dit_in_mixed_batches(tmp_path, dit_shards, how):
     assert set(data.source_counts) == {"video", "images"} and all(n > 0 for n in data.source_counts.values())
     after = module.transformer.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_one_timestep_per_clip_gives_what_one_per_token_gives():
+    """A TI2V-style transformer (Wan2.2, Lucy Edit) takes a timestep per token; when every token of a
+    clip shares it, the per-clip path the editor takes computes the same velocity."""
+    editor = build_wan_editor(shipped_config("model/wan-tiny.yaml"))
+    g = torch.Generator().manual_seed(0)
+    hidden, text = torch.randn(2, 8, 3, 4, 6, generator=g), torch.randn(2, 64, 32, generator=g)
+    t = torch.tensor([700.0, 80.0])
+    tokens = 3 * (4 // 2) * (6 // 2)
+    with torch.no_grad():
+        per_clip = editor.transformer(hidden, t, text).sample
+        per_token = editor.transformer(hidden, t[:, None].expand(2, tokens), text).sample
+    assert torch.allclose(per_clip, per_token, atol=1e-6) and per_clip.abs().mean() > 1e-3

@@ -16,12 +16,14 @@ import torch
 from infer.pipeline import CHECKPOINT_KEY, editor_from_weights
 from model import EditorLoadError, load_editor, load_vae, posterior_sample, pretrained_folder, set_trainable, skipping_identity_motion_modules
 from model.lora import add_lora, default_targets, merge_lora, save_lora
+from model.lora import lora_targets as lora_targets_for
 from model.trainable import MOTION_PATTERN, count_parameters
 from shards.schema import EMPTY_TEXT_STATES, SOURCE_LATENT, TARGET_LOGVAR, TARGET_MEAN, TEXT_STATES, is_cached
 
 from infer.sampling import flow_scheduler
 
 from .flow_matching import flow_noisy, flow_timestep, flow_velocity, shifted_sigma
+from .precision import base_dtype_for, hold_frozen, run_in_float32, store_in_fp8
 from .guards import NonFiniteSteps, require_finite
 from .objective import LOSS_WEIGHTINGS, dropout_masks, edit_balanced_weights, edit_size_weights, loss_weights, regression_target, sample_timesteps
 from .strategies import is_sharded, shard_editor
@@ -41,7 +43,8 @@ class EditorModule(L.LightningModule):
             (``!pattern`` excludes).
         lora_rank, lora_alpha, lora_targets: the adapters of ``trainable: lora``: rank, scale
             numerator (default: the rank) and regular expressions of the linear layers they wrap
-            (default: the motion modules' and spatial transformers' attention projections).
+            (default: the motion modules' and spatial transformers' attention projections; a DiT's
+            attention projections, or its feed-forward layers too with the preset ``attention+ffn``).
         export_lora_only: with LoRA, export the adapter alone (diffusers' LoRA safetensors) instead
             of the editor with the adapter merged.
         lr, betas, weight_decay: AdamW (weight decay 0 is Adam).
@@ -53,7 +56,8 @@ class EditorModule(L.LightningModule):
             ``z = (1 - sigma) x0 + sigma eps``, sigma from the shifted density of
             :func:`train.flow_matching.shifted_sigma` with ``flow_shift``; see
             :mod:`train.flow_matching`). With ``flow`` the editor samples with
-            ``FlowMatchEulerDiscreteScheduler`` (same shift), which its export records.
+            ``FlowMatchEulerDiscreteScheduler`` (same shift), which its export records; a saved
+            folder (Lucy Edit, Wan) keeps its own flow scheduler as saved.
         loss_weighting: ``uniform``, ``min_snr`` (with ``min_snr_gamma``) or ``preconditioned``
             (for a preconditioned editor: each timestep's error in units of the U-Net's own output);
             see :func:`train.objective.loss_weights`.
@@ -83,6 +87,14 @@ class EditorModule(L.LightningModule):
         seed: base of the per-step random streams (noise, timesteps, dropout): a resumed run
             draws exactly what an uninterrupted one would.
         export_dir: where the final editor folder goes (default ``<log dir>/editor``).
+        base_dtype: how the frozen base is held (``train.precision``): ``null`` is the run's half
+            precision under a mixed-precision trainer (bf16 under ``bf16-mixed``), else float32;
+            ``bfloat16``/``float16``/``float32`` as named; ``float8_e4m3fn`` stores frozen linear
+            weights in fp8 and computes in bf16 (diffusers' layerwise casting). Trainable weights
+            and their optimiser state stay float32.
+        activation_offload: keep what autograd saves for backward in (pinned) CPU memory
+            (``torch.autograd.graph.save_on_cpu``); with gradient checkpointing that is each
+            block's input.
     """
 
     def __init__(
@@ -91,7 +103,7 @@ class EditorModule(L.LightningModule):
         trainable: Union[str, list[str]] = "motion",
         lora_rank: int = 16,
         lora_alpha: float | None = None,
-        lora_targets: list[str] | None = None,
+        lora_targets: Union[list[str], str, None] = None,
         export_lora_only: bool = False,
         lr: float = 5e-5,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -119,6 +131,8 @@ class EditorModule(L.LightningModule):
         max_nonfinite_steps: int = 0,
         seed: int = 0,
         export_dir: str | None = None,
+        base_dtype: str | None = None,
+        activation_offload: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -165,7 +179,7 @@ class EditorModule(L.LightningModule):
         has_vae = self.editor.vae is not None and not cached_latents
         self.vae = self.editor.vae.requires_grad_(False).eval() if has_vae else None
         if trainable == "lora":
-            add_lora(self.denoiser, lora_rank, lora_alpha, tuple(lora_targets or self._default_targets()))
+            add_lora(self.denoiser, lora_rank, lora_alpha, lora_targets_for(lora_targets, self.editor.denoiser_name))
             self.counts = count_parameters(self.denoiser)
         else:
             if trainable == "motion" and self.editor.denoiser_name != "unet":
@@ -173,6 +187,11 @@ class EditorModule(L.LightningModule):
             self.counts = set_trainable(self.denoiser, trainable)
         if gradient_checkpointing:
             self.denoiser.enable_gradient_checkpointing()
+        base_dtype_for(base_dtype, None)  # a bad name fails here, before any data is read
+        embedder = getattr(self.denoiser, "condition_embedder", None)
+        if getattr(embedder, "time_embedder", None) is not None:  # Wan's time embedding: float32 under autocast too
+            run_in_float32(embedder.time_embedder)
+        self.reduced_base = False  # the frozen base held below float32 (set in setup)
         if motion_frozen_steps < 0 or (motion_frozen_steps and not self._motion_trains()):
             raise ValueError(f"motion_frozen_steps must be >= 0 and needs trainable temporal layers (trainable: "
                              f"{trainable!r}), got {motion_frozen_steps}")
@@ -191,7 +210,7 @@ class EditorModule(L.LightningModule):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if not self.hparams.train_text_encoder:
+        if not self.hparams.train_text_encoder and "text_encoder" in self._modules:
             self.text_encoder.eval()  # frozen parts always run in inference mode
         if self.vae is not None:
             self.vae.eval()
@@ -223,11 +242,27 @@ class EditorModule(L.LightningModule):
         shard_editor(self.denoiser, self.text_encoder if self.hparams.train_text_encoder else None, mesh["data_parallel"])
 
     def setup(self, stage: str) -> None:
+        """Before the model reaches its device: check a latent cache against the editor, leave the
+        text encoder off the device when the cache holds the text states it would compute, and
+        hold the frozen base in the precision it is used in (``model.base_dtype``)."""
         info = getattr(getattr(self._trainer, "datamodule", None), "cache_info", None)
         if info is not None:  # a latent cache must come from an editor with these shapes
-            encoder = self.text_encoder.config
+            encoder = self.editor.text_encoder.config
             info.check_editor(self.editor.latent_channels, self.editor.scaling_factor, encoder.hidden_size,
                               self.editor.text_length)
+            if info.text_states and not self.hparams.train_text_encoder and "text_encoder" in self._modules:
+                del self._modules["text_encoder"]  # never called on a cache with text states: stays on the CPU
+        precision = getattr(self._trainer, "precision", None) if self._trainer is not None else None
+        dtype = base_dtype_for(self.hparams.base_dtype, precision)
+        if dtype == torch.float32 or self.reduced_base:
+            return
+        compute = torch.bfloat16 if dtype == torch.float8_e4m3fn else dtype
+        hold_frozen(self.denoiser, compute)
+        if "text_encoder" in self._modules and not self.hparams.train_text_encoder:
+            hold_frozen(self.text_encoder, compute)
+        if dtype == torch.float8_e4m3fn:
+            store_in_fp8(self.denoiser, compute)
+        self.reduced_base = True
 
     # ---------------------------------------------------------------- objective
     def loss(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
@@ -250,7 +285,8 @@ class EditorModule(L.LightningModule):
             if (frames - 1) % editor.temporal_compression:
                 raise ValueError(f"this editor's causal VAE takes clips of 1 + {editor.temporal_compression}k frames, "
                                  f"got {frames}: set data.num_frames to one")
-            with torch.no_grad():
+            # the VAE encodes outside autocast, in its own float32, as inference and the cache do
+            with torch.no_grad(), torch.autocast(device_type=self.device.type, enabled=False):
                 clean = editor.encode_video(batch["target"], sample=True, generator=generator) * editor.scaling_factor
                 condition = editor.encode_video(batch["source"])  # unscaled mode: InstructPix2Pix convention
         if TEXT_STATES in batch and not self.hparams.train_text_encoder:
@@ -294,7 +330,10 @@ class EditorModule(L.LightningModule):
         return (weights * per_sample).mean()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        with self._untrained_motion_skipped():
+        # activation offload: what autograd saves for backward waits in (pinned) CPU memory
+        offload = torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda") \
+            if self.hparams.activation_offload else contextlib.nullcontext()
+        with self._untrained_motion_skipped(), offload:
             loss = self.loss(batch, self._step_generator())
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["instruction"]))
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=len(batch["instruction"]))
@@ -402,7 +441,8 @@ class EditorModule(L.LightningModule):
         if self.hparams.trainable != "lora":
             return None
         hp = self.hparams
-        return {"rank": hp.lora_rank, "alpha": hp.lora_alpha, "targets": list(hp.lora_targets or self._default_targets())}
+        return {"rank": hp.lora_rank, "alpha": hp.lora_alpha,
+                "targets": list(lora_targets_for(hp.lora_targets, self.editor.denoiser_name))}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get(CHECKPOINT_KEY) or {}
@@ -419,6 +459,9 @@ class EditorModule(L.LightningModule):
             if self.trainer.is_global_zero:
                 trained = self.trainable_parameters().keys()
                 self.export(path, trained={k: v for k, v in full.items() if k in trained})
+        elif self.trainer.is_global_zero and self.reduced_base and not self.hparams.export_lora_only:
+            # the frozen base was held in half precision or fp8: the export rebuilds it whole from the spec
+            self.export(path, trained={k: v.detach() for k, v in self.trainable_parameters().items()})
         elif self.trainer.is_global_zero:
             self.export(path)
 
