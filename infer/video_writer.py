@@ -14,7 +14,7 @@ from typing import Iterable
 import av
 import numpy as np
 
-from .video import EXACT_X264, VideoError
+from .video import EXACT_X264, VideoError, rgb_to_yuv420
 
 
 @dataclass(frozen=True)
@@ -383,27 +383,6 @@ class VideoWriter:
             self.close()
         else:
             self.abort()
-
-
-def rgb_to_yuv420(rgb: np.ndarray) -> np.ndarray:
-    """uint8 ``(H, W, 3)`` RGB as one planar YUV 4:2:0 array ``(3H/2, W)`` (BT.601, limited range,
-    chroma averaged over 2x2), as libswscale's default but computed the same way on every call:
-    swscale's SIMD paths depend on buffer alignment, so the same frames can encode differently::
-
-        Y = 16 + (65.481 R + 128.553 G + 24.966 B) / 255
-        U = 128 + (-37.797 R - 74.203 G + 112 B) / 255,   V = 128 + (112 R - 93.786 G - 18.214 B) / 255
-    """
-    r, g, b = (rgb[..., i].astype(np.float64) for i in range(3))
-    h, w = r.shape
-    y = 16 + (65.481 * r + 128.553 * g + 24.966 * b) / 255
-    u = 128 + (-37.797 * r - 74.203 * g + 112.0 * b) / 255
-    v = 128 + (112.0 * r - 93.786 * g - 18.214 * b) / 255
-
-    def quarter(plane: np.ndarray) -> np.ndarray:
-        return plane.reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))
-
-    planes = [np.clip(np.round(p), 0, 255).astype(np.uint8).ravel() for p in (y, quarter(u), quarter(v))]
-    return np.concatenate(planes).reshape(h * 3 // 2, w)
 
 
 def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: Fraction | float, audio_from=None,

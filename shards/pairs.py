@@ -52,17 +52,21 @@ class PairDecoder:
     def skipped(self) -> int:
         return self.skips.count
 
-    def __call__(self, sample: dict[str, Any], rng: np.random.Generator) -> dict[str, Any] | None:
-        """``rng`` draws the frames and the crop."""
+    def __call__(self, sample: dict[str, Any], rng: np.random.Generator, bucket=None) -> dict[str, Any] | None:
+        """``rng`` draws the frames and the crop; ``bucket`` (a :class:`shards.buckets.Bucket`) gives
+        the clip's frames and its height and width instead of ``num_frames`` and a square."""
         key = sample.get("__key__", "?")
         index = None
+        num_frames = self.num_frames if bucket is None else bucket.frames
+        out_size = self.resolution if bucket is None else (bucket.height, bucket.width)
+        aspect = 1.0 if bucket is None else bucket.aspect
         try:
             meta = json.loads(sample[META])
             instruction = str(meta["instruction"])
             stated = meta.get("num_frames")
             if isinstance(stated, int) and stated > 1 and f"{SOURCE}.{VIDEO_EXT}" in sample:
                 # the frames to train on are drawn from the stated count, and the clips decoded only that far
-                index = sample_frames(stated, self.num_frames, self.frame_stride, rng)
+                index = sample_frames(stated, num_frames, self.frame_stride, rng)
                 source, target = (shard_frames(sample, stem, int(index.max()) + 1) for stem in (SOURCE, TARGET))
             else:
                 source, target = shard_frames(sample, SOURCE), shard_frames(sample, TARGET)
@@ -71,23 +75,24 @@ class PairDecoder:
         except DAMAGED as err:
             self.skips.skip(key, err)
             return None
-        frames = self.num_frames
-        if len(source) == 1 and self.num_frames > 1:
-            source, target = image_pair_clip(source, target, self.num_frames, self.image_clips, rng)
+        frames = num_frames
+        if len(source) == 1 and num_frames > 1:
+            source, target = image_pair_clip(source, target, num_frames, self.image_clips, rng)
             frames, index = len(source), None
         if index is None or index.max() >= len(source):  # fewer frames than stated: drawn from those there
             index = sample_frames(len(source), frames, self.frame_stride, rng)
         source, target = source[index], target[index]
         h, w = source.shape[1:3]
         if self.augment:
-            boxes = crop_windows(frames, h, w, rng, **self.augment)
-        else:  # centred square
-            side = min(h, w)
-            x0, y0 = (w - side) / 2, (h - side) / 2
-            boxes = np.tile([x0, y0, x0 + side, y0 + side], (frames, 1))
+            boxes = crop_windows(frames, h, w, rng, **self.augment, aspect=aspect)
+        else:  # the largest centred window of the training shape (a square without buckets)
+            box_h = min(h, w / aspect)
+            box_w = box_h * aspect
+            x0, y0 = (w - box_w) / 2, (h - box_h) / 2
+            boxes = np.tile([x0, y0, x0 + box_w, y0 + box_h], (frames, 1))
         return {
-            "source": to_model_frames(apply_windows(source, boxes, self.resolution))[0],
-            "target": to_model_frames(apply_windows(target, boxes, self.resolution))[0],
+            "source": to_model_frames(apply_windows(source, boxes, out_size))[0],
+            "target": to_model_frames(apply_windows(target, boxes, out_size))[0],
             "instruction": instruction,
             "key": key,
         }

@@ -14,8 +14,9 @@ import torch
 import webdataset as wds
 
 from shards.augment import AUGMENTATION
+from shards.buckets import Bucket, described_shape, nearest_bucket, parse_buckets
 from shards.pairs import IMAGE_CLIPS, PairDecoder
-from shards.schema import expand_shards
+from shards.schema import SampleSkips, expand_shards
 from shards.cache import CachedDecoder
 
 log = logging.getLogger(__name__)
@@ -71,11 +72,12 @@ class PairStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, sources: list[tuple[list[str], float, tuple[int, int | None]]], decoder: PairDecoder, batch_size: int,
-                 shuffle_buffer: int, seed: int, batches: int):
+                 shuffle_buffer: int, seed: int, batches: int, buckets: list[Bucket] | None = None):
         super().__init__()
         self.sources, self.decoder, self.batch_size, self.shuffle_buffer = sources, decoder, batch_size, shuffle_buffer
-        self.seed, self.batches = seed, batches
+        self.seed, self.batches, self.buckets = seed, batches, buckets
         self.epoch, self.first_batch, self.skip = 0, 0, {}
+        self.unbucketed = SampleSkips("sample (no bucket fits it)")
 
     def _source_samples(self, urls: list[str], worker: int, epoch: int, index: int):
         """One source's endless raw samples: shards drawn with replacement, then a shuffle buffer.
@@ -110,6 +112,9 @@ class PairStream(torch.utils.data.IterableDataset):
         if limit == 0:
             return
         skip = self.skip.get(worker, 0)
+        if self.buckets is not None:
+            yield from self._bucketed(worker, epoch, skip, limit)
+            return
         batch, made = [], 0
         for position, (source_index, sample) in enumerate(self._mixed(worker, epoch)):
             if position < skip:
@@ -123,6 +128,41 @@ class PairStream(torch.utils.data.IterableDataset):
                 batch, made = [], made + 1
                 if made == limit:
                     return
+
+
+    def _bucketed(self, worker: int, epoch: int, skip: int, limit: int):
+        """Batches of one bucket each: raw samples wait in their bucket (chosen from their
+        description: :func:`shards.buckets.nearest_bucket`) until it holds a batch, which is then
+        decoded. A batch is a pure function of the descriptions before it, so a resumed pass
+        rebuilds the waiting samples by reading (not decoding) those before ``skip``."""
+        pending: dict[int, list] = {}
+        made = 0
+        decoder = self.decoder
+        for position, (source_index, sample) in enumerate(self._mixed(worker, epoch)):
+            shape = described_shape(sample, decoder.frame_stride, decoder.image_clips)
+            bucket = None if shape is None else nearest_bucket(self.buckets, *shape)
+            if bucket is None:
+                if position >= skip:
+                    self.unbucketed.skip(sample.get("__key__", "?"), ValueError(f"shape {shape}"))
+                continue
+            group = pending.setdefault(bucket, [])
+            group.append((position, source_index, sample))
+            if len(group) < self.batch_size:
+                continue
+            pending[bucket] = []
+            if position < skip:  # trained on before the resume
+                continue
+            items = []
+            for at, index, raw in group:
+                item = decoder(raw, np.random.default_rng([self.seed, worker, epoch, at]), self.buckets[bucket])
+                if item is not None:
+                    items.append({**item, "source_index": index})
+            if not items:
+                continue
+            yield {**collate(items), "stream": torch.tensor([worker, epoch, position + 1])}
+            made += 1
+            if made == limit:
+                return
 
 
 class EpochLoader(torch.utils.data.DataLoader):
@@ -175,6 +215,13 @@ class ShardDataModule(L.LightningDataModule):
             the VAE). Clips were cropped and sized when cached: ``resolution`` must be the cache's,
             ``num_frames`` at most its frames (a random window of them is drawn per read), and the
             motion augmentation (a pixel-space crop) does not apply.
+        buckets: train in shapes ``[[frames, height, width], ...]`` instead of ``num_frames`` square
+            ``resolution`` clips: each clip takes the bucket nearest its aspect ratio among those it
+            fills without upscaling (the longest, then the largest, on a tie), is resized and
+            centre-cropped to it (motion augmentation moves a window of its shape), and every batch
+            is one bucket's. Image pairs kept single go to one-frame buckets. Frames are ``1 + 4k``
+            for a causal VAE and sides multiples of the editor's grid (checked when training
+            starts). A resumed run goes on with exactly the batches an uninterrupted one makes.
         stream_seed: makes the stream replayable (shard draws, shuffle, frames, crops; each rank and
             worker its own). ``None`` takes Lightning's global seed (``seed_everything``) when one
             is set, else the stream is fresh on every run. A run resumed from a checkpoint goes on
@@ -202,6 +249,7 @@ class ShardDataModule(L.LightningDataModule):
         image_clips: str = "camera",
         cached: str | None = None,
         stream_seed: int | None = None,
+        buckets: list[list[int]] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -213,6 +261,9 @@ class ShardDataModule(L.LightningDataModule):
         self.source_counts: dict[str, int] = {name: 0 for name, *_ in self._sources()}
         if image_clips not in IMAGE_CLIPS:
             raise ValueError(f"data.image_clips must be one of {', '.join(IMAGE_CLIPS)}, got {image_clips!r}")
+        if buckets is not None and cached:
+            raise ValueError("data.buckets with data.cached is not supported: a cache holds clips of one size")
+        self.buckets = parse_buckets(buckets) if buckets is not None else None
         self.cache_info = self._check_cache() if cached else None
 
     def _check_cache(self):
@@ -291,16 +342,17 @@ class ShardDataModule(L.LightningDataModule):
             decoder = PairDecoder(hp.num_frames, hp.frame_stride, hp.resolution, augment, hp.image_clips)
         self.decoders.append(decoder)
         sources = [(expand_shards(pattern), weight, window) for pattern, weight, window in patterns]
-        stream = PairStream(sources, decoder, hp.batch_size, hp.shuffle_buffer, seed, batches)
+        stream = PairStream(sources, decoder, hp.batch_size, hp.shuffle_buffer, seed, batches, self.buckets)
         # validation sees the same batches every time; training passes follow the trainer's epoch
         return EpochLoader(stream, self._plan if training else lambda: (0, 0, {}), hp.num_workers)
 
     def _plan(self) -> tuple[int, int, dict[int, int]]:
-        """The next training pass: the trainer's epoch (without a trainer, the passes made so far),
-        and, the first time after a resume into the middle of that epoch, the batches already
-        trained on and each worker's consumed samples."""
-        trainer = getattr(self, "trainer", None)
-        epoch = trainer.current_epoch if trainer is not None else self._passes
+        """The next training pass: its epoch (the passes made so far, counted on from a resumed
+        checkpoint's epoch) and, the first time after a resume, the batches of that epoch already
+        trained on and each worker's consumed samples. The stream's epochs are counted here, not
+        read from the trainer: resumed at the end of an epoch, Lightning makes an empty pass for
+        it and then skips an epoch number, which would skip that epoch's data."""
+        epoch = self._passes
         self._passes += 1
         resumed, self._resumed = self._resumed, None
         if resumed and resumed.get("epoch") == epoch:
@@ -342,6 +394,7 @@ class ShardDataModule(L.LightningDataModule):
         self._before_latest = None
         self.source_counts.update(state.get("source_counts", {}))
         self._resumed = self._copy(state)
+        self._passes = int(state.get("epoch", 0))  # the first pass after a resume finishes the saved epoch
 
     @property
     def skipped(self) -> int:

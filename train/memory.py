@@ -146,8 +146,9 @@ class MemoryPlan:
 def plan(model: dict[str, Any], data: dict[str, Any], precision: str, editor_spec: Any | None = None,
          cached: bool | None = None, base_dtype: str | None = "config", activation_offload: bool | None = None,
          frames: int | None = None, height: int | None = None, width: int | None = None) -> MemoryPlan:
-    """The plan of a config's ``model``/``data`` sections at ``precision``, its editor built on the
-    meta device; the keyword arguments override the config's settings."""
+    """The plan of a config's ``model``/``data`` sections at ``precision`` for its largest bucket
+    (or its ``num_frames`` x ``resolution``²), its editor built on the meta device; the keyword
+    arguments override the config's settings."""
     from model import load_editor, shipped_config
     from model.lora import add_lora, lora_targets
     from model.trainable import set_trainable
@@ -182,9 +183,9 @@ def plan(model: dict[str, Any], data: dict[str, Any], precision: str, editor_spe
         hold_frozen(denoiser, compute)
     if dtype == torch.float8_e4m3fn:
         store_in_fp8(denoiser, compute)
-    frames = frames or int(data.get("num_frames", 16))
-    height = height or int(data.get("resolution", 256))
-    width = width or int(data.get("resolution", 256))
+    largest = max(data.get("buckets") or [[int(data.get("num_frames", 16)), int(data.get("resolution", 256)),
+                                            int(data.get("resolution", 256))]], key=lambda b: b[0] * b[1] * b[2])
+    frames, height, width = frames or int(largest[0]), height or int(largest[1]), width or int(largest[2])
     result = MemoryPlan({"base_dtype": str(dtype).removeprefix("torch."), "activation_offload": offload, "cached": cached,
                          "clip": f"{frames}x{height}x{width}", "batch": int(data.get("batch_size", 1)),
                          "checkpointing": bool(model.get("gradient_checkpointing"))})

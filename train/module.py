@@ -18,6 +18,7 @@ from model import EditorLoadError, load_editor, load_vae, posterior_sample, pret
 from model.lora import add_lora, default_targets, merge_lora, save_lora
 from model.lora import lora_targets as lora_targets_for
 from model.trainable import MOTION_PATTERN, count_parameters
+from shards.buckets import parse_buckets
 from shards.schema import EMPTY_TEXT_STATES, SOURCE_LATENT, TARGET_LOGVAR, TARGET_MEAN, TEXT_STATES, is_cached
 
 from infer.sampling import flow_scheduler
@@ -245,7 +246,11 @@ class EditorModule(L.LightningModule):
         """Before the model reaches its device: check a latent cache against the editor, leave the
         text encoder off the device when the cache holds the text states it would compute, and
         hold the frozen base in the precision it is used in (``model.base_dtype``)."""
-        info = getattr(getattr(self._trainer, "datamodule", None), "cache_info", None)
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        buckets = getattr(getattr(datamodule, "hparams", None), "buckets", None)
+        if buckets is not None:  # every bucket a shape this editor takes
+            parse_buckets(buckets, self.editor.temporal_compression, self.editor.size_multiple)
+        info = getattr(datamodule, "cache_info", None)
         if info is not None:  # a latent cache must come from an editor with these shapes
             encoder = self.editor.text_encoder.config
             info.check_editor(self.editor.latent_channels, self.editor.scaling_factor, encoder.hidden_size,
@@ -496,8 +501,10 @@ class EditorModule(L.LightningModule):
         return Path(directory)
 
     def _complete_editor(self):
-        """The editor with every weight: a run on cached latents reads its VAE now, from the spec."""
-        if not self.hparams.cached_latents or self.editor.vae is None:
+        """The editor with every weight: a run on cached latents reads its VAE now, from the spec
+        (not for an adapter exported alone, which needs none)."""
+        if not self.hparams.cached_latents or self.editor.vae is None or (
+                self.hparams.trainable == "lora" and self.hparams.export_lora_only):
             return self.editor
         from dataclasses import replace
 
