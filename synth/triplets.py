@@ -104,14 +104,18 @@ class TemplateSource:
         action = rng.choice(self.ACTIONS[subject])
         caption = f"{subject} {action}"
         kind = rng.choice(["style", "weather", "swap"])
+        if kind != "swap":
+            return self._restyled(rng, caption, kind)
+        other = self.SWAPS[subject]
+        return Triplet(caption, f"turn {subject.split()[-1]} into {other}", f"{other} {action}")
+
+    def _restyled(self, rng: random.Random, caption: str, kind: str) -> Triplet:
+        """A ``style`` or ``weather`` edit of ``caption``, drawn by ``rng``."""
         if kind == "style":
             style = rng.choice(self.STYLES)
             return Triplet(caption, f"make it {style}", f"{caption}, {style}")
-        if kind == "weather":
-            word, phrase = rng.choice(list(self.WEATHER.items()))
-            return Triplet(caption, f"make it {word}", f"{caption} {phrase}")
-        other = self.SWAPS[subject]
-        return Triplet(caption, f"turn {subject.split()[-1]} into {other}", f"{other} {action}")
+        word, phrase = rng.choice(list(self.WEATHER.items()))
+        return Triplet(caption, f"make it {word}", f"{caption} {phrase}")
 
     def __iter__(self) -> Iterator[Triplet]:
         return (self.triplet(i) for i in itertools.count())
@@ -123,12 +127,8 @@ class TemplateSource:
         caption = " ".join(caption.split()).rstrip(".")
         subjects = [s for s in self.SWAPS if f" {s.split()[-1]} " in f" {caption.lower()} "]
         kind = rng.choice(["style", "weather"] + (["swap"] if subjects else []))
-        if kind == "style":
-            style = rng.choice(self.STYLES)
-            return Triplet(caption, f"make it {style}", f"{caption}, {style}")
-        if kind == "weather":
-            word, phrase = rng.choice(list(self.WEATHER.items()))
-            return Triplet(caption, f"make it {word}", f"{caption} {phrase}")
+        if kind != "swap":
+            return self._restyled(rng, caption, kind)
         noun = subjects[0].split()[-1]
         other = self.SWAPS[subjects[0]].split()[-1]
         output = " ".join(other if w.lower() == noun else w for w in caption.split())
