@@ -174,7 +174,6 @@ def _openve(root: Path) -> Iterator[PublishedPair]:
         if all(c in header for c in OPENVE_COLUMNS):
             tables.append((path, list(_csv_rows(path))))
     originals = {_rel(r.get("original_video"), ("videos/",)) for _, rows in tables for r in rows}
-    edits = {_rel(r.get("video"), ("videos/",)) for _, rows in tables for r in rows}
     parent = lambda p: str(Path(p).parent) if p else None  # noqa: E731
     as_source, as_edit = collections.Counter(), collections.Counter()
     for _, rows in tables:

@@ -10,7 +10,6 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from shards.augment import crop_windows
