@@ -33,6 +33,7 @@ class CacheInfo:
     dtype: str
     format: int = 1
     temporal_compression: int = 1  # frames per latent frame after the first (a causal VAE's 4)
+    buckets: list[list[int]] | None = None  # each clip cached at its bucket (recorded in its json), or one size
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1) + "\n"
@@ -86,6 +87,8 @@ class CachedDecoder:
 
     def __init__(self, folder: str | Path, num_frames: int):
         self.info = CacheInfo.read(folder)
+        if self.info.buckets is not None:  # each sample trains at its bucket's frames
+            num_frames = self.info.num_frames
         if num_frames > self.info.num_frames:
             raise ValueError(f"data.num_frames {num_frames} exceeds the {self.info.num_frames} frames cached in {folder}")
         temporal = self.info.temporal_compression
@@ -99,8 +102,18 @@ class CachedDecoder:
     def skipped(self) -> int:
         return self.skips.count
 
-    def __call__(self, sample: dict[str, Any], rng: np.random.Generator) -> dict[str, Any] | None:
+    def bucket_of(self, sample: dict[str, Any], buckets: list) -> int | None:
+        """The index in ``buckets`` of the bucket a sample was cached at (its json says), or ``None``."""
+        try:
+            cached = json.loads(sample[META]).get("bucket")
+        except (KeyError, ValueError):
+            return None
+        return next((i for i, b in enumerate(buckets) if cached == [b.frames, b.height, b.width]), None)
+
+    def __call__(self, sample: dict[str, Any], rng: np.random.Generator, bucket=None) -> dict[str, Any] | None:
+        """A window of ``num_frames`` (a ``bucket``'s frames) of the cached latents."""
         key = sample.get("__key__", "?")
+        num_frames = self.num_frames if bucket is None else bucket.frames
         try:
             instruction = str(json.loads(sample[META])["instruction"])
             arrays = {name: from_npy(sample[f"{name}.{ARRAY_EXT}"]) for name in (TARGET_MEAN, TARGET_LOGVAR, SOURCE_LATENT)}
@@ -114,9 +127,9 @@ class CachedDecoder:
             return None
         temporal = self.info.temporal_compression
         if temporal > 1:  # causal latents: the first 1 + k latent frames are exactly those of the first 1 + Tk frames
-            index = torch.arange(1 + (self.num_frames - 1) // temporal)
+            index = torch.arange(min(frames, 1 + (num_frames - 1) // temporal))
         else:
-            index = torch.from_numpy(sample_frames(frames, self.num_frames, 1, rng))
+            index = torch.from_numpy(sample_frames(frames, num_frames, 1, rng))
         item = {
             TARGET_MEAN: torch.from_numpy(arrays[TARGET_MEAN]).float()[:, index],
             TARGET_LOGVAR: torch.from_numpy(arrays[TARGET_LOGVAR]).float()[:, index],

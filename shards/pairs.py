@@ -52,6 +52,14 @@ class PairDecoder:
     def skipped(self) -> int:
         return self.skips.count
 
+    def bucket_of(self, sample: dict[str, Any], buckets: list) -> int | None:
+        """The index in ``buckets`` of the bucket a sample trains in, from its description alone
+        (:func:`shards.buckets.nearest_bucket`), or ``None`` when none fits or it says no shape."""
+        from .buckets import described_shape, nearest_bucket
+
+        shape = described_shape(sample, self.frame_stride, self.image_clips)
+        return None if shape is None else nearest_bucket(buckets, *shape)
+
     def __call__(self, sample: dict[str, Any], rng: np.random.Generator, bucket=None) -> dict[str, Any] | None:
         """``rng`` draws the frames and the crop; ``bucket`` (a :class:`shards.buckets.Bucket`) gives
         the clip's frames and its height and width instead of ``num_frames`` and a square."""

@@ -13,6 +13,7 @@ import torch
 import webdataset as wds
 from tqdm.auto import tqdm
 
+from shards.buckets import described_shape, nearest_bucket, parse_buckets
 from shards.pairs import IMAGE_CLIPS, PairDecoder
 from shards.schema import ARRAY_EXT, CACHE_INFO, EMPTY_TEXT, META, expand_shards
 from model import load_editor
@@ -43,7 +44,8 @@ def cache(shards: str, editor_spec: Any, out: Path, num_frames: int = 16, frame_
           resolution: int = 256, image_clips: str = "camera", text: bool = True, dtype: str = "float32",
           samples_per_shard: int = 64, resume: bool = False, rank: int = 0, world: int = 1,
           device: torch.device | str = "cpu", compute_dtype: torch.dtype = torch.float32,
-          num_samples: int | None = None, progress: bool = True) -> CacheResult:
+          num_samples: int | None = None, progress: bool = True,
+          buckets: list[list[int]] | None = None) -> CacheResult:
     """Encode this rank's samples of ``shards`` (every ``world``-th, in shard order) into ``out``.
 
     Each clip pair is decoded as training decodes it without augmentation (a ``num_frames`` window
@@ -51,24 +53,34 @@ def cache(shards: str, editor_spec: Any, out: Path, num_frames: int = 16, frame_
     ``image_clips``); frame windows and camera paths are functions of the sample's position, so a
     resumed run (``resume``) writes what an uninterrupted one would. ``num_samples`` stops after that
     many cached samples on this rank. ``text=False`` leaves out the text states (for runs that train
-    the text encoder)."""
+    the text encoder). With ``buckets`` (``[[frames, height, width], ...]``, as ``data.buckets``) each
+    clip is cached at its own bucket (:func:`shards.buckets.nearest_bucket`), recorded in its json;
+    a clip no bucket fits is skipped and logged."""
     if dtype not in STORAGE_DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(STORAGE_DTYPES)}, got {dtype!r}")
     if image_clips not in IMAGE_CLIPS:
         raise ValueError(f"--image-clips must be one of {', '.join(IMAGE_CLIPS)}, got {image_clips!r}")
+    if image_clips == "single" and buckets is None:
+        raise ValueError("--image-clips single caches image pairs as one-frame clips: it needs --buckets with one")
     urls = expand_shards(shards)
     editor = load_editor(editor_spec, torch_dtype=compute_dtype).to(device)
     if editor.vae is None:
         raise ValueError("the editor works in pixel space (no VAE): there are no latents to cache")
     temporal = editor.temporal_compression
+    shapes = parse_buckets(buckets, temporal, editor.size_multiple) if buckets is not None else None
+    if shapes is not None:  # the cache holds clips up to the longest bucket, each at its own size
+        num_frames, resolution = max(b.frames for b in shapes), 0
     if temporal > 1 and (num_frames - 1) % temporal:
         raise ValueError(f"--num-frames must be 1 + {temporal}k for this editor's causal VAE, got {num_frames}")
     seq, width = editor.text_length, editor.text_encoder.config.hidden_size
     info = CacheInfo(editor=editor_spec, num_frames=num_frames, frame_stride=frame_stride, resolution=resolution,
                      image_clips=image_clips, latent_channels=editor.latent_channels,
                      scaling_factor=editor.scaling_factor, text_states=text, text_shape=[seq, width], dtype=dtype,
-                     temporal_compression=editor.temporal_compression)
+                     temporal_compression=editor.temporal_compression, buckets=buckets)
     digest = cache_settings(editor_spec, urls, num_frames, frame_stride, resolution, image_clips, text, dtype, compute_dtype)
+    if shapes is not None:
+        digest = cache_settings({"editor": editor_spec, "buckets": buckets}, urls, num_frames, frame_stride, resolution,
+                                image_clips, text, dtype, compute_dtype)
     writer = ShardWriter(out, rank, PREFIX, digest, resume, world)
     if rank == 0:  # the folder's shared files: one writer (every rank would write the same bytes)
         atomic_write(out / CACHE_INFO, info.to_json().encode())
@@ -89,7 +101,15 @@ def cache(shards: str, editor_spec: Any, out: Path, num_frames: int = 16, frame_
             if local < start:  # cached by an earlier run: read past, not decoded again
                 continue
             key = sample["__key__"]
-            item = decoder(sample, np.random.default_rng([index]))
+            bucket = None
+            if shapes is not None:
+                shape = described_shape(sample, frame_stride, image_clips)
+                bucket = None if shape is None else nearest_bucket(shapes, *shape)
+                if bucket is None:
+                    yield Outcome({"key": key, "index": index, "kept": False, "reason": f"no bucket fits {shape}"},
+                                  None, (local + 1, 0))
+                    continue
+            item = decoder(sample, np.random.default_rng([index]), None if bucket is None else shapes[bucket])
             if item is None:
                 yield Outcome({"key": key, "index": index, "kept": False, "reason": "unreadable sample"}, None, (local + 1, 0))
                 continue
@@ -97,6 +117,8 @@ def cache(shards: str, editor_spec: Any, out: Path, num_frames: int = 16, frame_
                                   [item["instruction"]] if text else None)
             meta = json.loads(sample[META])
             record = {k: meta[k] for k in ("input_caption", "output_caption", "source") if k in meta}
+            if bucket is not None:
+                record["bucket"] = list(buckets[bucket])
             out_sample = {"__key__": key, META: json.dumps({**record, "instruction": item["instruction"],
                                                               "index": index}).encode()}
             for name, tensor in encoded.items():

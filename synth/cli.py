@@ -138,9 +138,15 @@ def cmd_cache(args) -> None:
         raise UsageError(f"--out {out} is a file")
     device = render_device(args.device)
     compute = render_dtype(args.compute_dtype, device) if args.compute_dtype else DTYPES["float32"]
+    buckets = None
+    if args.buckets is not None:
+        try:
+            buckets = json.loads(args.buckets)
+        except ValueError:
+            raise UsageError(f"--buckets takes a JSON list of [frames, height, width], got {args.buckets!r}") from None
     result = cache(args.shards, args.editor, out, args.num_frames, args.frame_stride, args.resolution,
                    args.image_clips, not args.no_text_states, args.dtype, args.samples_per_shard, args.resume,
-                   rank, world, device, compute, args.num_samples, progress=not args.quiet)
+                   rank, world, device, compute, args.num_samples, progress=not args.quiet, buckets=buckets)
     if not args.quiet:
         print(f"rank {rank}/{world}: {result.cached} cached clips in {out} ({len(result.shards)} new shards, "
               f"{result.skipped} unreadable samples skipped)", file=sys.stderr)
@@ -246,7 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--num-frames", type=positive_int, default=16, help="frames cached per clip (training draws a window of them)")
     c.add_argument("--frame-stride", type=positive_int, default=1)
     c.add_argument("--resolution", type=positive_int, default=256, help="square training size in pixels (default 256)")
-    c.add_argument("--image-clips", choices=["camera", "repeat"], default="camera",
+    c.add_argument("--buckets", default=None,
+                   help='cache each clip at its bucket, as data.buckets: a JSON list, e.g. "[[81, 480, 832], [81, 832, 480]]" '
+                        "(replaces --num-frames and --resolution)")
+    c.add_argument("--image-clips", choices=["camera", "repeat", "single"], default="camera",
                    help="how a single-frame pair becomes a clip (as data.image_clips)")
     c.add_argument("--no-text-states", action="store_true", help="leave out text states (runs that train the text encoder)")
     c.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="storage precision (default float32)")

@@ -121,5 +121,24 @@ def test_a_bucket_the_editor_cannot_take_is_refused_before_training(tmp_path, mi
     with pytest.raises(ValueError, match="1 \\+ 4k"):
         L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
                   default_root_dir=tmp_path).fit(module, dm)
-    with pytest.raises(ValueError, match="one size"):
-        ShardDataModule(cached=str(tmp_path), buckets=BUCKETS)
+
+
+def test_a_cache_records_each_clips_bucket_and_trains_in_them(tmp_path, mixed):
+    from synth.cache import cache
+    from synth.cli import main
+
+    cache(str(mixed), "wan-tiny", tmp_path / "latents", image_clips="single", buckets=BUCKETS, samples_per_shard=4,
+          progress=False)
+    info = json.loads((tmp_path / "latents" / "cache.json").read_text())
+    assert info["buckets"] == BUCKETS
+    dm = ShardDataModule(cached=str(tmp_path / "latents"), batch_size=2, batches_per_epoch=8, stream_seed=0)
+    shapes = {tuple(batch["tgt_mean"].shape[2:]) for batch in dm.train_dataloader()}
+    # latents of 9 frames at 32x48 and 48x32, 5 frames at 32x32 and images (VAE: 4x in time, 8x in space)
+    assert shapes == {(3, 4, 6), (3, 6, 4), (2, 4, 4), (1, 4, 4)}
+    module = EditorModule(editor="wan-tiny", trainable="lora", lora_rank=4, objective="flow", cached_latents=True)
+    L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+              enable_model_summary=False, default_root_dir=tmp_path).fit(module, dm)
+    with pytest.raises(ValueError, match="differ from the buckets"):
+        ShardDataModule(cached=str(tmp_path / "latents"), buckets=[[9, 32, 48]])
+    assert main(["cache", str(mixed), "--editor", "wan-tiny", "--out", str(tmp_path / "bad"), "--buckets", "[[8, 32, 32]]",
+                 "--quiet"]) == 2

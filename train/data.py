@@ -14,7 +14,7 @@ import torch
 import webdataset as wds
 
 from shards.augment import AUGMENTATION
-from shards.buckets import Bucket, described_shape, nearest_bucket, parse_buckets
+from shards.buckets import Bucket, parse_buckets
 from shards.pairs import IMAGE_CLIPS, PairDecoder
 from shards.schema import SampleSkips, expand_shards
 from shards.cache import CachedDecoder
@@ -139,11 +139,10 @@ class PairStream(torch.utils.data.IterableDataset):
         made = 0
         decoder = self.decoder
         for position, (source_index, sample) in enumerate(self._mixed(worker, epoch)):
-            shape = described_shape(sample, decoder.frame_stride, decoder.image_clips)
-            bucket = None if shape is None else nearest_bucket(self.buckets, *shape)
+            bucket = decoder.bucket_of(sample, self.buckets)
             if bucket is None:
                 if position >= skip:
-                    self.unbucketed.skip(sample.get("__key__", "?"), ValueError(f"shape {shape}"))
+                    self.unbucketed.skip(sample.get("__key__", "?"), ValueError("no bucket fits its shape"))
                 continue
             group = pending.setdefault(bucket, [])
             group.append((position, source_index, sample))
@@ -221,7 +220,8 @@ class ShardDataModule(L.LightningDataModule):
             centre-cropped to it (motion augmentation moves a window of its shape), and every batch
             is one bucket's. Image pairs kept single go to one-frame buckets. Frames are ``1 + 4k``
             for a causal VAE and sides multiples of the editor's grid (checked when training
-            starts). A resumed run goes on with exactly the batches an uninterrupted one makes.
+            starts). A resumed run goes on with exactly the batches an uninterrupted one makes. A
+            latent cache made with ``synth cache --buckets`` trains in its own buckets.
         stream_seed: makes the stream replayable (shard draws, shuffle, frames, crops; each rank and
             worker its own). ``None`` takes Lightning's global seed (``seed_everything``) when one
             is set, else the stream is fresh on every run. A run resumed from a checkpoint goes on
@@ -261,8 +261,6 @@ class ShardDataModule(L.LightningDataModule):
         self.source_counts: dict[str, int] = {name: 0 for name, *_ in self._sources()}
         if image_clips not in IMAGE_CLIPS:
             raise ValueError(f"data.image_clips must be one of {', '.join(IMAGE_CLIPS)}, got {image_clips!r}")
-        if buckets is not None and cached:
-            raise ValueError("data.buckets with data.cached is not supported: a cache holds clips of one size")
         self.buckets = parse_buckets(buckets) if buckets is not None else None
         self.cache_info = self._check_cache() if cached else None
 
@@ -274,6 +272,13 @@ class ShardDataModule(L.LightningDataModule):
         if hp.shards or hp.sources or hp.val_shards:
             raise ValueError("data.cached replaces data.shards, data.sources and data.val_shards: set only data.cached")
         info = CacheInfo.read(hp.cached)
+        if info.buckets is not None or hp.buckets is not None:  # a bucketed cache trains in its own buckets
+            if hp.buckets is not None and [list(b) for b in hp.buckets] != info.buckets:
+                raise ValueError(f"data.buckets {hp.buckets} differ from the buckets {hp.cached} was cached in "
+                                 f"({info.buckets}): set data.buckets to them, or cache again")
+            if self.buckets is None:
+                self.buckets = parse_buckets(info.buckets)
+            return info
         if hp.resolution != info.resolution:
             raise ValueError(f"data.resolution is {hp.resolution} but {hp.cached} was cached at {info.resolution}: "
                              f"set data.resolution {info.resolution}")
