@@ -46,6 +46,9 @@ def test_checkpointing_and_half_precision_shrink_the_measured_activations():
     assert not any(k.startswith(("text_encoder", "vae")) for k in cached.weights)
     fp8 = plan({**model, "gradient_checkpointing": True, "base_dtype": "float8_e4m3fn"}, data, "bf16-mixed")
     assert "transformer float8_e4m3fn" in fp8.weights
+    unet = plan({"editor": "tiny", "trainable": "motion", "gradient_checkpointing": True}, {**data, "num_frames": 8},
+                "bf16-mixed")  # the U-Net editor too: its motion modules train, its 2D layers are held in bf16
+    assert unet.trainable > 0 and unet.activations.total > 0 and "unet bfloat16" in unet.weights
 
 
 def test_the_command_prints_the_plan_and_ends_with_the_total(tmp_path, capsys):

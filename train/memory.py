@@ -201,6 +201,10 @@ def plan(model: dict[str, Any], data: dict[str, Any], precision: str, editor_spe
         result.weights[f"text_encoder {str(encoder_dtype).removeprefix('torch.')}"] = size * encoder_dtype.itemsize
         if editor.vae is not None:
             result.weights["vae float32"] = sum(p.numel() for p in editor.vae.parameters()) * 4
+    if dtype != torch.float32:  # autocast computes the trained layers in half precision too (peft's adapters
+        for name, param in denoiser.named_parameters():  # stay float32: it casts their inputs itself)
+            if param.requires_grad and "lora_" not in name:
+                param.data = param.data.to(compute)
     activations = measure_activations(editor, result.settings["batch"], frames, height, width,
                                       compute if dtype != torch.float32 else torch.float32,
                                       device=next(denoiser.parameters()).device)
