@@ -32,6 +32,8 @@ def lora_targets(given: str | list[str] | tuple[str, ...] | None, denoiser_name:
             raise ValueError("lora_targets attention+ffn is a DiT preset (Wan's ffn layers); list patterns for a U-Net")
         return TARGET_PRESETS.get(given) or default_targets(denoiser_name)
     return tuple(given)
+
+
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 

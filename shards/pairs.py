@@ -10,6 +10,7 @@ import numpy as np
 from infer.pipeline import to_model_frames
 
 from .augment import apply_windows, crop_windows
+from .buckets import described_shape, nearest_bucket
 from .camera import CameraBounds, lift_pair
 from .schema import DAMAGED, META, SOURCE, TARGET, VIDEO_EXT, SampleSkips, shard_frames
 
@@ -55,8 +56,6 @@ class PairDecoder:
     def bucket_of(self, sample: dict[str, Any], buckets: list) -> int | None:
         """The index in ``buckets`` of the bucket a sample trains in, from its description alone
         (:func:`shards.buckets.nearest_bucket`), or ``None`` when none fits or it says no shape."""
-        from .buckets import described_shape, nearest_bucket
-
         shape = described_shape(sample, self.frame_stride, self.image_clips)
         return None if shape is None else nearest_bucket(buckets, *shape)
 

@@ -244,6 +244,21 @@ def build(config: dict[str, Any], out: Path, num_samples: int, samples_per_shard
     start_triplet, start_slot = writer.state["next"]
     label = source_label(config["prompts"])
 
+    def judged(record: dict[str, Any], key: str, triplet: Triplet, source_frames: np.ndarray, edited: np.ndarray,
+               generator_info: dict[str, Any], noise_seed: int, source_name: str) -> tuple[dict[str, Any], dict | None]:
+        """A rendered pair through the filters: its attempt record and, when kept, its shard sample."""
+        verdict = check_pair(source_frames, edited, triplet.edit, (triplet.input, triplet.output), clip_filter, judge)
+        attempt = {**record, **verdict.record(), "params": generator_info, **triplet.to_json()}
+        if not verdict.kept:
+            return attempt, None
+        meta = {
+            "input_caption": triplet.input, "instruction": triplet.edit, "output_caption": triplet.output,
+            "num_frames": frames, "height": height, "width": width, "fps": fps, "seed": noise_seed,
+            "source": source_name, "generator": generator_info, "clip": verdict.clip,
+            **({"judge": verdict.judge} if verdict.judge is not None else {}),
+        }
+        return attempt, pair_sample(key, source_frames, edited, meta, video_format, fps)
+
     def flow_edit_outcomes() -> Iterator[Outcome]:
         from .source_clips import read_clip
 
@@ -275,17 +290,8 @@ def build(config: dict[str, Any], out: Path, num_samples: int, samples_per_shard
                 edit["source_guidance"], torch.Generator().manual_seed(noise_seed))
             generator_info = {"backbone": "wan", "mode": "flowedit", "dtype": str(precision).removeprefix("torch."),
                               **vars(params), **edit, "source_clip": clip.name}
-            verdict = check_pair(source_frames, edited, triplet.edit, (triplet.input, triplet.output), clip_filter, judge)
-            attempt = {**base, **verdict.record(), "params": generator_info, **triplet.to_json()}
-            sample = None
-            if verdict.kept:
-                meta = {
-                    "input_caption": triplet.input, "instruction": triplet.edit, "output_caption": triplet.output,
-                    "num_frames": frames, "height": height, "width": width, "fps": fps, "seed": noise_seed,
-                    "source": f"flowedit:{label}", "generator": generator_info, "clip": verdict.clip,
-                    **({"judge": verdict.judge} if verdict.judge is not None else {}),
-                }
-                sample = pair_sample(key, source_frames, edited, meta, video_format, fps)
+            attempt, sample = judged(base, key, triplet, source_frames, edited, generator_info, noise_seed,
+                                     f"flowedit:{label}")
             yield Outcome(attempt, sample, (local + 1, 0))
 
     def outcomes() -> Iterator[Outcome]:
@@ -306,19 +312,9 @@ def build(config: dict[str, Any], out: Path, num_samples: int, samples_per_shard
                     source_frames, edited = renderer.render_pair(triplet.input, triplet.output, noise, params)
                 generator_info = ({"backbone": "shapes"} if shapes else
                                   {"backbone": renderer.backbone, "dtype": str(precision).removeprefix("torch."), **vars(params)})
-                verdict = check_pair(source_frames, edited, triplet.edit, (triplet.input, triplet.output), clip_filter, judge)
                 key = sample_key(rank, index, slot)
-                attempt = {"key": key, "triplet": index, "slot": slot, **verdict.record(), "params": generator_info,
-                           **triplet.to_json()}
-                sample = None
-                if verdict.kept:
-                    meta = {
-                        "input_caption": triplet.input, "instruction": triplet.edit, "output_caption": triplet.output,
-                        "num_frames": frames, "height": height, "width": width, "fps": fps, "seed": noise_seed,
-                        "source": label, "generator": generator_info, "clip": verdict.clip,
-                        **({"judge": verdict.judge} if verdict.judge is not None else {}),
-                    }
-                    sample = pair_sample(key, source_frames, edited, meta, video_format, fps)
+                attempt, sample = judged({"key": key, "triplet": index, "slot": slot}, key, triplet, source_frames,
+                                         edited, generator_info, noise_seed, label)
                 yield Outcome(attempt, sample, (local, slot + 1) if slot + 1 < slots else (local + 1, 0))
 
     bar = tqdm(total=num_samples, initial=writer.samples, unit="pair", desc=f"rank {rank}", disable=not progress)

@@ -13,7 +13,7 @@ import torch
 import webdataset as wds
 from tqdm.auto import tqdm
 
-from shards.buckets import described_shape, nearest_bucket, parse_buckets
+from shards.buckets import parse_buckets
 from shards.pairs import IMAGE_CLIPS, PairDecoder
 from shards.schema import ARRAY_EXT, CACHE_INFO, EMPTY_TEXT, META, expand_shards
 from model import load_editor
@@ -77,10 +77,8 @@ def cache(shards: str, editor_spec: Any, out: Path, num_frames: int = 16, frame_
                      image_clips=image_clips, latent_channels=editor.latent_channels,
                      scaling_factor=editor.scaling_factor, text_states=text, text_shape=[seq, width], dtype=dtype,
                      temporal_compression=editor.temporal_compression, buckets=buckets)
-    digest = cache_settings(editor_spec, urls, num_frames, frame_stride, resolution, image_clips, text, dtype, compute_dtype)
-    if shapes is not None:
-        digest = cache_settings({"editor": editor_spec, "buckets": buckets}, urls, num_frames, frame_stride, resolution,
-                                image_clips, text, dtype, compute_dtype)
+    hashed_spec = editor_spec if shapes is None else {"editor": editor_spec, "buckets": buckets}
+    digest = cache_settings(hashed_spec, urls, num_frames, frame_stride, resolution, image_clips, text, dtype, compute_dtype)
     writer = ShardWriter(out, rank, PREFIX, digest, resume, world)
     if rank == 0:  # the folder's shared files: one writer (every rank would write the same bytes)
         atomic_write(out / CACHE_INFO, info.to_json().encode())
@@ -101,14 +99,11 @@ def cache(shards: str, editor_spec: Any, out: Path, num_frames: int = 16, frame_
             if local < start:  # cached by an earlier run: read past, not decoded again
                 continue
             key = sample["__key__"]
-            bucket = None
-            if shapes is not None:
-                shape = described_shape(sample, frame_stride, image_clips)
-                bucket = None if shape is None else nearest_bucket(shapes, *shape)
-                if bucket is None:
-                    yield Outcome({"key": key, "index": index, "kept": False, "reason": f"no bucket fits {shape}"},
-                                  None, (local + 1, 0))
-                    continue
+            bucket = None if shapes is None else decoder.bucket_of(sample, shapes)
+            if shapes is not None and bucket is None:
+                yield Outcome({"key": key, "index": index, "kept": False, "reason": "no bucket fits it"}, None,
+                              (local + 1, 0))
+                continue
             item = decoder(sample, np.random.default_rng([index]), None if bucket is None else shapes[bucket])
             if item is None:
                 yield Outcome({"key": key, "index": index, "kept": False, "reason": "unreadable sample"}, None, (local + 1, 0))

@@ -7,8 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from infer.arguments import USAGE_ERROR, OneLineParser, UsageError, positive_int, quiet_libraries
 
 DEFAULT_CONFIG = "configs/synth/tiny.yaml"
@@ -92,7 +90,7 @@ def cmd_lift(args) -> None:
 def cmd_import(args) -> None:
     from .import_sets import ImportOptions, import_set
     from .ranks import rank_and_world
-    from .video_hash import LeakageIndex, benchmark_index
+    from .video_hash import benchmark_index
 
     rank, world = rank_and_world(args.shard_index, args.num_shards)
     out = Path(args.out)
@@ -103,14 +101,11 @@ def cmd_import(args) -> None:
             raise UsageError(f"{name} must be in [0, 1), got {value}")
     if args.fps is not None and args.fps <= 0:
         raise UsageError(f"--fps must be positive, got {args.fps}")
-    leakage = None
-    for path in args.exclude_benchmark or []:
-        if not Path(path).exists():
+    benchmarks = [Path(p) for p in args.exclude_benchmark or []]
+    for path in benchmarks:
+        if not path.exists():
             raise UsageError(f"--exclude-benchmark: no benchmark file at {path}")
-        index = benchmark_index(Path(path))
-        leakage = index if leakage is None else LeakageIndex(
-            np.concatenate([leakage.hashes, index.hashes]),
-            np.concatenate([leakage.owners, index.owners + len(leakage.names)]), leakage.names + index.names)
+    leakage = benchmark_index(benchmarks) if benchmarks else None
     options = ImportOptions(max_side=args.max_side, max_frames=args.max_frames, fps=args.fps,
                             frame_tolerance=args.frame_tolerance, aspect_tolerance=args.aspect_tolerance,
                             exclude_categories=frozenset(c.strip() for c in (args.exclude_categories or "").split(",")

@@ -163,14 +163,6 @@ def image_extension(data: bytes) -> str:
     return {"jpeg": "jpg"}.get(name, name) if name in ("jpeg", "png", "webp") else "png"
 
 
-def frames_at(path: Path, count: int, total: int) -> list[np.ndarray]:
-    """``count`` frames spread over the first ``total`` frames of a video or an image."""
-    if is_image(path):
-        return [read_image(path.read_bytes())]
-    picks = set(np.unique(np.linspace(0, total - 1, min(count, total)).round().astype(int)).tolist())
-    return [f for i, f in enumerate(iter_frames(path, max_frames=max(picks) + 1)) if i in picks]
-
-
 IDENTICAL_MEAN = 3.0  # levels: two H.264 encodes of the same frames differ by about 2 on average
 IDENTICAL_LEVELS, IDENTICAL_SHARE = 24, 0.005  # and few pixels by more than 24 levels; an edit moves more
 
@@ -181,7 +173,7 @@ def identical(source: Path, edited: Path, frames: int) -> bool:
     than 24: a re-encoded copy passes, an edit of 2 % of the frame does not)."""
     if source.stat().st_size == edited.stat().st_size and source.read_bytes() == edited.read_bytes():
         return True
-    a, b = frames_at(source, 4, frames), frames_at(edited, 4, frames)
+    a, b = video_frames(source, 4, frames), video_frames(edited, 4, frames)
     b = [y if y.shape == x.shape else cv2.resize(y, (x.shape[1], x.shape[0]), interpolation=cv2.INTER_AREA)
          for x, y in zip(a, b)]
     diff = np.abs(np.stack(a).astype(np.int16) - np.stack(b).astype(np.int16))
@@ -288,8 +280,7 @@ class PairImporter:
         if identical(source, edited, frames):
             raise Rejected("edit identical to source")
         if self.options.leakage is not None:
-            match = self.options.leakage.match(frames_at(source, PROBE_FRAMES, src_info.num_frames)
-                                               if is_image(source) else video_frames(source, PROBE_FRAMES))
+            match = self.options.leakage.match(video_frames(source, PROBE_FRAMES, src_info.num_frames))
             if match is not None:
                 raise Rejected("benchmark video", Path(match).name)
         return self._media_sample(key, pair, source, edited, src_info, tgt_info, frames)

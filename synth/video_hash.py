@@ -8,6 +8,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from shards.schema import IMAGE_EXTS
+
 HASH_SIDE = 32  # frames are hashed from a 32x32 grey thumbnail
 HASH_BITS = 8  # the 8x8 lowest DCT frequencies: 64 bits
 # two frames match when their hashes differ in at most this many of 64 bits: re-encoded, resized
@@ -80,38 +82,43 @@ class LeakageIndex:
 MAX_REFERENCE_FRAMES = 256  # frames hashed per reference video, spread over its length
 
 
-def video_frames(path: Path, count: int) -> list[np.ndarray]:
-    """``count`` frames spread over a video (a file, or a folder of frame images), decoded in one pass."""
-    from infer.video import iter_frames, probe_video
+def spread(total: int, count: int) -> list[int]:
+    """``count`` frame indices spread evenly over ``total`` frames, first and last included."""
+    return np.unique(np.linspace(0, total - 1, min(count, total)).round().astype(int)).tolist() if total else []
 
+
+IMAGE_SUFFIXES = tuple(f".{ext}" for ext in IMAGE_EXTS)
+
+
+def video_frames(path: Path, count: int, total: int | None = None) -> list[np.ndarray]:
+    """``count`` frames spread over a video's first ``total`` frames (default: all), decoded in one
+    pass; a folder of frame images, or one image (its one frame)."""
+    from infer.video import iter_frames, probe_video
+    from shards.schema import read_image
+
+    if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+        return [read_image(path.read_bytes())]
     if path.is_dir():
         from PIL import Image
 
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
-        picks = np.unique(np.linspace(0, len(files) - 1, min(count, len(files))).round().astype(int)) if files else []
-        return [np.asarray(Image.open(files[i]).convert("RGB")) for i in picks]
-    total = probe_video(path).num_frames
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        return [np.asarray(Image.open(files[i]).convert("RGB")) for i in spread(len(files), count)]
+    total = total or probe_video(path).num_frames
     if total <= 0:  # the container does not say: read it all, then pick
         frames = list(iter_frames(path))
-        picks = np.unique(np.linspace(0, len(frames) - 1, min(count, len(frames))).round().astype(int))
-        return [frames[i] for i in picks]
-    picks = set(np.unique(np.linspace(0, total - 1, min(count, total)).round().astype(int)).tolist())
-    out = []
-    for i, frame in enumerate(iter_frames(path, max_frames=max(picks) + 1)):
-        if i in picks:
-            out.append(frame)
-    return out
+        return [frames[i] for i in spread(len(frames), count)]
+    picks = set(spread(total, count))
+    return [f for i, f in enumerate(iter_frames(path, max_frames=max(picks) + 1)) if i in picks]
 
 
-def benchmark_index(path: Path, frames_per_video: int = MAX_REFERENCE_FRAMES) -> LeakageIndex:
-    """The leakage index of a benchmark file ``infer eval --benchmark`` reads (every format it
+def benchmark_index(paths: list[Path], frames_per_video: int = MAX_REFERENCE_FRAMES) -> LeakageIndex:
+    """The leakage index of benchmark files ``infer eval --benchmark`` reads (every format it
     knows): each source video's frames, hashed."""
     from infer.benchmarks import read_benchmark
 
-    _, items = read_benchmark(path)
     videos = {}
-    for item in items:
-        key = str(item.video)
-        if key not in videos:
-            videos[key] = video_frames(Path(item.video), frames_per_video)
+    for path in paths:
+        for item in read_benchmark(path)[1]:
+            if str(item.video) not in videos:
+                videos[str(item.video)] = video_frames(Path(item.video), frames_per_video)
     return LeakageIndex.from_frames(videos)

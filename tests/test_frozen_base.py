@@ -134,3 +134,8 @@ def test_lora_targets_may_include_the_feed_forward_layers():
     assert both._lora_spec()["targets"][-1].endswith(r"ffn\.(net\.0\.proj|net\.2)")
     with pytest.raises(ValueError, match="attention\\+ffn"):
         lora_module(lora_targets="everything")
+
+
+def test_an_fp8_base_needs_adapters_to_train():
+    with pytest.raises(ValueError, match="needs trainable: lora"):
+        EditorModule(editor="wan-tiny", trainable="all", objective="flow", base_dtype="float8_e4m3fn")

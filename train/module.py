@@ -15,7 +15,7 @@ import torch
 
 from infer.pipeline import CHECKPOINT_KEY, editor_from_weights
 from model import EditorLoadError, load_editor, load_vae, posterior_sample, pretrained_folder, set_trainable, skipping_identity_motion_modules
-from model.lora import add_lora, default_targets, merge_lora, save_lora
+from model.lora import add_lora, merge_lora, save_lora
 from model.lora import lora_targets as lora_targets_for
 from model.trainable import MOTION_PATTERN, count_parameters
 from shards.buckets import parse_buckets
@@ -188,7 +188,9 @@ class EditorModule(L.LightningModule):
             self.counts = set_trainable(self.denoiser, trainable)
         if gradient_checkpointing:
             self.denoiser.enable_gradient_checkpointing()
-        base_dtype_for(base_dtype, None)  # a bad name fails here, before any data is read
+        if base_dtype_for(base_dtype, None) == torch.float8_e4m3fn and trainable != "lora":
+            # layerwise casting stores every linear weight in fp8, trained ones too: only adapters stay float32
+            raise ValueError("model.base_dtype float8_e4m3fn needs trainable: lora (its adapters stay float32)")
         embedder = getattr(self.denoiser, "condition_embedder", None)
         if getattr(embedder, "time_embedder", None) is not None:  # Wan's time embedding: float32 under autocast too
             run_in_float32(embedder.time_embedder)
@@ -205,9 +207,6 @@ class EditorModule(L.LightningModule):
     def denoiser(self) -> torch.nn.Module:
         """The network that trains: the editor's video U-Net or its DiT."""
         return self.editor.denoiser
-
-    def _default_targets(self) -> tuple[str, ...]:
-        return default_targets(self.editor.denoiser_name)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -267,7 +266,8 @@ class EditorModule(L.LightningModule):
             hold_frozen(self.text_encoder, compute)
         if dtype == torch.float8_e4m3fn:
             store_in_fp8(self.denoiser, compute)
-        self.reduced_base = True
+        # a fully trained denoiser has no frozen base to hold: its export needs no rebuild
+        self.reduced_base = any(not p.requires_grad and p.dtype != torch.float32 for p in self.denoiser.parameters())
 
     # ---------------------------------------------------------------- objective
     def loss(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
@@ -466,7 +466,8 @@ class EditorModule(L.LightningModule):
                 self.export(path, trained={k: v for k, v in full.items() if k in trained})
         elif self.trainer.is_global_zero and self.reduced_base and not self.hparams.export_lora_only:
             # the frozen base was held in half precision or fp8: the export rebuilds it whole from the spec
-            self.export(path, trained={k: v.detach() for k, v in self.trainable_parameters().items()})
+            trained = self.ema or {k: v.detach() for k, v in self.trainable_parameters().items()}
+            self.export(path, trained=dict(trained))
         elif self.trainer.is_global_zero:
             self.export(path)
 
