@@ -9,6 +9,7 @@ reference recipe.
     python bench/train.py --dit-flops          # Wan2.1-1.3B / Wan2.2-TI2V-5B editor layouts: parameters, FLOPs per step
     python bench/train.py --dit-cpu            # the Wan2.1-1.3B-layout editor on CPU: a bf16-mixed LoRA step, an edit, peak RSS
     python bench/train.py --dit-cpu --layout wan2.2-ti2v-5b --cached   # Lucy Edit's 5B layout: a LoRA step from a cache
+    python bench/train.py --dit-memory         # on a GPU: Lucy's LoRA step per setting, peak memory beside the plan
 """
 
 from __future__ import annotations
@@ -208,6 +209,19 @@ def dit_flops(args) -> None:
 LAYOUT_NAMES = {"wan2.1-t2v-1.3b": "Wan2.1-T2V-1.3B", "wan2.2-ti2v-5b": "Wan2.2-TI2V-5B"}
 
 
+def random_cached_batch(editor, frames: int, height: int, width: int) -> dict:
+    """One clip as a latent cache with text states holds it, drawn at random (batch 1)."""
+    from shards.schema import SOURCE_LATENT, TARGET_LOGVAR, TARGET_MEAN, TEXT_STATES
+
+    g = torch.Generator().manual_seed(0)
+    latent = (1, editor.latent_channels, 1 + (frames - 1) // editor.temporal_compression,
+              height // editor.vae_scale_factor, width // editor.vae_scale_factor)
+    text = (1, editor.text_length, editor.text_encoder.config.d_model)
+    return {TARGET_MEAN: torch.randn(latent, generator=g), TARGET_LOGVAR: torch.full(latent, -4.0),
+            SOURCE_LATENT: torch.randn(latent, generator=g), TEXT_STATES: torch.randn(text, generator=g),
+            EMPTY_TEXT_STATES: torch.zeros(text), "instruction": ["make it red"]}
+
+
 def dit_cpu_cached(args) -> None:
     """A DiT layout's real transformer (random weights) trains one bf16-mixed LoRA step on CPU from
     cached latents and text states, as `lightning fit --data.cached` does: the frozen base built and
@@ -216,7 +230,7 @@ def dit_cpu_cached(args) -> None:
     import lightning as L
     import yaml
 
-    from shards.schema import SOURCE_LATENT, TARGET_LOGVAR, TARGET_MEAN, TEXT_STATES
+    from shards.schema import TARGET_MEAN
     from train.precision import hold_frozen
 
     name = LAYOUT_NAMES[args.layout]
@@ -238,15 +252,9 @@ def dit_cpu_cached(args) -> None:
     total = sum(p.numel() for p in module.transformer.parameters())
     print(f"{name}: transformer {total / 1e6:,.1f}M built in bf16 in {time.perf_counter() - start:.0f} s, "
           f"LoRA {module.counts.trainable / 1e6:.1f}M trainable")
-    editor = module.editor
-    g = torch.Generator().manual_seed(0)
     frames, side = 5, 64  # 1 + 4k frames; Wan2.2's VAE packs 16x16 pixels, its patch 2x2 latents
-    latent = (1, editor.latent_channels, 1 + (frames - 1) // editor.temporal_compression,
-              side // editor.vae_scale_factor, side // editor.vae_scale_factor)
-    text = (1, editor.text_length, editor.text_encoder.config.d_model)
-    batch = {TARGET_MEAN: torch.randn(latent, generator=g), TARGET_LOGVAR: torch.full(latent, -4.0),
-             SOURCE_LATENT: torch.randn(latent, generator=g), TEXT_STATES: torch.randn(text, generator=g),
-             EMPTY_TEXT_STATES: torch.zeros(text), "instruction": ["make it red"]}
+    batch = random_cached_batch(module.editor, frames, side, side)
+    latent = tuple(batch[TARGET_MEAN].shape)
     trainer = L.Trainer(accelerator="cpu", max_steps=1, precision="bf16-mixed", logger=False, enable_progress_bar=False,
                         enable_checkpointing=False, enable_model_summary=False)
     start = time.perf_counter()
@@ -305,6 +313,77 @@ def dit_cpu(args) -> None:
     out = pipe(video, "make it red", num_inference_steps=2, clip_frames=5, reference_frames=1, progress=False).frames
     print(f"a 2-step edit of 9 x 64² (two causal clips) in bf16: {time.perf_counter() - start:.1f} s, {out.shape}")
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB")
+
+
+def dit_memory(args) -> None:
+    """The LoRA step of ``--config`` (Lucy Edit's recipe) from a latent cache, per setting (base
+    dtype, activation offload, blocks swapped): the peak memory the device allocated during two
+    steps beside ``python -m train.memory``'s plan for the same setting, and the second step's
+    seconds. The editor layout is built with random weights (``--editor``) and a one-layer text
+    encoder, which a cache never calls. On a GPU the peaks are the measured figures; on CPU
+    (a tiny layout) it checks that every setting trains."""
+    import logging
+
+    import lightning as L
+    import yaml
+
+    from train.memory import GIB, plan
+    from train.strategies import EditorFSDPStrategy
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+
+    config = yaml.safe_load(Path(args.config).read_text())
+    layout = yaml.safe_load(Path(args.editor).read_text())
+    built = {**layout, "meta": False, "max_sequence_length": 64}
+    built["text_encoder"] = {k: v for k, v in {**layout["text_encoder"], "num_layers": 1, "vocab_size": 256}.items()
+                             if v is not None}
+    frames, height, width = args.clip
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+
+    class SecondStep(L.Callback):
+        def on_train_batch_start(self, trainer, *_):
+            torch.cuda.synchronize() if cuda else None
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, *_):
+            torch.cuda.synchronize() if cuda else None
+            self.seconds = time.perf_counter() - self.start
+
+    print(f"{Path(args.editor).stem}, LoRA as {Path(args.config).name}, from a cache, clip {frames}x{height}x{width}, "
+          f"batch 1, bf16-mixed, {device}")
+    for setting in args.settings:
+        base, offload, swap = setting.split(",")
+        overrides = dict(base_dtype=None if base == "bf16" else "float8_e4m3fn", activation_offload=offload == "offload",
+                         blocks_to_swap=int(swap))
+        planned = plan(config["model"], config["data"], "bf16-mixed", args.editor, cached=True,
+                       base_dtype=overrides["base_dtype"], activation_offload=overrides["activation_offload"],
+                       blocks_to_swap=overrides["blocks_to_swap"], frames=frames, height=height, width=width)
+        model = {k: v for k, v in config["model"].items() if k != "editor"}
+        torch.set_default_dtype(torch.bfloat16)  # the frozen base built in bf16: never a float32 copy of it
+        try:
+            module = EditorModule(**{**model, **overrides, "editor": built, "cached_latents": True,
+                                     "gradient_checkpointing": True, "export_dir": tempfile.mkdtemp()})
+        finally:
+            torch.set_default_dtype(torch.float32)
+        for param in module.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+        del module._modules["text_encoder"]  # a cache with text states never calls it (as `lightning fit` does)
+        batch = random_cached_batch(module.editor, frames, height, width)
+        timer = SecondStep()
+        trainer = L.Trainer(accelerator=device.type, devices=1, max_steps=2, precision="bf16-mixed",
+                            strategy=EditorFSDPStrategy() if int(swap) else "auto", logger=False,
+                            enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                            callbacks=[timer])
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        trainer.fit(module, torch.utils.data.DataLoader([batch, batch], batch_size=None))
+        peak = f"{torch.cuda.max_memory_allocated() / GIB:6.1f} GiB" if cuda else "   n/a"
+        print(f"  {setting:22s} planned {planned.total / GIB:6.1f} GiB  peak allocated {peak}  "
+              f"second step {timer.seconds:.2f} s", flush=True)
+        del module, trainer
 
 
 def sd_gpu(args) -> None:
@@ -388,8 +467,24 @@ def main() -> None:
     ap.add_argument("--layout", choices=list(LAYOUT_NAMES), default="wan2.1-t2v-1.3b", help="--dit-cpu's layout")
     ap.add_argument("--cached", action="store_true",
                     help="--dit-cpu from cached latents and text states (the frozen base built in bf16)")
+    ap.add_argument("--dit-memory", action="store_true",
+                    help="--config's LoRA step from a cache per --settings: peak device memory beside the plan")
+    ap.add_argument("--config", default=str(ROOT / "configs/lucy-lora.yaml"), help="--dit-memory's training config")
+    ap.add_argument("--editor", default=str(ROOT / "configs/model/wan2.2-ti2v-5b-random.yaml"),
+                    help="--dit-memory's editor layout (random weights)")
+    ap.add_argument("--clip", type=int, nargs=3, default=[81, 480, 832], metavar=("F", "H", "W"))
+    ap.add_argument("--settings", nargs="+", metavar="BASE,OFFLOAD,SWAP",
+                    default=["bf16,plain,0", "bf16,offload,0", "bf16,plain,11", "fp8,plain,0", "fp8,offload,0"],
+                    help="--dit-memory's settings: bf16|fp8, plain|offload, blocks to swap")
     args = ap.parse_args()
-    if args.dit_flops:
+    if args.dit_memory:
+        for setting in args.settings:
+            parts = setting.split(",")
+            if len(parts) != 3 or parts[0] not in ("bf16", "fp8") or parts[1] not in ("plain", "offload") \
+                    or not parts[2].isdigit():
+                ap.error(f"--settings: {setting!r} is not BASE,OFFLOAD,SWAP (e.g. bf16,offload,11)")
+        dit_memory(args)
+    elif args.dit_flops:
         dit_flops(args)
     elif args.dit_cpu and (args.cached or args.layout != "wan2.1-t2v-1.3b"):
         if not args.cached:

@@ -139,3 +139,75 @@ def test_lora_targets_may_include_the_feed_forward_layers():
 def test_an_fp8_base_needs_adapters_to_train():
     with pytest.raises(ValueError, match="needs trainable: lora"):
         EditorModule(editor="wan-tiny", trainable="all", objective="flow", base_dtype="float8_e4m3fn")
+
+
+def test_block_swap_gives_the_plain_steps_gradients(dit_shards):
+    """model.blocks_to_swap: the first blocks are FSDP2 units with its CPU offload policy (one rank,
+    gloo): the same loss and adapter gradients as the plain module. The memory it saves is a GPU's."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy
+    from torch.distributed.tensor import DTensor
+
+    from train.strategies import editor_blocks, shard_editor
+
+    data = ShardDataModule(shards=str(dit_shards / "*.tar"), num_frames=9, resolution=32, batch_size=2, augment=False)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    plain, swapped = lora_module(gradient_checkpointing=True), lora_module(gradient_checkpointing=True)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        shard_editor(swapped.transformer, None, init_device_mesh("cpu", (1,)), blocks_to_swap=1)
+        policies = [type(b._get_fsdp_state()._fsdp_param_group.offload_policy) for b in editor_blocks(swapped.transformer)]
+        assert policies[0] is CPUOffloadPolicy and CPUOffloadPolicy not in policies[1:]
+        grads, losses = {}, {}
+        for name, module in (("plain", plain), ("swapped", swapped)):
+            loss = module.loss(batch, torch.Generator().manual_seed(0))
+            loss.backward()
+            losses[name] = loss.item()
+            grads[name] = {k: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad)
+                           for k, p in module.transformer.named_parameters() if p.requires_grad}
+        with pytest.raises(ValueError, match="blocks_to_swap must be between 0 and the 2 blocks"):
+            shard_editor(lora_module().transformer, None, init_device_mesh("cpu", (1,)), blocks_to_swap=3)
+    finally:
+        dist.destroy_process_group()
+    assert losses["plain"] == losses["swapped"]
+    assert grads["plain"].keys() == grads["swapped"].keys()
+    assert all(torch.equal(grads["plain"][k], grads["swapped"][k]) for k in grads["plain"])
+    assert any(g.abs().sum() > 0 for k, g in grads["plain"].items() if k.startswith("blocks.0."))
+
+
+def test_block_swap_trains_from_the_command_line_as_the_plain_run(tmp_path, dit_shards):
+    """One device, bf16-mixed, fp8 base: `--trainer.strategy editor_fsdp --model.blocks_to_swap 1`
+    ends two steps with the plain run's adapter weights; without the strategy it is one line, exit 2."""
+    import os
+    import subprocess
+    import sys
+
+    from guards import HANG_GUARD
+
+    root = Path(__file__).resolve().parents[1]
+    args = [sys.executable, "-m", "train", "fit", "--config", str(root / "configs/tiny.yaml"),
+            "--data.shards", f"{dit_shards}/*.tar", "--data.num_frames", "5", "--model.editor", "wan-tiny",
+            "--model.objective", "flow", "--model.trainable", "lora", "--model.lora_rank", "4", "--model.lr", "1e-2",
+            "--model.gradient_checkpointing", "true", "--model.base_dtype", "float8_e4m3fn",
+            "--trainer.precision", "bf16-mixed", "--trainer.max_steps", "2", "--trainer.accelerator", "cpu",
+            "--trainer.devices", "1", "--trainer.enable_progress_bar", "false"]
+    runs = {"plain": [], "swapped": ["--trainer.strategy", "editor_fsdp", "--model.blocks_to_swap", "1"],
+            "no strategy": ["--model.blocks_to_swap", "1"]}
+    done = {}
+    for name, extra in runs.items():
+        done[name] = subprocess.run(args + extra + ["--trainer.default_root_dir", str(tmp_path / name)], cwd=tmp_path,
+                                    capture_output=True, text=True, timeout=HANG_GUARD,
+                                    env={**os.environ, "WANDB_MODE": "offline"})
+    assert done["plain"].returncode == 0 and done["swapped"].returncode == 0, done["swapped"].stderr[-3000:]
+    weights = {name: torch.load(tmp_path / name / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
+               for name in ("plain", "swapped")}
+    assert weights["plain"].keys() == weights["swapped"].keys()
+    assert all(torch.equal(weights["plain"][k], weights["swapped"][k]) for k in weights["plain"])
+    assert any(v.abs().max() > 0 for k, v in weights["plain"].items() if "lora_B" in k)  # it trained
+    refused = done["no strategy"]
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines()[-1].startswith("lightning: error: model.blocks_to_swap needs "
+                                                              "--trainer.strategy editor_fsdp")
+    assert not (tmp_path / "no strategy" / "checkpoints").exists()

@@ -75,3 +75,48 @@ def test_the_lucy_recipe_at_its_own_size_fits_24_gib_with_a_stated_setting():
     cached = plan(config["model"], config["data"], "bf16-mixed", str(layout), cached=True, **size)
     assert 40e6 < given.trainable < 60e6  # rank-32 adapters on attention
     assert given.weights["transformer bfloat16"] > 9 * GIB and cached.total < 24 * GIB < given.total
+    # or the raw clips with blocks swapped to CPU: each swapped block leaves the device but two in flight
+    swapped = given.swapping(12)
+    assert swapped.total < 24 * GIB and len(given.block_weights) == 30
+    moved = 10 * given.block_weights[0] + 16 * sum(given.block_trainable[:12])  # adapters step on the CPU
+    assert given.total - swapped.total == pytest.approx(moved, rel=0.01)
+
+
+def test_an_fp8_base_counts_the_bf16_copies_its_layers_keep_for_backward():
+    """Layerwise casting hands each layer a bf16 copy of its fp8 weight; the copies a block's
+    backward needs are activations, and the meta count equals the real step's."""
+    from model.lora import add_lora, lora_targets
+    from train.precision import hold_frozen, store_in_fp8
+
+    config = shipped_config("model/wan-tiny.yaml")
+    sizes = {}
+    for device in ("cpu", "meta"):
+        torch.manual_seed(0)
+        editor = load_editor({**config, "meta": device == "meta"})
+        add_lora(editor.transformer, 4, 4, lora_targets(None, "transformer"))
+        editor.transformer.enable_gradient_checkpointing()
+        hold_frozen(editor.transformer, torch.bfloat16)
+        store_in_fp8(editor.transformer)
+        for name, param in editor.transformer.named_parameters():  # as autocast computes them (a CPU needs one dtype)
+            if "lora_" in name:
+                param.data = param.data.to(torch.bfloat16)
+        sizes[device] = measure_activations(editor, 2, 9, 32, 32, torch.bfloat16,
+                                            device=next(editor.transformer.parameters()).device)
+        copies = sum(m.weight.numel() * 2 for n, m in editor.transformer.blocks[0].named_modules()
+                     if n.endswith("base_layer") and n.startswith("attn1"))
+    assert sizes["cpu"] == sizes["meta"] and sizes["meta"].one_block > copies > 0
+
+
+def test_swapped_blocks_leave_the_device_and_the_plan_names_the_fewest_that_fit(tmp_path, capsys):
+    model = {"editor": "wan-tiny", "trainable": "lora", "lora_rank": 4, "gradient_checkpointing": True}
+    data = {"num_frames": 9, "resolution": 32, "batch_size": 2}
+    whole = plan(model, data, "bf16-mixed", blocks_to_swap=0)
+    both = plan({**model, "blocks_to_swap": 2}, data, "bf16-mixed")
+    assert both.blocks_to_swap == 2 and both.settings["blocks_to_swap"] == 2
+    assert both.swapped == 0 and both.total < whole.total  # two blocks are both in flight: only the adapters' state moves
+    assert whole.trainable_state - both.trainable_state == 16 * sum(whole.block_trainable)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"trainer": {"precision": "bf16-mixed"}, "model": {**model, "blocks_to_swap": 3},
+                                      "data": data}))
+    assert main(["--config", str(config)]) == 2
+    assert "blocks_to_swap must be between 0 and the 2 blocks, got 3" in capsys.readouterr().err

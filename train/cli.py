@@ -14,7 +14,7 @@ from model import EditorLoadError
 
 from .data import ShardDataModule
 from .guards import NonFiniteError, PreemptionCheckpoint
-from .module import EditorModule
+from .module import SWAP_NEEDS_FSDP, EditorModule
 
 
 # Expected here: the frozen text encoder and VAE run in eval mode; no validation shards by default.
@@ -53,6 +53,10 @@ class EditorCLI(LightningCLI):
                 init_args["save_dir"] = init_args["save_dir"].replace(ROOT_PLACEHOLDER, root)
 
     def before_fit(self) -> None:
+        from .strategies import EditorFSDPStrategy
+
+        if self.model.hparams.blocks_to_swap and not isinstance(self.trainer.strategy, EditorFSDPStrategy):
+            raise ValueError(SWAP_NEEDS_FSDP)
         # bad data paths fail here, before the trainer's logger makes an empty version folder
         self.datamodule.setup("fit")
         if not any(isinstance(c, PreemptionCheckpoint) for c in self.trainer.callbacks):

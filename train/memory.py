@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +82,10 @@ def measure_activations(editor, batch_size: int, frames: int, height: int, width
     checkpointed blocks, and each block's inputs, kept to recompute it) and one block's own saved
     tensors (held while that block is recomputed in backward)."""
     denoiser = editor.denoiser
-    weights = {storage_key(p) for p in denoiser.parameters()} | {storage_key(b) for b in denoiser.buffers()}
+    # held until the end: a weight's storage freed mid-step (fp8 layerwise casting swaps a layer's weight for a
+    # cast copy and back) would lend its address to an activation, which would then be left out
+    held = [t.untyped_storage() for t in (*denoiser.parameters(), *denoiser.buffers())]
+    weights = {s._cdata for s in held}
     t = editor.temporal_compression
     latent_frames = frames if t == 1 else 1 + (frames - 1) // t
     s = editor.vae_scale_factor
@@ -121,6 +124,7 @@ def measure_activations(editor, batch_size: int, frames: int, height: int, width
                      for a in args], **kwargs)
     for p in denoiser.parameters():
         p.grad = None
+    del held
     return Activations(sum(outside.values()), sum(one_block.values()), checkpointed)
 
 
@@ -132,19 +136,37 @@ class MemoryPlan:
     weights: dict[str, int] = field(default_factory=dict)  # "component dtype" -> bytes on the device
     trainable: int = 0  # parameters
     activations: Activations | None = None
+    block_weights: list[int] = field(default_factory=list)  # each block's frozen bytes, in forward order
+    block_trainable: list[int] = field(default_factory=list)  # each block's trained parameters
+    blocks_to_swap: int = 0
+
+    def swapping(self, blocks: int) -> MemoryPlan:
+        """This plan with its first ``blocks`` blocks held in CPU memory (FSDP2's CPU offload):
+        their frozen weights leave the device but for the two largest, in flight (the running block
+        and the one prefetched), and their adapters' state takes its step on the CPU."""
+        return replace(self, blocks_to_swap=blocks, settings={**self.settings, "blocks_to_swap": blocks})
+
+    @property
+    def swapped(self) -> int:
+        """Frozen bytes held in CPU memory instead of on the device, net of the blocks in flight."""
+        frozen = self.block_weights[: self.blocks_to_swap]
+        return sum(frozen) - sum(sorted(frozen)[-2:])
 
     @property
     def trainable_state(self) -> int:
-        return self.trainable * ADAM_BYTES
+        """The trained parameters on the device, with their gradients and AdamW's moments."""
+        return (self.trainable - sum(self.block_trainable[: self.blocks_to_swap])) * ADAM_BYTES
 
     @property
     def total(self) -> int:
-        return sum(self.weights.values()) + self.trainable_state + (self.activations.total if self.activations else 0)
+        return (sum(self.weights.values()) - self.swapped + self.trainable_state
+                + (self.activations.total if self.activations else 0))
 
 
 def plan(model: dict[str, Any], data: dict[str, Any], precision: str, editor_spec: Any | None = None,
          cached: bool | None = None, base_dtype: str | None = "config", activation_offload: bool | None = None,
-         frames: int | None = None, height: int | None = None, width: int | None = None) -> MemoryPlan:
+         blocks_to_swap: int | None = None, frames: int | None = None, height: int | None = None,
+         width: int | None = None) -> MemoryPlan:
     """The plan of a config's ``model``/``data`` sections at ``precision`` for its largest bucket
     (or its ``num_frames`` x ``resolution``²), its editor built on the meta device; the keyword
     arguments override the config's settings."""
@@ -153,6 +175,7 @@ def plan(model: dict[str, Any], data: dict[str, Any], precision: str, editor_spe
     from model.trainable import set_trainable
 
     from .precision import base_dtype_for, hold_frozen, store_in_fp8
+    from .strategies import editor_blocks
 
     from model.config import SHIPPED
 
@@ -194,6 +217,13 @@ def plan(model: dict[str, Any], data: dict[str, Any], precision: str, editor_spe
         else:
             key = f"{editor.denoiser_name} {str(param.dtype).removeprefix('torch.')}"
             result.weights[key] = result.weights.get(key, 0) + param.numel() * param.element_size()
+    for block in editor_blocks(denoiser):
+        params = list(block.parameters())
+        result.block_weights.append(sum(p.numel() * p.element_size() for p in params if not p.requires_grad))
+        result.block_trainable.append(sum(p.numel() for p in params if p.requires_grad))
+    swap = int(model.get("blocks_to_swap", 0) or 0) if blocks_to_swap is None else blocks_to_swap
+    if not 0 <= swap <= len(result.block_weights):
+        raise UsageError(f"model.blocks_to_swap must be between 0 and the {len(result.block_weights)} blocks, got {swap}")
     # without a cache the encoders run on the device every step (bf16 under mixed precision, the VAE float32)
     if not cached:
         encoder_dtype = compute if dtype != torch.float32 else torch.float32
@@ -211,16 +241,19 @@ def plan(model: dict[str, Any], data: dict[str, Any], precision: str, editor_spe
     if offload:  # saved tensors wait in CPU memory; the device holds the block being recomputed
         activations = Activations(0, activations.one_block or activations.outside_blocks, activations.checkpointed)
     result.activations = activations
-    return result
+    return result.swapping(swap)
 
 
 def describe(p: MemoryPlan) -> list[str]:
     s = p.settings
     lines = [f"clip {s['clip']}, batch {s['batch']}: base {s['base_dtype']}, "
              f"{'latent cache' if s['cached'] else 'encoders on the device'}, "
-             f"checkpointing {'on' if s['checkpointing'] else 'off'}, activation offload {'on' if s['activation_offload'] else 'off'}"]
+             f"checkpointing {'on' if s['checkpointing'] else 'off'}, activation offload {'on' if s['activation_offload'] else 'off'}, "
+             f"blocks swapped {p.blocks_to_swap}"]
     for key, size in sorted(p.weights.items()):
         lines.append(f"  weights {key:28s} {size / GIB:7.2f} GiB")
+    if p.blocks_to_swap:
+        lines.append(f"  swapped to CPU ({p.blocks_to_swap} blocks, 2 in flight) {-p.swapped / GIB:7.2f} GiB")
     lines.append(f"  trainable state ({p.trainable / 1e6:,.1f} M params x {ADAM_BYTES} B) {p.trainable_state / GIB:7.2f} GiB")
     a = p.activations
     lines.append(f"  activations (measured)             {a.total / GIB:7.2f} GiB "
@@ -263,17 +296,21 @@ def main(argv: list[str] | None = None) -> int:
         given = plan(model, data, precision, spec, **size)
         print("\n".join(describe(given)))
         if args.gpu_gib is not None:
-            print(f"settings under {args.gpu_gib:g} GiB:")
+            print(f"settings under {args.gpu_gib:g} GiB (blocks_to_swap: the fewest that fit; it needs "
+                  f"--trainer.strategy editor_fsdp):")
             fits = 0
             for base in ("bfloat16", "float8_e4m3fn"):
                 for cached in (False, True):
                     for offload in (False, True):
                         other = plan(model, data, "bf16-mixed", spec, cached=cached, base_dtype=base,
-                                     activation_offload=offload, **size)
+                                     activation_offload=offload, blocks_to_swap=0, **size)
+                        swaps = [other.swapping(n) for n in range(len(other.block_weights) + 1)]
+                        other = next((s for s in swaps if s.total <= args.gpu_gib * GIB), swaps[-1])
                         ok = other.total <= args.gpu_gib * GIB
                         fits += ok
                         print(f"  {'fits' if ok else 'over'} {other.total / GIB:6.1f} GiB  model.base_dtype {base}, "
-                              f"{'data.cached' if cached else 'raw clips'}, activation_offload {offload}")
+                              f"{'data.cached' if cached else 'raw clips'}, activation_offload {offload}, "
+                              f"blocks_to_swap {other.blocks_to_swap}")
             if not fits:
                 print("  no combination fits: lower the clip size or the batch")
         print(f"total {given.total / GIB:.1f} GiB")

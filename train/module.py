@@ -31,6 +31,9 @@ from .strategies import is_sharded, shard_editor
 
 EditorSpec = Union[str, dict]
 
+SWAP_NEEDS_FSDP = ("model.blocks_to_swap needs --trainer.strategy editor_fsdp (FSDP2 holds the swapped blocks in CPU "
+                   "memory; on one GPU add --trainer.devices 1)")
+
 
 class EditorModule(L.LightningModule):
     """Trains an editor's video U-Net on (source, target, instruction) clips.
@@ -96,6 +99,10 @@ class EditorModule(L.LightningModule):
         activation_offload: keep what autograd saves for backward in (pinned) CPU memory
             (``torch.autograd.graph.save_on_cpu``); with gradient checkpointing that is each
             block's input.
+        blocks_to_swap: hold the first N transformer (or U-Net) blocks in CPU memory and copy each to
+            the device only while it runs, forward and backward (FSDP2's CPU offload policy:
+            needs ``--trainer.strategy editor_fsdp``, one device or several). Meant for LoRA on
+            one GPU: the swapped blocks' adapters take their optimizer step on the CPU.
     """
 
     def __init__(
@@ -134,6 +141,7 @@ class EditorModule(L.LightningModule):
         export_dir: str | None = None,
         base_dtype: str | None = None,
         activation_offload: bool = False,
+        blocks_to_swap: int = 0,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -188,6 +196,8 @@ class EditorModule(L.LightningModule):
             self.counts = set_trainable(self.denoiser, trainable)
         if gradient_checkpointing:
             self.denoiser.enable_gradient_checkpointing()
+        if blocks_to_swap < 0:
+            raise ValueError(f"model.blocks_to_swap must be >= 0, got {blocks_to_swap}")
         if base_dtype_for(base_dtype, None) == torch.float8_e4m3fn and trainable != "lora":
             # layerwise casting stores every linear weight in fp8, trained ones too: only adapters stay float32
             raise ValueError("model.base_dtype float8_e4m3fn needs trainable: lora (its adapters stay float32)")
@@ -233,13 +243,17 @@ class EditorModule(L.LightningModule):
         return torch.Generator(device=self.device).manual_seed(seed)
 
     def configure_model(self) -> None:
-        """Shard the U-Net when the strategy gives a device mesh (``editor_fsdp``); else nothing."""
+        """Shard the U-Net when the strategy gives a device mesh (``editor_fsdp``), swapping its first
+        ``blocks_to_swap`` blocks to CPU memory; else nothing."""
         mesh = getattr(self, "_device_mesh", None)
+        if mesh is None and self.hparams.blocks_to_swap:
+            raise ValueError(SWAP_NEEDS_FSDP)
         if mesh is None or is_sharded(self.denoiser):
             return
         if self.hparams.ema_decay:
             raise ValueError("model.ema_decay is not supported with sharded training (editor_fsdp): use ddp")
-        shard_editor(self.denoiser, self.text_encoder if self.hparams.train_text_encoder else None, mesh["data_parallel"])
+        shard_editor(self.denoiser, self.text_encoder if self.hparams.train_text_encoder else None, mesh["data_parallel"],
+                     self.hparams.blocks_to_swap)
 
     def setup(self, stage: str) -> None:
         """Before the model reaches its device: check a latent cache against the editor, leave the

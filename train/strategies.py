@@ -19,16 +19,32 @@ def is_sharded(module: torch.nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
-def shard_editor(unet: torch.nn.Module, text_encoder: torch.nn.Module | None, mesh) -> None:
+def editor_blocks(denoiser: torch.nn.Module) -> list[torch.nn.Module]:
+    """The denoiser's blocks in the order its forward runs them (FSDP units, swappable blocks)."""
+    # fully_shard subclasses a block's class (FSDPWanTransformerBlock): its bases still name it
+    return [m for m in denoiser.modules() if any(c.__name__ in EDITOR_BLOCKS for c in type(m).__mro__)]
+
+
+def shard_editor(unet: torch.nn.Module, text_encoder: torch.nn.Module | None, mesh, blocks_to_swap: int = 0) -> None:
     """``fully_shard`` each U-Net block (or DiT block), then the U-Net (its remaining weights), and the text
     encoder when it trains (its gradients must be reduced too). The frozen VAE and a frozen text
     encoder stay whole on every rank: they hold no gradients, and sharding them would only add
-    all-gathers to every step."""
-    from torch.distributed.fsdp import fully_shard
+    all-gathers to every step.
 
-    for module in unet.modules():
-        if type(module).__name__ in EDITOR_BLOCKS:
-            fully_shard(module, mesh=mesh)
+    Block swap: the first ``blocks_to_swap`` blocks keep their shard in CPU memory (FSDP2's
+    ``CPUOffloadPolicy``). Each is copied to the device for its forward, again for its backward,
+    and freed after each, so at most the running block and the prefetched next one are on the
+    device. Their trained weights (LoRA adapters) take their optimizer step on the CPU.
+    """
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+    blocks = editor_blocks(unet)
+    if not 0 <= blocks_to_swap <= len(blocks):
+        raise ValueError(f"model.blocks_to_swap must be between 0 and the {len(blocks)} blocks, got {blocks_to_swap}")
+    # pinned memory makes the copies asynchronous; it needs an accelerator
+    swapped = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+    for i, module in enumerate(blocks):
+        fully_shard(module, mesh=mesh, offload_policy=swapped if i < blocks_to_swap else OffloadPolicy())
     fully_shard(unet, mesh=mesh)
     if text_encoder is not None:
         fully_shard(text_encoder, mesh=mesh)
