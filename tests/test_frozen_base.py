@@ -141,9 +141,11 @@ def test_an_fp8_base_needs_adapters_to_train():
         EditorModule(editor="wan-tiny", trainable="all", objective="flow", base_dtype="float8_e4m3fn")
 
 
-def test_block_swap_gives_the_plain_steps_gradients(dit_shards):
+@pytest.mark.parametrize("editor", ["wan-tiny", "tiny"])
+def test_block_swap_gives_the_plain_steps_gradients(dit_shards, editor):
     """model.blocks_to_swap: the first blocks are FSDP2 units with its CPU offload policy (one rank,
-    gloo): the same loss and adapter gradients as the plain module. The memory it saves is a GPU's."""
+    gloo): the same loss and trained gradients as the plain module, for the DiT's adapters and the
+    U-Net's motion modules. The memory it saves is a GPU's."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy
@@ -151,30 +153,41 @@ def test_block_swap_gives_the_plain_steps_gradients(dit_shards):
 
     from train.strategies import editor_blocks, shard_editor
 
-    data = ShardDataModule(shards=str(dit_shards / "*.tar"), num_frames=9, resolution=32, batch_size=2, augment=False)
+    data = ShardDataModule(shards=str(dit_shards / "*.tar"), num_frames=9 if editor == "wan-tiny" else 8,
+                           resolution=32, batch_size=2, augment=False)
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
-    plain, swapped = lora_module(gradient_checkpointing=True), lora_module(gradient_checkpointing=True)
+
+    def build():
+        if editor == "wan-tiny":
+            return lora_module(gradient_checkpointing=True)
+        L.seed_everything(0)
+        return EditorModule(editor="tiny", trainable="motion", gradient_checkpointing=True)
+
+    plain, swapped = build(), build()
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        shard_editor(swapped.transformer, None, init_device_mesh("cpu", (1,)), blocks_to_swap=1)
-        policies = [type(b._get_fsdp_state()._fsdp_param_group.offload_policy) for b in editor_blocks(swapped.transformer)]
-        assert policies[0] is CPUOffloadPolicy and CPUOffloadPolicy not in policies[1:]
+        blocks = editor_blocks(swapped.denoiser)
+        shard_editor(swapped.denoiser, None, init_device_mesh("cpu", (1,)), blocks_to_swap=2)
+        policies = [type(b._get_fsdp_state()._fsdp_param_group.offload_policy) for b in blocks]
+        assert policies[:2] == [CPUOffloadPolicy] * 2 and CPUOffloadPolicy not in policies[2:]
         grads, losses = {}, {}
         for name, module in (("plain", plain), ("swapped", swapped)):
             loss = module.loss(batch, torch.Generator().manual_seed(0))
             loss.backward()
             losses[name] = loss.item()
             grads[name] = {k: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad)
-                           for k, p in module.transformer.named_parameters() if p.requires_grad}
-        with pytest.raises(ValueError, match="blocks_to_swap must be between 0 and the 2 blocks"):
-            shard_editor(lora_module().transformer, None, init_device_mesh("cpu", (1,)), blocks_to_swap=3)
+                           for k, p in module.denoiser.named_parameters() if p.requires_grad}
+        with pytest.raises(ValueError, match=f"blocks_to_swap must be between 0 and the {len(blocks)} blocks"):
+            shard_editor(build().denoiser, None, init_device_mesh("cpu", (1,)), blocks_to_swap=len(blocks) + 1)
     finally:
         dist.destroy_process_group()
     assert losses["plain"] == losses["swapped"]
     assert grads["plain"].keys() == grads["swapped"].keys()
-    assert all(torch.equal(grads["plain"][k], grads["swapped"][k]) for k in grads["plain"])
-    assert any(g.abs().sum() > 0 for k, g in grads["plain"].items() if k.startswith("blocks.0."))
+    # FSDP2 hands gradients through its own buffers: float32 rounding at most
+    assert all(torch.allclose(grads["plain"][k], grads["swapped"][k], rtol=1e-5, atol=1e-9) for k in grads["plain"])
+    swapped_names = {n for n, m in plain.denoiser.named_modules() if m in editor_blocks(plain.denoiser)[:2]}
+    assert any(g.abs().sum() > 0 for k, g in grads["plain"].items() if any(k.startswith(f"{n}.") for n in swapped_names))
 
 
 def test_block_swap_trains_from_the_command_line_as_the_plain_run(tmp_path, dit_shards):
