@@ -222,6 +222,26 @@ def random_cached_batch(editor, frames: int, height: int, width: int) -> dict:
             EMPTY_TEXT_STATES: torch.zeros(text), "instruction": ["make it red"]}
 
 
+def cached_lora_module(layout: dict, **module_args) -> EditorModule:
+    """An EditorModule that trains from a latent cache on ``layout`` (a DiT editor config, random
+    weights): the frozen base built in bf16 (never a float32 copy of it), the trained weights in
+    float32, no VAE weights and a one-layer text encoder of the layout's width (a cache never calls
+    either)."""
+    config = {**layout, "meta": False, "max_sequence_length": 64}
+    config["text_encoder"] = {k: v for k, v in {**layout["text_encoder"], "num_layers": 1, "vocab_size": None}.items()
+                              if v is not None}
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        module = EditorModule(**{**module_args, "editor": config, "cached_latents": True,
+                                 "export_dir": tempfile.mkdtemp()})
+    finally:
+        torch.set_default_dtype(torch.float32)
+    for param in module.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()  # the adapters and their AdamW state in float32
+    return module
+
+
 def dit_cpu_cached(args) -> None:
     """A DiT layout's real transformer (random weights) trains one bf16-mixed LoRA step on CPU from
     cached latents and text states, as `lightning fit --data.cached` does: the frozen base built and
@@ -234,20 +254,9 @@ def dit_cpu_cached(args) -> None:
     from train.precision import hold_frozen
 
     name = LAYOUT_NAMES[args.layout]
-    config = yaml.safe_load((ROOT / DIT_LAYOUTS[name]).read_text())
-    config.update(meta=False, max_sequence_length=64)
-    config["text_encoder"].update(num_layers=1, vocab_size=None)
-    config["text_encoder"] = {k: v for k, v in config["text_encoder"].items() if v is not None}
     start = time.perf_counter()
-    torch.set_default_dtype(torch.bfloat16)  # the frozen base is built in bf16: never a float32 copy of it
-    try:
-        module = EditorModule(editor=config, trainable="lora", lora_rank=32, objective="flow", flow_shift=5.0,
-                              cached_latents=True, export_dir=tempfile.mkdtemp(), export_lora_only=True)
-    finally:
-        torch.set_default_dtype(torch.float32)
-    for param in module.parameters():
-        if param.requires_grad:
-            param.data = param.data.float()  # the adapters and their AdamW state in float32
+    module = cached_lora_module(yaml.safe_load((ROOT / DIT_LAYOUTS[name]).read_text()), trainable="lora", lora_rank=32,
+                                objective="flow", flow_shift=5.0, export_lora_only=True)
     hold_frozen(module.transformer, torch.bfloat16)  # Wan's float32 parts back to float32
     total = sum(p.numel() for p in module.transformer.parameters())
     print(f"{name}: transformer {total / 1e6:,.1f}M built in bf16 in {time.perf_counter() - start:.0f} s, "
@@ -334,9 +343,6 @@ def dit_memory(args) -> None:
 
     config = yaml.safe_load(Path(args.config).read_text())
     layout = yaml.safe_load(Path(args.editor).read_text())
-    built = {**layout, "meta": False, "max_sequence_length": 64}
-    built["text_encoder"] = {k: v for k, v in {**layout["text_encoder"], "num_layers": 1, "vocab_size": 256}.items()
-                             if v is not None}
     frames, height, width = args.clip
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -360,15 +366,7 @@ def dit_memory(args) -> None:
                        base_dtype=overrides["base_dtype"], activation_offload=overrides["activation_offload"],
                        blocks_to_swap=overrides["blocks_to_swap"], frames=frames, height=height, width=width)
         model = {k: v for k, v in config["model"].items() if k != "editor"}
-        torch.set_default_dtype(torch.bfloat16)  # the frozen base built in bf16: never a float32 copy of it
-        try:
-            module = EditorModule(**{**model, **overrides, "editor": built, "cached_latents": True,
-                                     "gradient_checkpointing": True, "export_dir": tempfile.mkdtemp()})
-        finally:
-            torch.set_default_dtype(torch.float32)
-        for param in module.parameters():
-            if param.requires_grad:
-                param.data = param.data.float()
+        module = cached_lora_module(layout, **{**model, **overrides, "gradient_checkpointing": True})
         del module._modules["text_encoder"]  # a cache with text states never calls it (as `lightning fit` does)
         batch = random_cached_batch(module.editor, frames, height, width)
         timer = SecondStep()

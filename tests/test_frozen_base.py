@@ -182,6 +182,8 @@ def test_block_swap_gives_the_plain_steps_gradients(dit_shards, editor):
             shard_editor(build().denoiser, None, init_device_mesh("cpu", (1,)), blocks_to_swap=len(blocks) + 1)
     finally:
         dist.destroy_process_group()
+    with pytest.raises(ValueError, match="blocks_to_swap must be between 0 and the 2 blocks, got 3"):
+        lora_module(blocks_to_swap=3)  # refused when the module is built, before any training
     assert losses["plain"] == losses["swapped"]
     assert grads["plain"].keys() == grads["swapped"].keys()
     # FSDP2 hands gradients through its own buffers: float32 rounding at most

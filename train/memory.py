@@ -175,7 +175,7 @@ def plan(model: dict[str, Any], data: dict[str, Any], precision: str, editor_spe
     from model.trainable import set_trainable
 
     from .precision import base_dtype_for, hold_frozen, store_in_fp8
-    from .strategies import editor_blocks
+    from .strategies import swappable_blocks
 
     from model.config import SHIPPED
 
@@ -217,13 +217,11 @@ def plan(model: dict[str, Any], data: dict[str, Any], precision: str, editor_spe
         else:
             key = f"{editor.denoiser_name} {str(param.dtype).removeprefix('torch.')}"
             result.weights[key] = result.weights.get(key, 0) + param.numel() * param.element_size()
-    for block in editor_blocks(denoiser):
+    swap = int(model.get("blocks_to_swap", 0) or 0) if blocks_to_swap is None else blocks_to_swap
+    for block in swappable_blocks(denoiser, swap):
         params = list(block.parameters())
         result.block_weights.append(sum(p.numel() * p.element_size() for p in params if not p.requires_grad))
         result.block_trainable.append(sum(p.numel() for p in params if p.requires_grad))
-    swap = int(model.get("blocks_to_swap", 0) or 0) if blocks_to_swap is None else blocks_to_swap
-    if not 0 <= swap <= len(result.block_weights):
-        raise UsageError(f"model.blocks_to_swap must be between 0 and the {len(result.block_weights)} blocks, got {swap}")
     # without a cache the encoders run on the device every step (bf16 under mixed precision, the VAE float32)
     if not cached:
         encoder_dtype = compute if dtype != torch.float32 else torch.float32

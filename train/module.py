@@ -27,7 +27,7 @@ from .flow_matching import flow_noisy, flow_timestep, flow_velocity, shifted_sig
 from .precision import base_dtype_for, hold_frozen, run_in_float32, store_in_fp8
 from .guards import NonFiniteSteps, require_finite
 from .objective import LOSS_WEIGHTINGS, dropout_masks, edit_balanced_weights, edit_size_weights, loss_weights, regression_target, sample_timesteps
-from .strategies import is_sharded, shard_editor
+from .strategies import is_sharded, shard_editor, swappable_blocks
 
 EditorSpec = Union[str, dict]
 
@@ -196,8 +196,7 @@ class EditorModule(L.LightningModule):
             self.counts = set_trainable(self.denoiser, trainable)
         if gradient_checkpointing:
             self.denoiser.enable_gradient_checkpointing()
-        if blocks_to_swap < 0:
-            raise ValueError(f"model.blocks_to_swap must be >= 0, got {blocks_to_swap}")
+        swappable_blocks(self.denoiser, blocks_to_swap)  # a count beyond the blocks fails here, not at fit
         if base_dtype_for(base_dtype, None) == torch.float8_e4m3fn and trainable != "lora":
             # layerwise casting stores every linear weight in fp8, trained ones too: only adapters stay float32
             raise ValueError("model.base_dtype float8_e4m3fn needs trainable: lora (its adapters stay float32)")

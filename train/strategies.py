@@ -25,6 +25,14 @@ def editor_blocks(denoiser: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in denoiser.modules() if any(c.__name__ in EDITOR_BLOCKS for c in type(m).__mro__)]
 
 
+def swappable_blocks(denoiser: torch.nn.Module, blocks_to_swap: int) -> list[torch.nn.Module]:
+    """The denoiser's blocks (:func:`editor_blocks`), once ``model.blocks_to_swap`` is checked against them."""
+    blocks = editor_blocks(denoiser)
+    if not 0 <= blocks_to_swap <= len(blocks):
+        raise ValueError(f"model.blocks_to_swap must be between 0 and the {len(blocks)} blocks, got {blocks_to_swap}")
+    return blocks
+
+
 def shard_editor(unet: torch.nn.Module, text_encoder: torch.nn.Module | None, mesh, blocks_to_swap: int = 0) -> None:
     """``fully_shard`` each U-Net block (or DiT block), then the U-Net (its remaining weights), and the text
     encoder when it trains (its gradients must be reduced too). The frozen VAE and a frozen text
@@ -38,9 +46,7 @@ def shard_editor(unet: torch.nn.Module, text_encoder: torch.nn.Module | None, me
     """
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
-    blocks = editor_blocks(unet)
-    if not 0 <= blocks_to_swap <= len(blocks):
-        raise ValueError(f"model.blocks_to_swap must be between 0 and the {len(blocks)} blocks, got {blocks_to_swap}")
+    blocks = swappable_blocks(unet, blocks_to_swap)
     # pinned memory makes the copies asynchronous; it needs an accelerator
     swapped = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
     for i, module in enumerate(blocks):
