@@ -76,7 +76,7 @@ def test_the_lucy_recipe_at_its_own_size_fits_24_gib_with_a_stated_setting():
     assert 40e6 < given.trainable < 60e6  # rank-32 adapters on attention
     assert given.weights["transformer bfloat16"] > 9 * GIB and cached.total < 24 * GIB < given.total
     # or the raw clips with blocks swapped to CPU: each swapped block leaves the device but two in flight
-    swapped = given.swapping(12)
+    swapped = given.with_settings(blocks_to_swap=12)
     assert swapped.total < 24 * GIB and len(given.block_weights) == 30
     moved = 10 * given.block_weights[0] + 16 * sum(given.block_trainable[:12])  # adapters step on the CPU
     assert given.total - swapped.total == pytest.approx(moved, rel=0.01)

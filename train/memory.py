@@ -130,21 +130,44 @@ def measure_activations(editor, batch_size: int, frames: int, height: int, width
 
 @dataclass
 class MemoryPlan:
-    """One configuration's memory, in bytes, with the settings it was computed for."""
+    """One configuration's memory, in bytes, with the settings it was computed for. The cache,
+    activation offload and blocks swapped change no measurement: :meth:`with_settings` derives
+    them from one measured plan."""
 
     settings: dict[str, Any]
-    weights: dict[str, int] = field(default_factory=dict)  # "component dtype" -> bytes on the device
+    denoiser_weights: dict[str, int] = field(default_factory=dict)  # "component dtype" -> bytes
+    encoder_weights: dict[str, int] = field(default_factory=dict)  # the text encoder and VAE, off the device on a cache
     trainable: int = 0  # parameters
-    activations: Activations | None = None
+    measured: Activations | None = None  # what the step saves, before any offload
     block_weights: list[int] = field(default_factory=list)  # each block's frozen bytes, in forward order
     block_trainable: list[int] = field(default_factory=list)  # each block's trained parameters
+    cached: bool = False
+    activation_offload: bool = False
     blocks_to_swap: int = 0
 
-    def swapping(self, blocks: int) -> MemoryPlan:
-        """This plan with its first ``blocks`` blocks held in CPU memory (FSDP2's CPU offload):
-        their frozen weights leave the device but for the two largest, in flight (the running block
-        and the one prefetched), and their adapters' state takes its step on the CPU."""
-        return replace(self, blocks_to_swap=blocks, settings={**self.settings, "blocks_to_swap": blocks})
+    def with_settings(self, cached: bool | None = None, activation_offload: bool | None = None,
+                      blocks_to_swap: int | None = None) -> MemoryPlan:
+        """This plan on a latent cache or not, with activation offload or not, and with its first
+        ``blocks_to_swap`` blocks held in CPU memory (FSDP2's CPU offload): their frozen weights
+        leave the device but for the two largest, in flight (the running block and the one
+        prefetched), and their adapters' state takes its step on the CPU."""
+        changed = {k: v for k, v in dict(cached=cached, activation_offload=activation_offload,
+                                         blocks_to_swap=blocks_to_swap).items() if v is not None}
+        return replace(self, **changed, settings={**self.settings, **changed})
+
+    @property
+    def weights(self) -> dict[str, int]:
+        """Weights on the device by component and dtype: without a cache the encoders run there every step."""
+        return {**self.denoiser_weights, **({} if self.cached else self.encoder_weights)}
+
+    @property
+    def activations(self) -> Activations | None:
+        """The measured activations; with offload the saved tensors wait in CPU memory and the
+        device holds the block being recomputed."""
+        a = self.measured
+        if a is None or not self.activation_offload:
+            return a
+        return Activations(0, a.one_block or a.outside_blocks, a.checkpointed)
 
     @property
     def swapped(self) -> int:
@@ -208,45 +231,40 @@ def plan(model: dict[str, Any], data: dict[str, Any], precision: str, editor_spe
     largest = max(data.get("buckets") or [[int(data.get("num_frames", 16)), int(data.get("resolution", 256)),
                                             int(data.get("resolution", 256))]], key=lambda b: b[0] * b[1] * b[2])
     frames, height, width = frames or int(largest[0]), height or int(largest[1]), width or int(largest[2])
-    result = MemoryPlan({"base_dtype": str(dtype).removeprefix("torch."), "activation_offload": offload, "cached": cached,
-                         "clip": f"{frames}x{height}x{width}", "batch": int(data.get("batch_size", 1)),
-                         "checkpointing": bool(model.get("gradient_checkpointing"))})
+    result = MemoryPlan({"base_dtype": str(dtype).removeprefix("torch."), "clip": f"{frames}x{height}x{width}",
+                         "batch": int(data.get("batch_size", 1)), "checkpointing": bool(model.get("gradient_checkpointing"))})
     for name, param in denoiser.named_parameters():
         if param.requires_grad:
             result.trainable += param.numel()
         else:
             key = f"{editor.denoiser_name} {str(param.dtype).removeprefix('torch.')}"
-            result.weights[key] = result.weights.get(key, 0) + param.numel() * param.element_size()
+            result.denoiser_weights[key] = result.denoiser_weights.get(key, 0) + param.numel() * param.element_size()
     swap = int(model.get("blocks_to_swap", 0) or 0) if blocks_to_swap is None else blocks_to_swap
     for block in swappable_blocks(denoiser, swap):
         params = list(block.parameters())
         result.block_weights.append(sum(p.numel() * p.element_size() for p in params if not p.requires_grad))
         result.block_trainable.append(sum(p.numel() for p in params if p.requires_grad))
     # without a cache the encoders run on the device every step (bf16 under mixed precision, the VAE float32)
-    if not cached:
-        encoder_dtype = compute if dtype != torch.float32 else torch.float32
-        size = sum(p.numel() for p in editor.text_encoder.parameters())
-        result.weights[f"text_encoder {str(encoder_dtype).removeprefix('torch.')}"] = size * encoder_dtype.itemsize
-        if editor.vae is not None:
-            result.weights["vae float32"] = sum(p.numel() for p in editor.vae.parameters()) * 4
+    encoder_dtype = compute if dtype != torch.float32 else torch.float32
+    size = sum(p.numel() for p in editor.text_encoder.parameters())
+    result.encoder_weights[f"text_encoder {str(encoder_dtype).removeprefix('torch.')}"] = size * encoder_dtype.itemsize
+    if editor.vae is not None:
+        result.encoder_weights["vae float32"] = sum(p.numel() for p in editor.vae.parameters()) * 4
     if dtype != torch.float32:  # autocast computes the trained layers in half precision too (peft's adapters
         for name, param in denoiser.named_parameters():  # stay float32: it casts their inputs itself)
             if param.requires_grad and "lora_" not in name:
                 param.data = param.data.to(compute)
-    activations = measure_activations(editor, result.settings["batch"], frames, height, width,
-                                      compute if dtype != torch.float32 else torch.float32,
-                                      device=next(denoiser.parameters()).device)
-    if offload:  # saved tensors wait in CPU memory; the device holds the block being recomputed
-        activations = Activations(0, activations.one_block or activations.outside_blocks, activations.checkpointed)
-    result.activations = activations
-    return result.swapping(swap)
+    result.measured = measure_activations(editor, result.settings["batch"], frames, height, width,
+                                          compute if dtype != torch.float32 else torch.float32,
+                                          device=next(denoiser.parameters()).device)
+    return result.with_settings(cached=cached, activation_offload=offload, blocks_to_swap=swap)
 
 
 def describe(p: MemoryPlan) -> list[str]:
     s = p.settings
     lines = [f"clip {s['clip']}, batch {s['batch']}: base {s['base_dtype']}, "
-             f"{'latent cache' if s['cached'] else 'encoders on the device'}, "
-             f"checkpointing {'on' if s['checkpointing'] else 'off'}, activation offload {'on' if s['activation_offload'] else 'off'}, "
+             f"{'latent cache' if p.cached else 'encoders on the device'}, "
+             f"checkpointing {'on' if s['checkpointing'] else 'off'}, activation offload {'on' if p.activation_offload else 'off'}, "
              f"blocks swapped {p.blocks_to_swap}"]
     for key, size in sorted(p.weights.items()):
         lines.append(f"  weights {key:28s} {size / GIB:7.2f} GiB")
@@ -298,11 +316,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"--trainer.strategy editor_fsdp):")
             fits = 0
             for base in ("bfloat16", "float8_e4m3fn"):
+                measured = plan(model, data, "bf16-mixed", spec, base_dtype=base, blocks_to_swap=0, **size)
                 for cached in (False, True):
                     for offload in (False, True):
-                        other = plan(model, data, "bf16-mixed", spec, cached=cached, base_dtype=base,
-                                     activation_offload=offload, blocks_to_swap=0, **size)
-                        swaps = [other.swapping(n) for n in range(len(other.block_weights) + 1)]
+                        swaps = [measured.with_settings(cached=cached, activation_offload=offload, blocks_to_swap=n)
+                                 for n in range(len(measured.block_weights) + 1)]
                         other = next((s for s in swaps if s.total <= args.gpu_gib * GIB), swaps[-1])
                         ok = other.total <= args.gpu_gib * GIB
                         fits += ok
