@@ -32,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from infer.sampling import latent_count, stream_clips  # noqa: E402
+from infer.sampling import check_causal_clip, latent_count, stream_clips  # noqa: E402
 from infer.video import read_video  # noqa: E402
 
 VIDEOS = ROOT / "tests" / "fixtures" / "videos"
@@ -133,7 +133,14 @@ def main() -> None:
     ap.add_argument("--clips", type=int, nargs=2, action="append", metavar=("CLIP", "REFS"),
                     help="clip and reference frames (1 + 4k each; default 17 5, 17 9, 17 13: the trained VAE's clip length)")
     args = ap.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
+    clips = args.clips or [(17, 5), (17, 9), (17, 13)]
+    for clip_frames, reference_frames in clips:  # before any training: a bad pair would waste it
+        try:
+            check_causal_clip(clip_frames, reference_frames, 4)
+        except ValueError as err:
+            ap.error(f"--clips: {err}")
+    if args.vae is not None and not args.vae.is_dir():
+        ap.error(f"--vae: no folder at {args.vae}")
     if args.vae is not None:
         from diffusers import AutoencoderKLWan
 
@@ -148,7 +155,7 @@ def main() -> None:
     video = load(MEASURED, args.side * 2)
     crops = [video[:, :, y: y + args.side, x: x + args.side] for y in (0, args.side) for x in (0, args.side)]
     print(f"measured on {MEASURED}, {video.shape[1]} frames, four {args.side}² crops, identity edit")
-    for clip_frames, reference_frames in args.clips or [(17, 5), (17, 9), (17, 13)]:
+    for clip_frames, reference_frames in clips:
         rows: dict[str, list[float]] = {}
         for crop in crops:
             for k, v in measure(vae, crop, clip_frames, reference_frames).items():

@@ -481,6 +481,9 @@ def main() -> None:
             if len(parts) != 3 or parts[0] not in ("bf16", "fp8") or parts[1] not in ("plain", "offload") \
                     or not parts[2].isdigit():
                 ap.error(f"--settings: {setting!r} is not BASE,OFFLOAD,SWAP (e.g. bf16,offload,11)")
+        for name in ("config", "editor"):
+            if not Path(getattr(args, name)).is_file():
+                ap.error(f"--{name}: no file at {getattr(args, name)}")
         dit_memory(args)
     elif args.dit_flops:
         dit_flops(args)
